@@ -1,0 +1,301 @@
+//! Typed, layered settings: built-in defaults, then an optional TOML file, then `TOKEND_*`
+//! environment variables (`__` separates levels: `TOKEND_ARGON2__MEMORY_KIB=8192`).
+//! The environment is passed in, so tests never touch the process environment.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::{ExposeSecret as _, SecretString};
+use serde::Deserialize;
+
+use crate::hashing::Argon2Settings;
+use crate::storage::DatabaseOptions;
+
+/// Everything `tokend serve` can be told.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    /// Where to listen for gRPC.
+    pub listen: SocketAddr,
+    /// `sqlite://tokend.db?mode=rwc` (default) or `postgres://user@host/db`. May hold a
+    /// password, so it is a secret.
+    pub database_url: SecretString,
+    /// Apply migrations when `serve` starts.
+    pub migrate_on_start: bool,
+    /// The product prefix of token strings.
+    pub token_prefix: String,
+    /// Server-side pepper for argon2 (its secret input). Prefer `pepper_file`.
+    pub pepper: Option<SecretString>,
+    /// A file holding the pepper (a mounted Kubernetes Secret, say); surrounding white
+    /// space is trimmed.
+    pub pepper_file: Option<PathBuf>,
+    /// argon2id cost parameters.
+    pub argon2: Argon2Settings,
+    /// Database pool.
+    pub database: DatabaseSettings,
+    /// The async runtime.
+    pub runtime: RuntimeSettings,
+    /// Logging.
+    pub log: LogSettings,
+}
+
+/// Database pool settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Pooled connections (PostgreSQL).
+    pub max_connections: u32,
+    /// How long a request waits for a connection before it is answered UNAVAILABLE.
+    pub acquire_timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        let defaults = DatabaseOptions::default();
+        Self {
+            max_connections: defaults.max_connections,
+            acquire_timeout_ms: defaults.acquire_timeout.as_millis() as u64,
+        }
+    }
+}
+
+impl DatabaseSettings {
+    /// As the store wants them.
+    pub fn options(&self) -> DatabaseOptions {
+        DatabaseOptions {
+            max_connections: self.max_connections.max(1),
+            acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
+        }
+    }
+}
+
+/// Which tokio runtime serves requests.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeFlavor {
+    /// One thread: fewest syscalls per response; run one replica per core.
+    CurrentThread,
+    /// A worker per core.
+    #[default]
+    MultiThread,
+}
+
+/// Runtime settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// `multi_thread` (default) or `current_thread`.
+    pub flavor: RuntimeFlavor,
+    /// Worker threads for `multi_thread`; 0 = one per core.
+    pub worker_threads: usize,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logging settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// Text or JSON.
+    pub format: LogFormat,
+    /// A `tracing` filter (`info`, `tokend=debug`); `RUST_LOG` wins when set.
+    pub filter: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            database_url: SecretString::from("sqlite://tokend.db?mode=rwc"),
+            migrate_on_start: true,
+            token_prefix: "tkd".to_owned(),
+            pepper: None,
+            pepper_file: None,
+            argon2: Argon2Settings::default(),
+            database: DatabaseSettings::default(),
+            runtime: RuntimeSettings::default(),
+            log: LogSettings::default(),
+        }
+    }
+}
+
+/// Why settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or the environment did not parse into [`Settings`].
+    #[error("invalid configuration: {0}")]
+    Invalid(#[from] config::ConfigError),
+    /// The pepper file could not be read.
+    #[error("cannot read pepper_file {path}: {source}")]
+    PepperFile {
+        /// The configured path.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Both `pepper` and `pepper_file` were set.
+    #[error("set at most one of pepper and pepper_file")]
+    TwoPeppers,
+}
+
+/// Variables that share the `TOKEND_` prefix but are not server settings.
+const NOT_SETTINGS: [&str; 2] = ["TOKEND_TOKEN", "TOKEND_SERVER"];
+
+impl Settings {
+    /// Defaults, overlaid by `file` (TOML) if given, overlaid by the `TOKEND_*` entries of
+    /// `env`.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let env: HashMap<String, String> = env
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with("TOKEND_")
+                    && !NOT_SETTINGS.contains(&k.as_str())
+                    && !k.starts_with("TOKEND_TEST_")
+            })
+            .collect();
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("TOKEND")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true)
+                .source(Some(env.into_iter().collect())),
+        );
+        Ok(builder.build()?.try_deserialize()?)
+    }
+
+    /// The pepper from `pepper` or `pepper_file`, if either is set.
+    pub fn resolve_pepper(&self) -> Result<Option<SecretString>, ConfigError> {
+        match (&self.pepper, &self.pepper_file) {
+            (Some(_), Some(_)) => Err(ConfigError::TwoPeppers),
+            (Some(pepper), None) => Ok(Some(pepper.clone())),
+            (None, Some(path)) => {
+                let raw =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::PepperFile {
+                        path: path.clone(),
+                        source,
+                    })?;
+                Ok(Some(SecretString::from(raw.trim().to_owned())))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// The database URL, for the one place that connects.
+    pub fn database_url(&self) -> &str {
+        self.database_url.expose_secret()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write as _;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_no_setup() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.database_url(), "sqlite://tokend.db?mode=rwc");
+        assert!(s.migrate_on_start);
+        assert_eq!(s.argon2, Argon2Settings::default());
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file_which_overrides_defaults() {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        writeln!(
+            file,
+            "listen = \"0.0.0.0:6000\"\ntoken_prefix = \"acme\"\n[argon2]\nmemory_kib = 8192"
+        )
+        .unwrap();
+        let s = Settings::load(
+            Some(file.path()),
+            env(&[
+                ("TOKEND_LISTEN", "127.0.0.1:7000"),
+                ("TOKEND_ARGON2__ITERATIONS", "2"),
+                ("TOKEND_RUNTIME__FLAVOR", "current_thread"),
+                ("TOKEND_TOKEN", "not a setting"),
+                ("OTHER", "ignored"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:7000");
+        assert_eq!(s.token_prefix, "acme");
+        assert_eq!(s.argon2.memory_kib, 8192);
+        assert_eq!(s.argon2.iterations, 2);
+        assert_eq!(s.runtime.flavor, RuntimeFlavor::CurrentThread);
+    }
+
+    #[test]
+    fn the_pepper_comes_from_a_file_and_is_never_printed() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        writeln!(file, "  pepper-from-file  ").unwrap();
+        let s = Settings::load(
+            None,
+            env(&[("TOKEND_PEPPER_FILE", file.path().to_str().unwrap())]),
+        )
+        .unwrap();
+        let pepper = s.resolve_pepper().unwrap().unwrap();
+        assert_eq!(pepper.expose_secret(), "pepper-from-file");
+        assert!(!format!("{s:?}").contains("pepper-from-file"));
+
+        let both = Settings::load(
+            None,
+            env(&[
+                ("TOKEND_PEPPER", "x"),
+                ("TOKEND_PEPPER_FILE", "/nonexistent"),
+            ]),
+        )
+        .unwrap();
+        assert!(matches!(
+            both.resolve_pepper(),
+            Err(ConfigError::TwoPeppers)
+        ));
+    }
+
+    #[test]
+    fn a_misspelled_key_is_refused() {
+        let err = Settings::load(None, env(&[("TOKEND_LISEN", "127.0.0.1:1")])).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn nonsense_is_refused_with_the_key_named() {
+        let err = Settings::load(None, env(&[("TOKEND_LISTEN", "not-an-address")])).unwrap_err();
+        assert!(err.to_string().contains("listen"), "{err}");
+    }
+}

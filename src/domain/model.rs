@@ -1,0 +1,279 @@
+//! The directory and token records the rules work on.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use super::names::{Group, Permission, RoleName, TenantId, TokenName, UserId};
+use super::token_format::TokenKind;
+
+/// A point in time, UTC.
+pub type Timestamp = chrono::DateTime<chrono::Utc>;
+/// A span of time.
+pub type Duration = chrono::TimeDelta;
+/// A sorted, deduplicated set of permissions.
+pub type PermissionSet = BTreeSet<Permission>;
+
+/// Whether a tenant's tokens may be live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TenantStatus {
+    /// Tokens may be live.
+    Active,
+    /// Every token of the tenant is inactive; none can be issued.
+    Suspended,
+}
+
+/// A user's global status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UserStatus {
+    /// The user's tokens may be live.
+    Active,
+    /// Temporarily barred.
+    Suspended,
+    /// Gone from the identity provider.
+    Removed,
+}
+
+/// Token rules of a tenant, checked at issue; never retroactive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenPolicy {
+    /// Every token must expire.
+    pub require_expiry: bool,
+    /// The longest lifetime a token may be issued with.
+    pub max_lifetime: Option<Duration>,
+}
+
+/// An organisation or subscription.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    /// External id.
+    pub id: TenantId,
+    /// Display name.
+    pub name: String,
+    /// Active or suspended.
+    pub status: TenantStatus,
+    /// Token rules.
+    pub policy: TokenPolicy,
+    /// First stored.
+    pub created_at: Timestamp,
+    /// Last changed.
+    pub updated_at: Timestamp,
+}
+
+/// A person, across tenants.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct User {
+    /// Id at the identity provider.
+    pub id: UserId,
+    /// Global status.
+    pub status: UserStatus,
+    /// Last changed.
+    pub updated_at: Timestamp,
+}
+
+/// A named permission set within a tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Role {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Unique in the tenant.
+    pub name: RoleName,
+    /// What the role may do.
+    pub permissions: PermissionSet,
+    /// Last changed.
+    pub updated_at: Timestamp,
+}
+
+/// A user's role and groups in one tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// The user.
+    pub user_id: UserId,
+    /// The user's role there.
+    pub role: RoleName,
+    /// Visibility groups.
+    pub groups: BTreeSet<Group>,
+    /// Last changed.
+    pub updated_at: Timestamp,
+}
+
+/// An argon2id PHC string. Redacted in `Debug`: a hash is never logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretHash(pub String);
+
+impl fmt::Debug for SecretHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SecretHash(<redacted>)")
+    }
+}
+
+/// Who revoked a token, when and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Revocation {
+    /// When.
+    pub at: Timestamp,
+    /// A user id or a token's display id.
+    pub by: String,
+    /// Free text from the revoker.
+    pub reason: String,
+}
+
+/// A token's record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Token {
+    /// The public id.
+    pub id: String,
+    /// The display id (`{prefix}_{kind}_{id}`).
+    pub display_id: String,
+    /// The tenant it is bound to.
+    pub tenant_id: TenantId,
+    /// Personal token or API key.
+    pub kind: TokenKind,
+    /// Unique among the owner's live tokens of this kind in the tenant.
+    pub name: TokenName,
+    /// The owning user (personal tokens).
+    pub owner_user_id: Option<UserId>,
+    /// The role it is bound to (API keys).
+    pub role: Option<RoleName>,
+    /// What it is narrowed to; `None` = everything its role grants.
+    pub scopes: Option<PermissionSet>,
+    /// argon2id hash of the secret part.
+    pub secret_hash: SecretHash,
+    /// Issued at.
+    pub created_at: Timestamp,
+    /// A user id or the display id of the API key that issued it.
+    pub created_by: String,
+    /// Expires at; `None` = never.
+    pub expires_at: Option<Timestamp>,
+    /// Last seen in use, to the minute.
+    pub last_used_at: Option<Timestamp>,
+    /// Set once, never cleared.
+    pub revocation: Option<Revocation>,
+}
+
+/// Where a token stands in its own lifecycle (not counting owner, role or tenant).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TokenStatus {
+    /// Neither revoked nor expired.
+    Active,
+    /// Past its expiry.
+    Expired,
+    /// Revoked.
+    Revoked,
+}
+
+impl Token {
+    /// The token's status at `now`. Revocation wins over expiry.
+    pub fn status(&self, now: Timestamp) -> TokenStatus {
+        if self.revocation.is_some() {
+            TokenStatus::Revoked
+        } else if self.expires_at.is_some_and(|at| at <= now) {
+            TokenStatus::Expired
+        } else {
+            TokenStatus::Active
+        }
+    }
+
+    /// The user id or display id that stands for this token's subject: the owner of a
+    /// personal token, the key itself for an API key.
+    pub fn subject(&self) -> String {
+        match &self.owner_user_id {
+            Some(owner) if self.kind == TokenKind::Personal => owner.to_string(),
+            _ => self.id.clone(),
+        }
+    }
+}
+
+/// Everything Introspect needs about one token, read in one query.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenState {
+    /// The token row.
+    pub token: Token,
+    /// Its tenant's status.
+    pub tenant_status: TenantStatus,
+    /// The owner's status (personal tokens); `None` if the user is unknown.
+    pub owner_status: Option<UserStatus>,
+    /// The owner's groups in the token's tenant, if still a member (personal tokens).
+    pub member_groups: Option<BTreeSet<Group>>,
+    /// The permissions of the role in force: the owner's current role for a personal token,
+    /// the bound role for an API key; `None` if that role no longer exists.
+    pub role_permissions: Option<PermissionSet>,
+}
+
+/// Why a token string is not live. Logged and counted; shown only to trusted callers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum InactiveReason {
+    /// Not a token of this format, or a bad checksum.
+    Malformed,
+    /// No such token, or a wrong secret.
+    Unknown,
+    /// Past its expiry.
+    Expired,
+    /// Revoked.
+    Revoked,
+    /// The owner is suspended.
+    OwnerSuspended,
+    /// The owner was removed (or is unknown).
+    OwnerRemoved,
+    /// The owner is no longer a member of the token's tenant.
+    NotAMember,
+    /// The tenant is suspended.
+    TenantSuspended,
+    /// The role it draws from is gone.
+    RoleDeleted,
+}
+
+impl InactiveReason {
+    /// A stable label for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InactiveReason::Malformed => "malformed",
+            InactiveReason::Unknown => "unknown",
+            InactiveReason::Expired => "expired",
+            InactiveReason::Revoked => "revoked",
+            InactiveReason::OwnerSuspended => "owner_suspended",
+            InactiveReason::OwnerRemoved => "owner_removed",
+            InactiveReason::NotAMember => "not_a_member",
+            InactiveReason::TenantSuspended => "tenant_suspended",
+            InactiveReason::RoleDeleted => "role_deleted",
+        }
+    }
+}
+
+/// A live token's rights right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LiveGrant {
+    /// The role's permissions narrowed to the token's scopes.
+    pub permissions: PermissionSet,
+    /// The owner's groups in the tenant (empty for API keys).
+    pub groups: BTreeSet<Group>,
+}
+
+/// One audit record to append, in the same transaction as the change it describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditRecord {
+    /// When.
+    pub at: Timestamp,
+    /// The tenant concerned (`system` for global changes).
+    pub tenant_id: TenantId,
+    /// On whose behalf.
+    pub actor: String,
+    /// The credential's display id.
+    pub caller: String,
+    /// What happened (`token.issued`, ...).
+    pub action: String,
+    /// The token concerned.
+    pub token_id: Option<String>,
+    /// Further facts; never a secret.
+    pub detail: std::collections::BTreeMap<String, String>,
+}
+
+/// A stored audit record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// Increasing id.
+    pub id: i64,
+    /// The record.
+    pub record: AuditRecord,
+}

@@ -1,0 +1,174 @@
+//! What the domain needs from the outside world. Adapters implement these; the services
+//! depend on the traits only, so every backend runs the same behaviour.
+
+use async_trait::async_trait;
+use secrecy::SecretString;
+
+use super::error::Result;
+use super::model::{
+    AuditEvent, AuditRecord, Member, Revocation, Role, Tenant, Timestamp, Token, TokenState, User,
+};
+use super::names::{RoleName, TenantId, UserId};
+use super::rules::Visibility;
+use super::token_format::TokenKind;
+
+/// The only source of the current time.
+pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
+    /// Now.
+    fn now(&self) -> Timestamp;
+}
+
+/// The outcome of checking a secret against a stored hash.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verification {
+    /// The secret does not match.
+    Mismatch,
+    /// It matches; `needs_rehash` when the hash was made with other parameters than the
+    /// current ones.
+    Match {
+        /// The stored hash should be replaced by one with the current parameters.
+        needs_rehash: bool,
+    },
+}
+
+/// Hashes and verifies token secrets. Implementations run the work off the async runtime.
+#[async_trait]
+pub trait SecretHasher: Send + Sync + std::fmt::Debug + 'static {
+    /// A PHC string for a new secret.
+    async fn hash(&self, secret: SecretString) -> Result<String>;
+    /// Checks a secret against a PHC string, in constant time.
+    async fn verify(&self, secret: SecretString, phc: String) -> Result<Verification>;
+}
+
+/// Which tokens to list, and where the page starts.
+#[derive(Clone, Debug)]
+pub struct TokenQuery {
+    /// The tenant.
+    pub tenant_id: TenantId,
+    /// Which of its tokens the actor may see.
+    pub visibility: Visibility,
+    /// Only this kind.
+    pub kind: Option<TokenKind>,
+    /// Only names containing this, already case-folded.
+    pub name_contains: Option<String>,
+    /// Only tokens of this owner.
+    pub owner: Option<UserId>,
+    /// Revoked tokens too.
+    pub include_revoked: bool,
+    /// Start after this (created_at, id), newest first.
+    pub after: Option<(Timestamp, String)>,
+    /// At most this many.
+    pub limit: u64,
+}
+
+/// Which audit events to list.
+#[derive(Clone, Debug)]
+pub struct AuditQuery {
+    /// Only this tenant's; `None` = every tenant (system callers).
+    pub tenant_id: Option<TenantId>,
+    /// Only about this token.
+    pub token_id: Option<String>,
+    /// Only events older than this id.
+    pub before_id: Option<i64>,
+    /// At most this many.
+    pub limit: u64,
+}
+
+/// The system of record. Every write commits in one transaction together with its audit
+/// records, so an acknowledged change and its trail are never separated.
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug + 'static {
+    /// Creates or replaces a tenant (keeping its `created_at`); returns it as stored.
+    async fn put_tenant(&self, tenant: &Tenant, audit: &AuditRecord) -> Result<Tenant>;
+    /// One tenant.
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>>;
+    /// Tenants by id after `after`; only `only` if given.
+    async fn list_tenants(
+        &self,
+        only: Option<&TenantId>,
+        after: Option<&TenantId>,
+        limit: u64,
+    ) -> Result<Vec<Tenant>>;
+
+    /// Creates or replaces a role. NotFound if the tenant does not exist.
+    async fn put_role(&self, role: &Role, audit: &AuditRecord) -> Result<()>;
+    /// Deletes a role; false if there was none. FailedPrecondition while members hold it.
+    async fn delete_role(
+        &self,
+        tenant: &TenantId,
+        name: &RoleName,
+        audit: &AuditRecord,
+    ) -> Result<bool>;
+    /// One role.
+    async fn get_role(&self, tenant: &TenantId, name: &RoleName) -> Result<Option<Role>>;
+    /// Every role of a tenant, by name.
+    async fn list_roles(&self, tenant: &TenantId) -> Result<Vec<Role>>;
+
+    /// Creates or replaces a membership, creating the user (active) if unknown. NotFound if
+    /// the tenant or role does not exist.
+    async fn put_member(&self, member: &Member, audit: &AuditRecord) -> Result<()>;
+    /// Removes a membership; false if there was none.
+    async fn remove_member(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &AuditRecord,
+    ) -> Result<bool>;
+    /// One membership.
+    async fn get_member(&self, tenant: &TenantId, user: &UserId) -> Result<Option<Member>>;
+    /// Memberships of a tenant by user id after `after`.
+    async fn list_members(
+        &self,
+        tenant: &TenantId,
+        after: Option<&UserId>,
+        limit: u64,
+    ) -> Result<Vec<Member>>;
+
+    /// Creates or updates a user.
+    async fn put_user(&self, user: &User, audit: &AuditRecord) -> Result<User>;
+    /// One user.
+    async fn get_user(&self, id: &UserId) -> Result<Option<User>>;
+
+    /// Stores a new token. AlreadyExists if its owner has a live token of the same kind and
+    /// name (case-insensitive) in the tenant.
+    async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()>;
+    /// Everything Introspect needs about a token, by public id, in one query.
+    async fn token_state(&self, public_id: &str) -> Result<Option<TokenState>>;
+    /// One token of a tenant.
+    async fn get_token(&self, tenant: &TenantId, id: &str) -> Result<Option<Token>>;
+    /// A page of tokens, newest first.
+    async fn list_tokens(&self, query: &TokenQuery) -> Result<Vec<Token>>;
+    /// Revokes a live token (a revoked one keeps its first revocation); returns the row.
+    async fn revoke_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        revocation: &Revocation,
+        audit: &AuditRecord,
+    ) -> Result<Option<Token>>;
+    /// Deletes a token's row, appending `audit` (its revocation, if it was live, and its
+    /// deletion) in the same transaction; false if there was none.
+    async fn delete_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        audit: &[AuditRecord],
+    ) -> Result<bool>;
+    /// Moves `last_used_at` forward.
+    async fn touch_last_used(&self, id: &str, at: Timestamp) -> Result<()>;
+    /// Replaces a token's hash (after a parameter upgrade).
+    async fn replace_hash(&self, id: &str, phc: &str) -> Result<()>;
+
+    /// A page of audit events, newest first.
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>>;
+
+    /// Creates the system tenant, its admin role and the root API key in one transaction.
+    /// AlreadyExists if the system tenant exists.
+    async fn bootstrap(
+        &self,
+        tenant: &Tenant,
+        role: &Role,
+        token: &Token,
+        audit: &AuditRecord,
+    ) -> Result<()>;
+}

@@ -1,0 +1,429 @@
+//! The rules of SPEC §2, §3 and §5 as pure functions: effective permissions, liveness,
+//! "no token may grant more than its issuer holds", expiry policy, who sees which token.
+
+use std::collections::BTreeSet;
+
+use super::error::{Error, Result};
+use super::model::{
+    InactiveReason, LiveGrant, PermissionSet, TenantStatus, Timestamp, Token, TokenPolicy,
+    TokenState, UserStatus,
+};
+use super::names::{BuiltinPermission, Permission, TenantId, UserId};
+use super::token_format::TokenKind;
+
+/// Call Introspect.
+pub const INTROSPECT: BuiltinPermission = Permission::builtin("tokend.introspect");
+/// See why a token is inactive.
+pub const INTROSPECT_REASONS: BuiltinPermission = Permission::builtin("tokend.introspect.reasons");
+/// (System tenant only) act on behalf of the user named in the request.
+pub const ACT_AS: BuiltinPermission = Permission::builtin("tokend.act_as");
+/// Issue new tokens as oneself.
+pub const TOKENS_ISSUE: BuiltinPermission = Permission::builtin("tokend.tokens.issue");
+/// List and revoke any token of one's tenant.
+pub const TOKENS_ADMIN: BuiltinPermission = Permission::builtin("tokend.tokens.admin");
+/// Issue, list and revoke the API keys of one's tenant.
+pub const API_KEYS_MANAGE: BuiltinPermission = Permission::builtin("tokend.api_keys.manage");
+/// Change the directory.
+pub const DIRECTORY_WRITE: BuiltinPermission = Permission::builtin("tokend.directory.write");
+/// Read the directory.
+pub const DIRECTORY_READ: BuiltinPermission = Permission::builtin("tokend.directory.read");
+/// Read the audit log.
+pub const AUDIT_READ: BuiltinPermission = Permission::builtin("tokend.audit.read");
+
+/// Every permission tokend defines: the bootstrap admin role holds them all.
+pub const ALL_BUILTIN: [BuiltinPermission; 9] = [
+    INTROSPECT,
+    INTROSPECT_REASONS,
+    ACT_AS,
+    TOKENS_ISSUE,
+    TOKENS_ADMIN,
+    API_KEYS_MANAGE,
+    DIRECTORY_WRITE,
+    DIRECTORY_READ,
+    AUDIT_READ,
+];
+
+/// Whether a set holds a builtin permission.
+pub fn holds(set: &PermissionSet, permission: BuiltinPermission) -> bool {
+    set.iter().any(|p| p.as_str() == permission.as_str())
+}
+
+/// A token's permissions: its role's, narrowed to its scopes if it has any.
+pub fn effective_permissions(
+    role: &PermissionSet,
+    scopes: Option<&PermissionSet>,
+) -> PermissionSet {
+    match scopes {
+        Some(scopes) => role.intersection(scopes).cloned().collect(),
+        None => role.clone(),
+    }
+}
+
+/// The members of `wanted` that `held` lacks, in order.
+pub fn missing<'a>(wanted: &'a PermissionSet, held: &PermissionSet) -> Vec<&'a Permission> {
+    wanted.iter().filter(|p| !held.contains(*p)).collect()
+}
+
+/// Whether the token behind `state` is live at `now`, and with which rights.
+///
+/// The checks run in a fixed order so the reason is stable: the token's own state first,
+/// then its tenant, then its owner, then its role.
+pub fn evaluate(state: &TokenState, now: Timestamp) -> Result<LiveGrant, InactiveReason> {
+    let token = &state.token;
+    if token.revocation.is_some() {
+        return Err(InactiveReason::Revoked);
+    }
+    if token.expires_at.is_some_and(|at| at <= now) {
+        return Err(InactiveReason::Expired);
+    }
+    if state.tenant_status != TenantStatus::Active {
+        return Err(InactiveReason::TenantSuspended);
+    }
+    let groups = match token.kind {
+        TokenKind::Personal => {
+            match state.owner_status {
+                Some(UserStatus::Active) => {}
+                Some(UserStatus::Suspended) => return Err(InactiveReason::OwnerSuspended),
+                Some(UserStatus::Removed) | None => return Err(InactiveReason::OwnerRemoved),
+            }
+            state
+                .member_groups
+                .clone()
+                .ok_or(InactiveReason::NotAMember)?
+        }
+        TokenKind::ApiKey => BTreeSet::new(),
+    };
+    let role = state
+        .role_permissions
+        .as_ref()
+        .ok_or(InactiveReason::RoleDeleted)?;
+    Ok(LiveGrant {
+        permissions: effective_permissions(role, token.scopes.as_ref()),
+        groups,
+    })
+}
+
+/// Refuses a request for permissions the grantor lacks, naming every offending string.
+///
+/// `field` is the request field that asked for them (`scopes`, `role`).
+pub fn require_subset(
+    field: &str,
+    wanted: &PermissionSet,
+    held: &PermissionSet,
+    whose: &str,
+) -> Result<()> {
+    let lacking = missing(wanted, held);
+    if lacking.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = lacking.iter().map(|p| p.as_str()).collect();
+    Err(Error::PermissionDenied(format!(
+        "{field}: {whose} lacks {}",
+        names.join(", ")
+    )))
+}
+
+/// What a new token asked for as its expiry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiryRequest {
+    /// Never expires (unless the tenant's policy requires an expiry).
+    Never,
+    /// At this time.
+    At(Timestamp),
+    /// After this long from now.
+    After(chrono::TimeDelta),
+}
+
+/// Resolves a requested expiry against `now` and the tenant's policy.
+pub fn resolve_expiry(
+    request: ExpiryRequest,
+    policy: &TokenPolicy,
+    tenant: &TenantId,
+    now: Timestamp,
+) -> Result<Option<Timestamp>> {
+    let expires_at = match request {
+        ExpiryRequest::Never => None,
+        ExpiryRequest::At(at) => {
+            if at <= now {
+                return Err(Error::invalid("expires_at", "must be in the future"));
+            }
+            Some(at)
+        }
+        ExpiryRequest::After(ttl) => {
+            if ttl <= chrono::TimeDelta::zero() {
+                return Err(Error::invalid("ttl", "must be positive"));
+            }
+            Some(
+                now.checked_add_signed(ttl)
+                    .ok_or_else(|| Error::invalid("ttl", "is too long"))?,
+            )
+        }
+    };
+    match (expires_at, policy.max_lifetime) {
+        (None, _) if policy.require_expiry => Err(Error::FailedPrecondition(format!(
+            "policy require_expiry: tenant {tenant} requires every token to expire; set expires_at or ttl"
+        ))),
+        (None, Some(max)) => Err(Error::FailedPrecondition(format!(
+            "policy max_lifetime: tenant {tenant} allows tokens to live at most {}s; set expires_at or ttl",
+            max.num_seconds()
+        ))),
+        (Some(at), Some(max)) if at - now > max => Err(Error::FailedPrecondition(format!(
+            "policy max_lifetime: tenant {tenant} allows tokens to live at most {}s",
+            max.num_seconds()
+        ))),
+        _ => Ok(expires_at),
+    }
+}
+
+/// Which tokens of one tenant an actor may see and touch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Visibility {
+    /// Every token of the tenant (`tokend.tokens.admin`).
+    pub all: bool,
+    /// Every API key of the tenant (`tokend.api_keys.manage`).
+    pub api_keys: bool,
+    /// Personal tokens of this user (the actor's own).
+    pub owner: Option<UserId>,
+    /// The credential itself, which may always manage itself.
+    pub itself: Option<String>,
+}
+
+impl Visibility {
+    /// Whether `token` is visible. Anything invisible must be answered exactly as if it did
+    /// not exist.
+    pub fn sees(&self, token: &Token) -> bool {
+        self.all
+            || (self.api_keys && token.kind == TokenKind::ApiKey)
+            || (token.kind == TokenKind::Personal
+                && self.owner.is_some()
+                && token.owner_user_id == self.owner)
+            || self.itself.as_deref() == Some(token.id.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::model::{Revocation, SecretHash};
+    use crate::domain::names::{Group, RoleName, TokenName};
+    use chrono::{TimeDelta, TimeZone, Utc};
+
+    fn perms(list: &[&str]) -> PermissionSet {
+        list.iter()
+            .map(|p| Permission::parse("p", p).unwrap())
+            .collect()
+    }
+
+    fn now() -> Timestamp {
+        Utc.with_ymd_and_hms(2026, 11, 22, 12, 0, 0).unwrap()
+    }
+
+    fn token(kind: TokenKind) -> Token {
+        Token {
+            id: "AAAAAAAAAAAA".into(),
+            display_id: "tkd_pat_AAAAAAAAAAAA".into(),
+            tenant_id: TenantId::parse("t", "acme").unwrap(),
+            kind,
+            name: TokenName::parse("n", "ci").unwrap(),
+            owner_user_id: (kind == TokenKind::Personal)
+                .then(|| UserId::parse("u", "alice").unwrap()),
+            role: (kind == TokenKind::ApiKey).then(|| RoleName::parse("r", "reader").unwrap()),
+            scopes: None,
+            secret_hash: SecretHash(String::new()),
+            created_at: now() - TimeDelta::days(1),
+            created_by: "alice".into(),
+            expires_at: None,
+            last_used_at: None,
+            revocation: None,
+        }
+    }
+
+    fn live_state(kind: TokenKind) -> TokenState {
+        TokenState {
+            token: token(kind),
+            tenant_status: TenantStatus::Active,
+            owner_status: (kind == TokenKind::Personal).then_some(UserStatus::Active),
+            member_groups: (kind == TokenKind::Personal)
+                .then(|| [Group::parse("g", "eng").unwrap()].into()),
+            role_permissions: Some(perms(&["a:read", "a:write"])),
+        }
+    }
+
+    #[test]
+    fn scopes_narrow_the_role() {
+        let role = perms(&["a:read", "a:write"]);
+        assert_eq!(effective_permissions(&role, None), role);
+        assert_eq!(
+            effective_permissions(&role, Some(&perms(&["a:read", "b:read"]))),
+            perms(&["a:read"])
+        );
+    }
+
+    #[test]
+    fn a_live_personal_token_carries_role_and_groups() {
+        let grant = evaluate(&live_state(TokenKind::Personal), now()).unwrap();
+        assert_eq!(grant.permissions, perms(&["a:read", "a:write"]));
+        assert_eq!(grant.groups.len(), 1);
+    }
+
+    #[test]
+    fn every_inactive_reason_is_detected() {
+        let mut s = live_state(TokenKind::Personal);
+        s.token.revocation = Some(Revocation {
+            at: now(),
+            by: "x".into(),
+            reason: String::new(),
+        });
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::Revoked));
+
+        let mut s = live_state(TokenKind::Personal);
+        s.token.expires_at = Some(now());
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::Expired));
+        s.token.expires_at = Some(now() + TimeDelta::seconds(1));
+        assert!(evaluate(&s, now()).is_ok());
+
+        let mut s = live_state(TokenKind::ApiKey);
+        s.tenant_status = TenantStatus::Suspended;
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::TenantSuspended));
+
+        let mut s = live_state(TokenKind::Personal);
+        s.owner_status = Some(UserStatus::Suspended);
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::OwnerSuspended));
+        s.owner_status = Some(UserStatus::Removed);
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::OwnerRemoved));
+        s.owner_status = None;
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::OwnerRemoved));
+
+        let mut s = live_state(TokenKind::Personal);
+        s.member_groups = None;
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::NotAMember));
+
+        let mut s = live_state(TokenKind::ApiKey);
+        s.role_permissions = None;
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::RoleDeleted));
+    }
+
+    #[test]
+    fn api_keys_ignore_owner_and_membership() {
+        let mut s = live_state(TokenKind::ApiKey);
+        s.owner_status = Some(UserStatus::Removed);
+        s.member_groups = None;
+        let grant = evaluate(&s, now()).unwrap();
+        assert!(grant.groups.is_empty());
+    }
+
+    #[test]
+    fn a_subset_check_names_every_offender() {
+        let held = perms(&["a:read"]);
+        assert!(require_subset("scopes", &perms(&["a:read"]), &held, "the owner").is_ok());
+        let err = require_subset(
+            "scopes",
+            &perms(&["b:x", "a:read", "c:y"]),
+            &held,
+            "the owner",
+        )
+        .unwrap_err();
+        assert_eq!(err.to_string(), "scopes: the owner lacks b:x, c:y");
+    }
+
+    #[test]
+    fn expiry_must_be_in_the_future_and_within_policy() {
+        let acme = TenantId::parse("t", "acme").unwrap();
+        let open = TokenPolicy::default();
+        assert_eq!(
+            resolve_expiry(ExpiryRequest::Never, &open, &acme, now()).unwrap(),
+            None
+        );
+        assert!(matches!(
+            resolve_expiry(ExpiryRequest::At(now()), &open, &acme, now()),
+            Err(Error::InvalidArgument { field, .. }) if field == "expires_at"
+        ));
+        assert!(matches!(
+            resolve_expiry(ExpiryRequest::After(TimeDelta::zero()), &open, &acme, now()),
+            Err(Error::InvalidArgument { field, .. }) if field == "ttl"
+        ));
+        assert_eq!(
+            resolve_expiry(
+                ExpiryRequest::After(TimeDelta::hours(1)),
+                &open,
+                &acme,
+                now()
+            )
+            .unwrap(),
+            Some(now() + TimeDelta::hours(1))
+        );
+
+        let strict = TokenPolicy {
+            require_expiry: true,
+            max_lifetime: Some(TimeDelta::days(30)),
+        };
+        let err = resolve_expiry(ExpiryRequest::Never, &strict, &acme, now()).unwrap_err();
+        assert!(err.to_string().starts_with("policy require_expiry"));
+        let err = resolve_expiry(
+            ExpiryRequest::After(TimeDelta::days(31)),
+            &strict,
+            &acme,
+            now(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().starts_with("policy max_lifetime"));
+        assert!(
+            resolve_expiry(
+                ExpiryRequest::After(TimeDelta::days(30)),
+                &strict,
+                &acme,
+                now()
+            )
+            .is_ok()
+        );
+
+        let capped = TokenPolicy {
+            require_expiry: false,
+            max_lifetime: Some(TimeDelta::days(1)),
+        };
+        assert!(resolve_expiry(ExpiryRequest::Never, &capped, &acme, now()).is_err());
+    }
+
+    #[test]
+    fn visibility_follows_ownership_and_admin_rights() {
+        let pat = token(TokenKind::Personal);
+        let key = token(TokenKind::ApiKey);
+        let alice = Visibility {
+            all: false,
+            api_keys: false,
+            owner: Some(UserId::parse("u", "alice").unwrap()),
+            itself: None,
+        };
+        let bob = Visibility {
+            owner: Some(UserId::parse("u", "bob").unwrap()),
+            ..alice.clone()
+        };
+        assert!(alice.sees(&pat));
+        assert!(!alice.sees(&key));
+        assert!(!bob.sees(&pat));
+        let manager = Visibility {
+            api_keys: true,
+            ..bob.clone()
+        };
+        assert!(manager.sees(&key) && !manager.sees(&pat));
+        let admin = Visibility {
+            all: true,
+            ..bob.clone()
+        };
+        assert!(admin.sees(&key) && admin.sees(&pat));
+        let key_itself = Visibility {
+            all: false,
+            api_keys: false,
+            owner: None,
+            itself: Some(key.id.clone()),
+        };
+        assert!(key_itself.sees(&key));
+        let nobody = Visibility {
+            all: false,
+            api_keys: false,
+            owner: None,
+            itself: None,
+        };
+        assert!(!nobody.sees(&pat));
+    }
+}

@@ -1,0 +1,99 @@
+//! Caller authentication as a tower layer: every `tokend.v1.*` call must carry a live
+//! tokend token in `authorization: Bearer …`; the resulting [`Caller`] is put into the
+//! request's extensions for the handlers. Health and reflection pass untouched.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tower::{Layer, Service};
+
+use crate::service::{Caller, Tokend};
+
+use super::status::to_status;
+
+/// Paths of the services that need a credential.
+const PROTECTED_PREFIX: &str = "/tokend.v1.";
+
+/// Adds [`Authenticate`] around a service.
+#[derive(Clone, Debug)]
+pub struct AuthLayer {
+    core: Arc<Tokend>,
+}
+
+impl AuthLayer {
+    /// A layer authenticating against `core`.
+    pub fn new(core: Arc<Tokend>) -> Self {
+        Self { core }
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Authenticate {
+            inner,
+            core: Arc::clone(&self.core),
+        }
+    }
+}
+
+/// The authenticating service.
+#[derive(Clone, Debug)]
+pub struct Authenticate<S> {
+    inner: S,
+    core: Arc<Tokend>,
+}
+
+impl<S, B> Service<http::Request<B>> for Authenticate<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        // The clone that was driven to readiness serves this request (tower's contract).
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !request.uri().path().starts_with(PROTECTED_PREFIX) {
+            return Box::pin(inner.call(request));
+        }
+        let core = Arc::clone(&self.core);
+        Box::pin(async move {
+            let header = request
+                .headers()
+                .get(http::header::AUTHORIZATION)
+                .map(|value| value.to_str().unwrap_or(""));
+            match core.authenticate(header).await {
+                Ok(caller) => {
+                    let span = tracing::Span::current();
+                    span.record("caller", caller.display_id.as_str());
+                    request.extensions_mut().insert::<Caller>(caller);
+                    inner.call(request).await
+                }
+                Err(err) => Ok(to_status(err).into_http()),
+            }
+        })
+    }
+}
+
+/// The authenticated caller of a request; UNAUTHENTICATED if the layer did not run.
+pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| tonic::Status::unauthenticated("missing credential"))
+}

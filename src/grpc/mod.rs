@@ -1,0 +1,117 @@
+//! The tonic services, the proto ⇄ domain conversions, the error → status map and the
+//! caller-authentication layer. The only module that imports tonic.
+
+pub mod audit;
+pub mod auth;
+pub mod convert;
+pub mod directory;
+pub mod status;
+pub mod token;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::server::HealthReporter;
+
+use crate::domain::ports::Clock;
+use crate::proto::v1::audit_service_server::AuditServiceServer;
+use crate::proto::v1::directory_service_server::DirectoryServiceServer;
+use crate::proto::v1::token_service_server::TokenServiceServer;
+use crate::service::Tokend;
+
+/// The largest request message accepted. The biggest legitimate request (a role with 256
+/// permissions of 128 characters) is about 34 KiB.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Reflection could not be built from the descriptor sets.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Marks every tokend service SERVING (or not) in gRPC health.
+pub async fn set_serving(health: &HealthReporter, serving: bool) {
+    macro_rules! each {
+        ($($svc:ty),*) => {$(
+            if serving { health.set_serving::<$svc>().await } else { health.set_not_serving::<$svc>().await }
+        )*};
+    }
+    each!(
+        TokenServiceServer<token::TokenApi>,
+        DirectoryServiceServer<directory::DirectoryApi>,
+        AuditServiceServer<audit::AuditApi>
+    );
+    let overall = if serving {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status("", overall).await;
+}
+
+/// Serves every service on `listener` until `shutdown` resolves, then drains in-flight
+/// calls.
+pub async fn serve(
+    listener: TcpListener,
+    core: Arc<Tokend>,
+    clock: Arc<dyn Clock>,
+    health: (
+        HealthReporter,
+        tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    ),
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    let (reporter, health_service) = health;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl 1.8 speaks only v1alpha.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    set_serving(&reporter, true).await;
+    Server::builder()
+        // The span every log line of a call is nested in; `caller` is filled in by the
+        // auth layer with the credential's display id.
+        .trace_fn(|request| {
+            tracing::info_span!(
+                "grpc",
+                method = %request.uri().path(),
+                caller = tracing::field::Empty,
+            )
+        })
+        // Authentication wraps every service; it lets health and reflection through.
+        .layer(auth::AuthLayer::new(Arc::clone(&core)))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            TokenServiceServer::new(token::TokenApi::new(Arc::clone(&core), clock))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            DirectoryServiceServer::new(directory::DirectoryApi::new(Arc::clone(&core)))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .add_service(
+            AuditServiceServer::new(audit::AuditApi::new(core))
+                .max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            shutdown.await;
+            set_serving(&reporter, false).await;
+        })
+        .await?;
+    Ok(())
+}

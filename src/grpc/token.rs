@@ -1,0 +1,91 @@
+//! `tokend.v1.TokenService`.
+
+use std::sync::Arc;
+
+use secrecy::ExposeSecret as _;
+use tonic::{Request, Response, Status};
+
+use crate::domain::ports::Clock;
+use crate::proto::v1 as pb;
+use crate::proto::v1::token_service_server::TokenService;
+use crate::service::Tokend;
+
+use super::auth::caller;
+use super::convert;
+
+/// The gRPC face of token issuance, listing, revocation and introspection.
+#[derive(Debug, Clone)]
+pub struct TokenApi {
+    core: Arc<Tokend>,
+    clock: Arc<dyn Clock>,
+}
+
+impl TokenApi {
+    /// Serves `core`.
+    pub fn new(core: Arc<Tokend>, clock: Arc<dyn Clock>) -> Self {
+        Self { core, clock }
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for TokenApi {
+    async fn issue_token(
+        &self,
+        request: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssueTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = convert::issue_request(request.into_inner())?;
+        let issued = self.core.issue_token(&caller, req).await?;
+        Ok(Response::new(pb::IssueTokenResponse {
+            secret: issued.secret.expose_secret().to_owned(),
+            token: Some(convert::token_info(&issued.token, self.clock.now())),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = convert::list_request(request.into_inner())?;
+        let (tokens, next_page_token) = self.core.list_tokens(&caller, req).await?;
+        let now = self.clock.now();
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(|t| convert::token_info(t, now)).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let (req, reason) = convert::revoke_request(self.core.format(), request.into_inner())?;
+        let token = self.core.revoke_token(&caller, req, reason).await?;
+        Ok(Response::new(pb::RevokeTokenResponse {
+            token: Some(convert::token_info(&token, self.clock.now())),
+        }))
+    }
+
+    async fn delete_token(
+        &self,
+        request: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = convert::delete_request(self.core.format(), request.into_inner())?;
+        self.core.delete_token(&caller, req).await?;
+        Ok(Response::new(pb::DeleteTokenResponse {}))
+    }
+
+    async fn introspect(
+        &self,
+        request: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = request.into_inner();
+        let required = convert::introspect_request(&req)?;
+        let answer = self.core.introspect(&caller, &req.token, &required).await?;
+        Ok(Response::new(convert::introspect_response(answer)))
+    }
+}

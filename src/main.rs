@@ -1,0 +1,136 @@
+//! The `tokend` binary: parses the command line, loads settings, starts the runtime and
+//! hands over to the library. Wiring only.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret as _;
+
+use tokend::App;
+use tokend::config::{RuntimeFlavor, Settings};
+use tokend::domain::Error;
+
+/// Issues, lists, revokes and introspects access tokens over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "tokend", version, about)]
+struct Cli {
+    /// A TOML settings file; `TOKEND_*` environment variables override it.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve gRPC on TOKEND_LISTEN (default 127.0.0.1:50051) until SIGTERM or Ctrl-C.
+    Serve {
+        /// Do not apply migrations on start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Create the system tenant, its admin role and the root API key, printed alone on the
+    /// last line of stdout. Refuses on a database that is already bootstrapped.
+    Bootstrap,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let mut settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("tokend: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    tokend::telemetry::init(&settings.log);
+
+    let runtime = match build_runtime(&settings) {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tokend: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Serve { no_migrate } => {
+                if no_migrate {
+                    settings.migrate_on_start = false;
+                }
+                App::build(&settings)
+                    .await?
+                    .run_until(shutdown_signal())
+                    .await
+            }
+            Command::Migrate => {
+                tokend::app::migrate(&settings).await?;
+                println!("migrations applied");
+                Ok(())
+            }
+            Command::Bootstrap => bootstrap(&settings).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tokend: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn bootstrap(settings: &Settings) -> anyhow::Result<()> {
+    match tokend::app::bootstrap(settings).await {
+        Ok(root) => {
+            println!("Bootstrapped the system tenant with an admin role and a root API key.");
+            println!("Store the key now: it is shown only once. The last line is the key alone.");
+            println!("{}", root.expose_secret());
+            Ok(())
+        }
+        Err(err) if matches!(err.downcast_ref::<Error>(), Some(Error::AlreadyExists(_))) => {
+            anyhow::bail!("refusing to bootstrap: {err}")
+        }
+        Err(err) => Err(err),
+    }
+}
+
+fn build_runtime(settings: &Settings) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match settings.runtime.flavor {
+        RuntimeFlavor::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        RuntimeFlavor::MultiThread => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if settings.runtime.worker_threads > 0 {
+                b.worker_threads(settings.runtime.worker_threads);
+            }
+            b
+        }
+    };
+    builder.enable_all().build()
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown requested: draining in-flight calls");
+}

@@ -1,0 +1,16 @@
+//! Code generated from `proto/tokend/v1/*.proto` by `build.rs`.
+
+/// `tokend.v1`: messages, clients and servers.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    missing_debug_implementations
+)]
+pub mod v1 {
+    tonic::include_proto!("tokend.v1");
+}
+
+/// The encoded descriptor set of every tokend proto, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/tokend_descriptor.bin"));

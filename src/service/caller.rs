@@ -1,0 +1,260 @@
+//! Who is calling (the credential) and on whose behalf (the actor).
+
+use crate::domain::model::{PermissionSet, TenantStatus, UserStatus};
+use crate::domain::names::{BuiltinPermission, TenantId, UserId};
+use crate::domain::rules::{self, Visibility};
+use crate::domain::token_format::TokenKind;
+use crate::domain::{Error, Result};
+use crate::introspect::Outcome;
+
+use super::Tokend;
+
+/// Whom a credential speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// A user, through one of their personal tokens.
+    User(UserId),
+    /// An API key, speaking for itself; holds its display id.
+    ApiKey(String),
+}
+
+impl Subject {
+    /// How the audit log names it.
+    pub fn label(&self) -> String {
+        match self {
+            Subject::User(user) => user.to_string(),
+            Subject::ApiKey(display_id) => display_id.clone(),
+        }
+    }
+}
+
+/// The authenticated credential of a request, with its rights right now.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// The credential's token id.
+    pub token_id: String,
+    /// The credential's display id, for logs and audit.
+    pub display_id: String,
+    /// The tenant the credential is bound to.
+    pub tenant_id: TenantId,
+    /// Personal token or API key.
+    pub kind: TokenKind,
+    /// Whom it speaks for.
+    pub subject: Subject,
+    /// Its effective permissions.
+    pub permissions: PermissionSet,
+    /// Whether the credential is narrowed by scopes.
+    pub scoped: bool,
+}
+
+impl Caller {
+    /// Whether the credential holds `permission`.
+    pub fn has(&self, permission: BuiltinPermission) -> bool {
+        rules::holds(&self.permissions, permission)
+    }
+
+    /// Refuses unless the credential holds `permission`.
+    pub fn require(&self, permission: BuiltinPermission) -> Result<()> {
+        if self.has(permission) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "the credential {} lacks {permission}",
+                self.display_id
+            )))
+        }
+    }
+
+    /// Whether the credential belongs to tokend's own tenant.
+    pub fn is_system(&self) -> bool {
+        self.tenant_id.is_system()
+    }
+}
+
+/// On whose behalf a token request acts, in which tenant, with which rights.
+#[derive(Clone, Debug)]
+pub struct Actor {
+    /// The tenant acted in.
+    pub tenant_id: TenantId,
+    /// Whom the request acts for.
+    pub subject: Subject,
+    /// What the actor may do there. For a credential acting as itself: its effective
+    /// permissions; under `act_as`: the user's role there.
+    pub permissions: PermissionSet,
+    /// The rights are bounded by a narrowed credential.
+    pub scoped: bool,
+    /// The credential acts as itself (not through `act_as`): its token id.
+    pub itself: Option<String>,
+}
+
+impl Actor {
+    /// Whether the actor holds `permission`.
+    pub fn has(&self, permission: BuiltinPermission) -> bool {
+        rules::holds(&self.permissions, permission)
+    }
+
+    /// Refuses unless the actor holds `permission`.
+    pub fn require(&self, permission: BuiltinPermission) -> Result<()> {
+        if self.has(permission) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(format!(
+                "{} lacks {permission} in tenant {}",
+                self.subject.label(),
+                self.tenant_id
+            )))
+        }
+    }
+
+    /// The user acted for, if any.
+    pub fn user(&self) -> Option<&UserId> {
+        match &self.subject {
+            Subject::User(user) => Some(user),
+            Subject::ApiKey(_) => None,
+        }
+    }
+
+    /// Which tokens of the tenant the actor may see and touch.
+    pub fn visibility(&self) -> Visibility {
+        Visibility {
+            all: self.has(rules::TOKENS_ADMIN),
+            api_keys: self.has(rules::API_KEYS_MANAGE),
+            owner: self.user().cloned(),
+            itself: self.itself.clone(),
+        }
+    }
+}
+
+impl Tokend {
+    /// Checks the `authorization` metadata value and returns the live caller.
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Caller> {
+        let Some(header) = authorization else {
+            return Err(Error::Unauthenticated(
+                "missing credential: send metadata `authorization: Bearer <token>`".to_owned(),
+            ));
+        };
+        let token = header
+            .strip_prefix("Bearer ")
+            .or_else(|| header.strip_prefix("bearer "))
+            .ok_or_else(|| {
+                Error::Unauthenticated("authorization metadata must be `Bearer <token>`".to_owned())
+            })?
+            .trim();
+        match self.introspector.introspect(token).await? {
+            Outcome::Active(active) => {
+                let token = active.token;
+                let subject = match (&token.kind, &token.owner_user_id) {
+                    (TokenKind::Personal, Some(owner)) => Subject::User(owner.clone()),
+                    _ => Subject::ApiKey(token.display_id.clone()),
+                };
+                Ok(Caller {
+                    subject,
+                    scoped: token.scopes.is_some(),
+                    token_id: token.id,
+                    display_id: token.display_id,
+                    tenant_id: token.tenant_id,
+                    kind: token.kind,
+                    permissions: active.grant.permissions,
+                })
+            }
+            Outcome::Inactive(reason) => {
+                tracing::info!(reason = reason.as_str(), "refused an inactive credential");
+                Err(Error::Unauthenticated(
+                    "the credential is not an active token".to_owned(),
+                ))
+            }
+        }
+    }
+
+    /// Resolves on whose behalf a token request acts.
+    ///
+    /// Without `actor_user_id` (or naming the caller's own user) the credential acts as itself
+    /// in its own tenant. Naming anyone else needs `tokend.act_as` in the system tenant, and
+    /// then the named user's own role in the named tenant is what counts.
+    pub async fn actor(
+        &self,
+        caller: &Caller,
+        tenant_id: Option<TenantId>,
+        actor_user_id: Option<UserId>,
+    ) -> Result<Actor> {
+        let names_itself = match (&actor_user_id, &caller.subject) {
+            (None, _) => true,
+            (Some(named), Subject::User(own)) => named == own,
+            (Some(_), Subject::ApiKey(_)) => false,
+        };
+        let same_tenant = tenant_id.as_ref().is_none_or(|t| *t == caller.tenant_id);
+        let may_act_as = caller.is_system() && caller.has(rules::ACT_AS);
+        let acting_as_self = names_itself && (same_tenant || !may_act_as);
+        if acting_as_self {
+            if let Some(tenant) = &tenant_id
+                && *tenant != caller.tenant_id
+            {
+                return Err(Error::PermissionDenied(format!(
+                    "tenant_id: the credential is bound to tenant {}; it cannot act in {tenant}",
+                    caller.tenant_id
+                )));
+            }
+            return Ok(Actor {
+                tenant_id: caller.tenant_id.clone(),
+                subject: caller.subject.clone(),
+                permissions: caller.permissions.clone(),
+                scoped: caller.scoped,
+                itself: Some(caller.token_id.clone()),
+            });
+        }
+
+        let Some(user) = actor_user_id else {
+            return Err(Error::internal("act_as without a user"));
+        };
+        if !may_act_as {
+            return Err(Error::PermissionDenied(format!(
+                "actor_user_id: acting as another user needs {} in the system tenant",
+                rules::ACT_AS
+            )));
+        }
+        let Some(tenant_id) = tenant_id else {
+            return Err(Error::invalid(
+                "tenant_id",
+                "is required when acting as a user",
+            ));
+        };
+        let tenant = self
+            .store
+            .get_tenant(&tenant_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("tenant {tenant_id}")))?;
+        if tenant.status != TenantStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "tenant_id: tenant {tenant_id} is suspended"
+            )));
+        }
+        let status = self.store.get_user(&user).await?.map(|u| u.status);
+        if status != Some(UserStatus::Active) {
+            return Err(Error::FailedPrecondition(format!(
+                "actor_user_id: user {user} is not active"
+            )));
+        }
+        let member = self
+            .store
+            .get_member(&tenant_id, &user)
+            .await?
+            .ok_or_else(|| {
+                Error::FailedPrecondition(format!(
+                    "actor_user_id: user {user} is not a member of tenant {tenant_id}"
+                ))
+            })?;
+        let permissions = self
+            .store
+            .get_role(&tenant_id, &member.role)
+            .await?
+            .map(|role| role.permissions)
+            .unwrap_or_default();
+        Ok(Actor {
+            tenant_id,
+            subject: Subject::User(user),
+            permissions,
+            scoped: false,
+            itself: None,
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! The use cases: issue, list, revoke, delete and introspect tokens; read and write the
+//! directory; read the audit log; bootstrap. Written against the domain's ports only, so they
+//! run the same on every store, and free of transport types: `grpc` converts at the edge.
+
+mod audit;
+mod bootstrap;
+mod caller;
+mod directory;
+mod paging;
+mod tokens;
+
+use std::sync::Arc;
+
+pub use audit::ListAudit;
+pub use bootstrap::bootstrap;
+pub use caller::{Actor, Caller, Subject};
+pub use directory::{PutMember, PutRole};
+pub use paging::Page;
+pub use tokens::{IntrospectAnswer, IssueToken, Issued, ListTokens, TokenRef};
+
+use crate::domain::model::AuditRecord;
+use crate::domain::names::TenantId;
+use crate::domain::ports::{Clock, SecretHasher, Store};
+use crate::domain::token_format::TokenFormat;
+use crate::introspect::Introspector;
+
+/// The service core every gRPC service delegates to.
+#[derive(Debug, Clone)]
+pub struct Tokend {
+    store: Arc<dyn Store>,
+    hasher: Arc<dyn SecretHasher>,
+    clock: Arc<dyn Clock>,
+    format: TokenFormat,
+    introspector: Introspector,
+}
+
+impl Tokend {
+    /// A core over these ports.
+    pub fn new(
+        store: Arc<dyn Store>,
+        hasher: Arc<dyn SecretHasher>,
+        clock: Arc<dyn Clock>,
+        format: TokenFormat,
+    ) -> Self {
+        let introspector = Introspector::new(
+            Arc::clone(&store),
+            Arc::clone(&hasher),
+            Arc::clone(&clock),
+            format.clone(),
+        );
+        Self {
+            store,
+            hasher,
+            clock,
+            format,
+            introspector,
+        }
+    }
+
+    /// The token format in use.
+    pub fn format(&self) -> &TokenFormat {
+        &self.format
+    }
+
+    /// An audit record of `action` by `caller` acting as `actor`, in `tenant`, now.
+    fn audit(
+        &self,
+        tenant: &TenantId,
+        actor: String,
+        caller: &Caller,
+        action: &str,
+    ) -> AuditRecord {
+        AuditRecord {
+            at: self.clock.now(),
+            tenant_id: tenant.clone(),
+            actor,
+            caller: caller.display_id.clone(),
+            action: action.to_owned(),
+            token_id: None,
+            detail: Default::default(),
+        }
+    }
+}

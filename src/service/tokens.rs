@@ -1,0 +1,405 @@
+//! Issue, list, revoke, delete and introspect tokens.
+
+use std::collections::BTreeMap;
+
+use secrecy::SecretString;
+
+use crate::domain::model::{
+    InactiveReason, PermissionSet, Revocation, SecretHash, TenantStatus, Token,
+};
+use crate::domain::names::{Permission, RoleName, TenantId, TokenName, UserId};
+use crate::domain::ports::TokenQuery;
+use crate::domain::rules::{self, ExpiryRequest};
+use crate::domain::token_format::TokenKind;
+use crate::domain::{Error, Result};
+use crate::introspect::Outcome;
+
+use super::Tokend;
+use super::caller::{Actor, Caller, Subject};
+use super::paging::{self, Page};
+
+/// A validated IssueToken request.
+#[derive(Clone, Debug)]
+pub struct IssueToken {
+    /// The tenant; `None` = the credential's own.
+    pub tenant_id: Option<TenantId>,
+    /// The user to act as; `None` = the credential itself.
+    pub actor_user_id: Option<UserId>,
+    /// Personal token or API key.
+    pub kind: TokenKind,
+    /// The token's name.
+    pub name: TokenName,
+    /// Scopes; empty = not narrowed.
+    pub scopes: PermissionSet,
+    /// The role of an API key.
+    pub role: Option<RoleName>,
+    /// When it should expire.
+    pub expiry: ExpiryRequest,
+}
+
+/// A freshly issued token.
+#[derive(Debug)]
+pub struct Issued {
+    /// The full token string, shown once.
+    pub secret: SecretString,
+    /// Its record.
+    pub token: Token,
+}
+
+/// A validated ListTokens request.
+#[derive(Clone, Debug)]
+pub struct ListTokens {
+    /// The tenant; `None` = the credential's own.
+    pub tenant_id: Option<TenantId>,
+    /// The user to act as.
+    pub actor_user_id: Option<UserId>,
+    /// Only this kind.
+    pub kind: Option<TokenKind>,
+    /// Only names containing this (any case).
+    pub name_contains: Option<String>,
+    /// Revoked tokens too.
+    pub include_revoked: bool,
+    /// Only this owner's tokens.
+    pub owner_user_id: Option<UserId>,
+    /// Which page.
+    pub page: Page,
+}
+
+/// A validated reference to one token (RevokeToken, DeleteToken).
+#[derive(Clone, Debug)]
+pub struct TokenRef {
+    /// The tenant; `None` = the credential's own.
+    pub tenant_id: Option<TenantId>,
+    /// The user to act as.
+    pub actor_user_id: Option<UserId>,
+    /// The token's public id.
+    pub token_id: String,
+}
+
+/// Introspect's answer, before the transport shapes it.
+#[derive(Clone, Debug)]
+pub struct IntrospectAnswer {
+    /// The verdict.
+    pub outcome: Outcome,
+    /// Whether every required permission is held (false when inactive).
+    pub allowed: bool,
+    /// The reason, if inactive and the caller may see it.
+    pub reason: Option<InactiveReason>,
+}
+
+const TOKENS_LIST: &str = "tokens";
+
+impl Tokend {
+    /// Issues a token (SPEC §2).
+    pub async fn issue_token(&self, caller: &Caller, req: IssueToken) -> Result<Issued> {
+        let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
+        let tenant = self
+            .store
+            .get_tenant(&actor.tenant_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("tenant {}", actor.tenant_id)))?;
+        if tenant.status != TenantStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "tenant_id: tenant {} is suspended",
+                tenant.id
+            )));
+        }
+        let scopes = (!req.scopes.is_empty()).then_some(req.scopes);
+        let (owner, role) = match req.kind {
+            TokenKind::Personal => {
+                if req.role.is_some() {
+                    return Err(Error::invalid(
+                        "role",
+                        "must be empty for a personal access token",
+                    ));
+                }
+                let Some(owner) = actor.user().cloned() else {
+                    return Err(Error::PermissionDenied(
+                        "kind: an API key cannot own a personal access token; name actor_user_id with tokend.act_as".to_owned(),
+                    ));
+                };
+                if actor.itself.is_some() {
+                    actor.require(rules::TOKENS_ISSUE)?;
+                }
+                check_not_broader(&actor, scopes.as_ref(), &actor.permissions)?;
+                (Some(owner), None)
+            }
+            TokenKind::ApiKey => {
+                let Some(role_name) = req.role else {
+                    return Err(Error::invalid("role", "is required for an API key"));
+                };
+                actor.require(rules::API_KEYS_MANAGE)?;
+                let role = self
+                    .store
+                    .get_role(&actor.tenant_id, &role_name)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::NotFound(format!("role {role_name} in tenant {}", actor.tenant_id))
+                    })?;
+                // "Role ≤ creator": a key may carry nothing its creator lacks.
+                rules::require_subset(
+                    "role",
+                    &role.permissions,
+                    &actor.permissions,
+                    &actor.subject.label(),
+                )?;
+                if let Some(scopes) = &scopes {
+                    rules::require_subset(
+                        "scopes",
+                        scopes,
+                        &role.permissions,
+                        &format!("role {role_name}"),
+                    )?;
+                }
+                (None, Some(role_name))
+            }
+        };
+        let now = self.clock.now();
+        let expires_at = rules::resolve_expiry(req.expiry, &tenant.policy, &tenant.id, now)?;
+
+        let generated = self.format.generate(req.kind);
+        let secret_hash = self
+            .hasher
+            .hash(SecretString::from(generated.secret()))
+            .await?;
+        let token = Token {
+            id: generated.public_id.clone(),
+            display_id: generated.display_id.clone(),
+            tenant_id: actor.tenant_id.clone(),
+            kind: req.kind,
+            name: req.name,
+            owner_user_id: owner,
+            role,
+            scopes,
+            secret_hash: SecretHash(secret_hash),
+            created_at: now,
+            created_by: actor.subject.label(),
+            expires_at,
+            last_used_at: None,
+            revocation: None,
+        };
+        let mut audit = self.audit(
+            &token.tenant_id,
+            actor.subject.label(),
+            caller,
+            "token.issued",
+        );
+        audit.token_id = Some(token.id.clone());
+        audit.detail = token_detail(&token);
+        self.store.insert_token(&token, &audit).await?;
+        tracing::info!(display_id = %token.display_id, tenant = %token.tenant_id, "issued a token");
+        Ok(Issued {
+            secret: SecretString::from(generated.full),
+            token,
+        })
+    }
+
+    /// Lists the tokens the actor may see, newest first.
+    pub async fn list_tokens(
+        &self,
+        caller: &Caller,
+        req: ListTokens,
+    ) -> Result<(Vec<Token>, String)> {
+        let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
+        let after = match req.page.cursor(TOKENS_LIST)? {
+            Some(cursor) => Some(parse_token_cursor(&cursor)?),
+            None => None,
+        };
+        let query = TokenQuery {
+            tenant_id: actor.tenant_id.clone(),
+            visibility: actor.visibility(),
+            kind: req.kind,
+            name_contains: req.name_contains.map(|n| n.to_lowercase()),
+            owner: req.owner_user_id,
+            include_revoked: req.include_revoked,
+            after,
+            limit: req.page.size + 1,
+        };
+        let (tokens, more) =
+            paging::split_page(self.store.list_tokens(&query).await?, req.page.size);
+        let next = match (more, tokens.last()) {
+            (true, Some(last)) => paging::next_token(
+                TOKENS_LIST,
+                &format!("{}:{}", last.created_at.timestamp_micros(), last.id),
+            ),
+            _ => String::new(),
+        };
+        Ok((tokens, next))
+    }
+
+    /// Finds a token the actor may see; anything else is NOT_FOUND, exactly as if it did not
+    /// exist.
+    async fn visible_token(&self, actor: &Actor, token_id: &str) -> Result<Token> {
+        let token = self.store.get_token(&actor.tenant_id, token_id).await?;
+        match token {
+            Some(token) if actor.visibility().sees(&token) => Ok(token),
+            _ => Err(Error::NotFound(format!("token {token_id}"))),
+        }
+    }
+
+    /// Revokes a token. Idempotent: a revoked token keeps its first revocation.
+    pub async fn revoke_token(
+        &self,
+        caller: &Caller,
+        req: TokenRef,
+        reason: String,
+    ) -> Result<Token> {
+        let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
+        let token = self.visible_token(&actor, &req.token_id).await?;
+        if token.revocation.is_some() {
+            return Ok(token);
+        }
+        let revocation = Revocation {
+            at: self.clock.now(),
+            by: actor.subject.label(),
+            reason,
+        };
+        let mut audit = self.audit(
+            &token.tenant_id,
+            actor.subject.label(),
+            caller,
+            "token.revoked",
+        );
+        audit.token_id = Some(token.id.clone());
+        audit.detail = BTreeMap::from([
+            ("name".to_owned(), token.name.to_string()),
+            ("reason".to_owned(), revocation.reason.clone()),
+        ]);
+        let revoked = self
+            .store
+            .revoke_token(&token.tenant_id, &token.id, &revocation, &audit)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("token {}", req.token_id)))?;
+        tracing::info!(display_id = %revoked.display_id, tenant = %revoked.tenant_id, "revoked a token");
+        Ok(revoked)
+    }
+
+    /// Deletes a token's record, revoking it first if it is live.
+    pub async fn delete_token(&self, caller: &Caller, req: TokenRef) -> Result<()> {
+        let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
+        let token = self.visible_token(&actor, &req.token_id).await?;
+        let mut records = Vec::new();
+        let detail = BTreeMap::from([("name".to_owned(), token.name.to_string())]);
+        if token.revocation.is_none() {
+            let mut revoked = self.audit(
+                &token.tenant_id,
+                actor.subject.label(),
+                caller,
+                "token.revoked",
+            );
+            revoked.token_id = Some(token.id.clone());
+            revoked.detail = detail.clone();
+            revoked
+                .detail
+                .insert("reason".to_owned(), "deleted".to_owned());
+            records.push(revoked);
+        }
+        let mut deleted = self.audit(
+            &token.tenant_id,
+            actor.subject.label(),
+            caller,
+            "token.deleted",
+        );
+        deleted.token_id = Some(token.id.clone());
+        deleted.detail = detail;
+        records.push(deleted);
+        if !self
+            .store
+            .delete_token(&token.tenant_id, &token.id, &records)
+            .await?
+        {
+            return Err(Error::NotFound(format!("token {}", req.token_id)));
+        }
+        tracing::info!(display_id = %token.display_id, tenant = %token.tenant_id, "deleted a token");
+        Ok(())
+    }
+
+    /// Introspects a token string for a caller holding `tokend.introspect`.
+    pub async fn introspect(
+        &self,
+        caller: &Caller,
+        token: &str,
+        required: &PermissionSet,
+    ) -> Result<IntrospectAnswer> {
+        caller.require(rules::INTROSPECT)?;
+        let outcome = self.introspector.introspect(token).await?;
+        let (allowed, reason) = match &outcome {
+            Outcome::Active(active) => (
+                rules::missing(required, &active.grant.permissions).is_empty(),
+                None,
+            ),
+            Outcome::Inactive(reason) => {
+                // The reason is for tokend's own log; the caller sees it only if trusted.
+                tracing::info!(reason = reason.as_str(), "introspected an inactive token");
+                (
+                    false,
+                    caller.has(rules::INTROSPECT_REASONS).then_some(*reason),
+                )
+            }
+        };
+        Ok(IntrospectAnswer {
+            outcome,
+            allowed,
+            reason,
+        })
+    }
+}
+
+/// A credential cannot mint a token broader than itself: explicit scopes must lie within
+/// the actor's rights, and a narrowed credential cannot mint an un-narrowed token (which
+/// would inherit everything the owner has).
+fn check_not_broader(
+    actor: &Actor,
+    scopes: Option<&PermissionSet>,
+    held: &PermissionSet,
+) -> Result<()> {
+    match scopes {
+        Some(scopes) => rules::require_subset("scopes", scopes, held, &whose(actor)),
+        None if actor.scoped => Err(Error::PermissionDenied(
+            "scopes: a narrowed credential must name scopes within its own".to_owned(),
+        )),
+        None => Ok(()),
+    }
+}
+
+fn whose(actor: &Actor) -> String {
+    match (&actor.itself, &actor.subject) {
+        (Some(_), _) => "the credential".to_owned(),
+        (None, Subject::User(user)) => format!("user {user}"),
+        (None, Subject::ApiKey(key)) => key.clone(),
+    }
+}
+
+fn parse_token_cursor(cursor: &str) -> Result<(crate::domain::model::Timestamp, String)> {
+    let bad = || {
+        Error::invalid(
+            "page_token",
+            "is not a page token of this list; start again without one",
+        )
+    };
+    let (micros, id) = cursor.split_once(':').ok_or_else(bad)?;
+    let micros: i64 = micros.parse().map_err(|_| bad())?;
+    let at = chrono::DateTime::from_timestamp_micros(micros).ok_or_else(bad)?;
+    Ok((at, id.to_owned()))
+}
+
+fn token_detail(token: &Token) -> BTreeMap<String, String> {
+    let mut detail = BTreeMap::from([
+        ("name".to_owned(), token.name.to_string()),
+        ("kind".to_owned(), token.kind.marker().to_owned()),
+    ]);
+    if let Some(scopes) = &token.scopes {
+        let list: Vec<&str> = scopes.iter().map(Permission::as_str).collect();
+        detail.insert("scopes".to_owned(), list.join(" "));
+    }
+    if let Some(role) = &token.role {
+        detail.insert("role".to_owned(), role.to_string());
+    }
+    if let Some(owner) = &token.owner_user_id {
+        detail.insert("owner".to_owned(), owner.to_string());
+    }
+    if let Some(at) = token.expires_at {
+        detail.insert("expires_at".to_owned(), at.to_rfc3339());
+    }
+    detail
+}

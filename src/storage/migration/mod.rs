@@ -1,0 +1,17 @@
+//! Schema migrations, portable across SQLite and PostgreSQL through SeaQuery's builders.
+//! Applied in order by `tokend migrate` and, unless disabled, on `tokend serve`.
+
+use sea_orm_migration::prelude::*;
+
+mod m0001_initial;
+
+/// Every migration, oldest first.
+#[derive(Debug)]
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_initial::Migration)]
+    }
+}

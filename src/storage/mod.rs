@@ -1,0 +1,9 @@
+//! The SeaORM adapter of [`crate::domain::ports::Store`], its entities and migrations. The
+//! only module that imports `sea_orm`; the same code serves SQLite and PostgreSQL.
+
+mod convert;
+pub mod entities;
+pub mod migration;
+mod store;
+
+pub use store::{DatabaseOptions, SeaStore};

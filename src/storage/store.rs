@@ -1,0 +1,740 @@
+//! [`SeaStore`]: the one store adapter, over a SeaORM connection to SQLite or PostgreSQL.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sea_orm::Condition;
+use sea_orm::sea_query::{Expr, LikeExpr, OnConflict};
+use sea_orm::{
+    ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DatabaseTransaction, DbBackend, DbErr, EntityTrait, FromQueryResult, PaginatorTrait,
+    QueryFilter, QueryOrder, QuerySelect, RuntimeErr, Set, SqlErr, Statement, TransactionTrait,
+    sqlx,
+};
+use sea_orm_migration::MigratorTrait as _;
+
+use super::convert::{self, micros};
+use super::entities::{audit_events, memberships, roles, tenants, tokens, users};
+use super::migration::Migrator;
+use crate::domain::model::{
+    AuditEvent, AuditRecord, Member, Revocation, Role, Tenant, Timestamp, Token, TokenState, User,
+};
+use crate::domain::names::{RoleName, TenantId, UserId};
+use crate::domain::ports::{AuditQuery, Store, TokenQuery};
+use crate::domain::token_format::{TokenFormat, TokenKind};
+use crate::domain::{Error, Result};
+
+/// How to reach the database.
+#[derive(Clone, Debug)]
+pub struct DatabaseOptions {
+    /// Upper bound on pooled connections (PostgreSQL; SQLite uses one writer connection).
+    pub max_connections: u32,
+    /// How long to wait for a connection before answering UNAVAILABLE.
+    pub acquire_timeout: Duration,
+}
+
+impl Default for DatabaseOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The store over SQLite or PostgreSQL.
+#[derive(Debug)]
+pub struct SeaStore {
+    db: DatabaseConnection,
+    format: TokenFormat,
+    token_lookups: AtomicU64,
+}
+
+/// Connection-level failures mean "cannot know", everything else is a bug or a conflict the
+/// caller classifies.
+fn db_err(err: DbErr) -> Error {
+    let unavailable = match &err {
+        DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
+        DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e)) => {
+            matches!(
+                **e,
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        }
+        _ => false,
+    };
+    if unavailable {
+        Error::Unavailable(Box::new(err))
+    } else {
+        Error::internal(err)
+    }
+}
+
+impl SeaStore {
+    /// Connects to `url` (`sqlite://…?mode=rwc` or `postgres://…`).
+    pub async fn connect(
+        url: &str,
+        options: &DatabaseOptions,
+        format: TokenFormat,
+    ) -> Result<Self> {
+        let mut connect = ConnectOptions::new(url.to_owned());
+        // SQLite allows one writer; a single connection turns lock contention into queueing
+        // instead of SQLITE_BUSY errors. It is the single-replica embedded mode.
+        let sqlite = url.starts_with("sqlite:");
+        connect
+            .max_connections(if sqlite { 1 } else { options.max_connections })
+            .min_connections(1)
+            .acquire_timeout(options.acquire_timeout)
+            .connect_timeout(options.acquire_timeout)
+            .sqlx_logging(false);
+        if sqlite {
+            connect.map_sqlx_sqlite_opts(|o| {
+                o.journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                    .foreign_keys(true)
+                    .busy_timeout(Duration::from_secs(5))
+            });
+        }
+        let db = Database::connect(connect).await.map_err(db_err)?;
+        Ok(Self {
+            db,
+            format,
+            token_lookups: AtomicU64::new(0),
+        })
+    }
+
+    /// Applies pending migrations.
+    pub async fn migrate(&self) -> Result<()> {
+        Migrator::up(&self.db, None).await.map_err(db_err)
+    }
+
+    /// How many token lookups by public id this store has answered; tests use it to show
+    /// that malformed tokens never reach the database.
+    pub fn token_lookups(&self) -> u64 {
+        self.token_lookups.load(Ordering::Relaxed)
+    }
+
+    /// Closes the pool.
+    pub async fn close(self) -> Result<()> {
+        self.db.close().await.map_err(db_err)
+    }
+
+    fn backend(&self) -> DbBackend {
+        self.db.get_database_backend()
+    }
+
+    fn to_token(&self, m: tokens::Model) -> Result<Token> {
+        convert::token(m, &|kind, id| self.format.display_id(kind, id))
+    }
+
+    async fn begin(&self) -> Result<DatabaseTransaction> {
+        self.db.begin().await.map_err(db_err)
+    }
+}
+
+async fn append(txn: &DatabaseTransaction, record: &AuditRecord) -> Result<()> {
+    audit_events::Entity::insert(convert::audit_row(record))
+        .exec(txn)
+        .await
+        .map_err(db_err)?;
+    Ok(())
+}
+
+async fn commit(txn: DatabaseTransaction) -> Result<()> {
+    txn.commit().await.map_err(db_err)
+}
+
+fn owner_condition(kind: TokenKind, owner: Option<&UserId>) -> Condition {
+    match (kind, owner) {
+        (TokenKind::Personal, Some(owner)) => {
+            Condition::all().add(tokens::Column::OwnerUserId.eq(owner.as_str()))
+        }
+        _ => Condition::all().add(tokens::Column::OwnerUserId.is_null()),
+    }
+}
+
+/// `%` and `_` in a user's search text are literals, not wildcards.
+fn like_contains(needle: &str) -> LikeExpr {
+    let escaped = needle
+        .replace('\\', "\\\\")
+        .replace('%', "\\%")
+        .replace('_', "\\_");
+    LikeExpr::new(format!("%{escaped}%")).escape('\\')
+}
+
+/// The one query behind Introspect: the token and everything its liveness depends on.
+const TOKEN_STATE_SQL: &str = "\
+SELECT t.*, \
+       tn.status AS x_tenant_status, \
+       u.status AS x_owner_status, \
+       m.user_id AS x_member_user, \
+       m.groups AS x_member_groups, \
+       r.name AS x_role_name, \
+       r.permissions AS x_role_permissions \
+FROM tokens t \
+JOIN tenants tn ON tn.id = t.tenant_id \
+LEFT JOIN users u ON t.kind = 'pat' AND u.id = t.owner_user_id \
+LEFT JOIN memberships m ON t.kind = 'pat' AND m.tenant_id = t.tenant_id AND m.user_id = t.owner_user_id \
+LEFT JOIN roles r ON r.tenant_id = t.tenant_id \
+     AND r.name = CASE WHEN t.kind = 'pat' THEN m.role_name ELSE t.role_name END \
+WHERE t.id = $1";
+
+#[async_trait]
+impl Store for SeaStore {
+    async fn put_tenant(&self, tenant: &Tenant, audit: &AuditRecord) -> Result<Tenant> {
+        let txn = self.begin().await?;
+        tenants::Entity::insert(convert::tenant_row(tenant))
+            .on_conflict(
+                OnConflict::column(tenants::Column::Id)
+                    .update_columns([
+                        tenants::Column::Name,
+                        tenants::Column::Status,
+                        tenants::Column::RequireExpiry,
+                        tenants::Column::MaxLifetimeSecs,
+                        tenants::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+        append(&txn, audit).await?;
+        let stored = tenants::Entity::find_by_id(tenant.id.as_str())
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::internal("tenant vanished inside its own transaction"))?;
+        commit(txn).await?;
+        convert::tenant(stored)
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
+        tenants::Entity::find_by_id(id.as_str())
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(convert::tenant)
+            .transpose()
+    }
+
+    async fn list_tenants(
+        &self,
+        only: Option<&TenantId>,
+        after: Option<&TenantId>,
+        limit: u64,
+    ) -> Result<Vec<Tenant>> {
+        let mut query = tenants::Entity::find().order_by_asc(tenants::Column::Id);
+        if let Some(only) = only {
+            query = query.filter(tenants::Column::Id.eq(only.as_str()));
+        }
+        if let Some(after) = after {
+            query = query.filter(tenants::Column::Id.gt(after.as_str()));
+        }
+        query
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(convert::tenant)
+            .collect()
+    }
+
+    async fn put_role(&self, role: &Role, audit: &AuditRecord) -> Result<()> {
+        let txn = self.begin().await?;
+        require_tenant(&txn, &role.tenant_id).await?;
+        roles::Entity::insert(convert::role_row(role))
+            .on_conflict(
+                OnConflict::columns([roles::Column::TenantId, roles::Column::Name])
+                    .update_columns([roles::Column::Permissions, roles::Column::UpdatedAt])
+                    .to_owned(),
+            )
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+        append(&txn, audit).await?;
+        commit(txn).await
+    }
+
+    async fn delete_role(
+        &self,
+        tenant: &TenantId,
+        name: &RoleName,
+        audit: &AuditRecord,
+    ) -> Result<bool> {
+        let txn = self.begin().await?;
+        let holders = memberships::Entity::find()
+            .filter(memberships::Column::TenantId.eq(tenant.as_str()))
+            .filter(memberships::Column::RoleName.eq(name.as_str()))
+            .count(&txn)
+            .await
+            .map_err(db_err)?;
+        if holders > 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "name: role {name} is held by {holders} member(s) of tenant {tenant}; give them another role first"
+            )));
+        }
+        let deleted = roles::Entity::delete_by_id((tenant.to_string(), name.to_string()))
+            .exec(&txn)
+            .await
+            .map_err(db_err)?
+            .rows_affected;
+        if deleted == 0 {
+            return Ok(false);
+        }
+        append(&txn, audit).await?;
+        commit(txn).await?;
+        Ok(true)
+    }
+
+    async fn get_role(&self, tenant: &TenantId, name: &RoleName) -> Result<Option<Role>> {
+        roles::Entity::find_by_id((tenant.to_string(), name.to_string()))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(convert::role)
+            .transpose()
+    }
+
+    async fn list_roles(&self, tenant: &TenantId) -> Result<Vec<Role>> {
+        roles::Entity::find()
+            .filter(roles::Column::TenantId.eq(tenant.as_str()))
+            .order_by_asc(roles::Column::Name)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(convert::role)
+            .collect()
+    }
+
+    async fn put_member(&self, member: &Member, audit: &AuditRecord) -> Result<()> {
+        let txn = self.begin().await?;
+        require_tenant(&txn, &member.tenant_id).await?;
+        let role =
+            roles::Entity::find_by_id((member.tenant_id.to_string(), member.role.to_string()))
+                .one(&txn)
+                .await
+                .map_err(db_err)?;
+        if role.is_none() {
+            return Err(Error::NotFound(format!(
+                "role {} in tenant {}",
+                member.role, member.tenant_id
+            )));
+        }
+        users::Entity::insert(users::ActiveModel {
+            id: Set(member.user_id.to_string()),
+            status: Set("active".to_owned()),
+            updated_at: Set(micros(member.updated_at)),
+        })
+        .on_conflict_do_nothing_on([users::Column::Id])
+        .exec(&txn)
+        .await
+        .map_err(db_err)?;
+        memberships::Entity::insert(convert::member_row(member))
+            .on_conflict(
+                OnConflict::columns([memberships::Column::TenantId, memberships::Column::UserId])
+                    .update_columns([
+                        memberships::Column::RoleName,
+                        memberships::Column::Groups,
+                        memberships::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+        append(&txn, audit).await?;
+        commit(txn).await
+    }
+
+    async fn remove_member(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &AuditRecord,
+    ) -> Result<bool> {
+        let txn = self.begin().await?;
+        let deleted = memberships::Entity::delete_by_id((tenant.to_string(), user.to_string()))
+            .exec(&txn)
+            .await
+            .map_err(db_err)?
+            .rows_affected;
+        if deleted == 0 {
+            return Ok(false);
+        }
+        append(&txn, audit).await?;
+        commit(txn).await?;
+        Ok(true)
+    }
+
+    async fn get_member(&self, tenant: &TenantId, user: &UserId) -> Result<Option<Member>> {
+        memberships::Entity::find_by_id((tenant.to_string(), user.to_string()))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(convert::member)
+            .transpose()
+    }
+
+    async fn list_members(
+        &self,
+        tenant: &TenantId,
+        after: Option<&UserId>,
+        limit: u64,
+    ) -> Result<Vec<Member>> {
+        let mut query = memberships::Entity::find()
+            .filter(memberships::Column::TenantId.eq(tenant.as_str()))
+            .order_by_asc(memberships::Column::UserId);
+        if let Some(after) = after {
+            query = query.filter(memberships::Column::UserId.gt(after.as_str()));
+        }
+        query
+            .limit(limit)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(convert::member)
+            .collect()
+    }
+
+    async fn put_user(&self, user: &User, audit: &AuditRecord) -> Result<User> {
+        let txn = self.begin().await?;
+        users::Entity::insert(convert::user_row(user))
+            .on_conflict(
+                OnConflict::column(users::Column::Id)
+                    .update_columns([users::Column::Status, users::Column::UpdatedAt])
+                    .to_owned(),
+            )
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+        append(&txn, audit).await?;
+        commit(txn).await?;
+        Ok(user.clone())
+    }
+
+    async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
+        users::Entity::find_by_id(id.as_str())
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(convert::user)
+            .transpose()
+    }
+
+    async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {
+        let txn = self.begin().await?;
+        let now = micros(token.created_at);
+        let clashes = tokens::Entity::find()
+            .filter(tokens::Column::TenantId.eq(token.tenant_id.as_str()))
+            .filter(tokens::Column::Kind.eq(token.kind.marker()))
+            .filter(owner_condition(token.kind, token.owner_user_id.as_ref()))
+            .filter(tokens::Column::NameKey.eq(token.name.key()))
+            .filter(tokens::Column::RevokedAt.is_null())
+            .filter(
+                Condition::any()
+                    .add(tokens::Column::ExpiresAt.is_null())
+                    .add(tokens::Column::ExpiresAt.gt(now)),
+            )
+            .count(&txn)
+            .await
+            .map_err(db_err)?;
+        if clashes > 0 {
+            return Err(Error::AlreadyExists(format!(
+                "name: a live token of this kind named {:?} already exists for this owner",
+                token.name.as_str()
+            )));
+        }
+        tokens::Entity::insert(convert::token_row(token))
+            .exec(&txn)
+            .await
+            .map_err(|e| match e.sql_err() {
+                // 72 random bits make an id collision a once-in-the-universe event; say so
+                // plainly instead of overwriting anything.
+                Some(SqlErr::UniqueConstraintViolation(_)) => {
+                    Error::AlreadyExists("token id collision; retry".to_owned())
+                }
+                _ => db_err(e),
+            })?;
+        append(&txn, audit).await?;
+        commit(txn).await
+    }
+
+    async fn token_state(&self, public_id: &str) -> Result<Option<TokenState>> {
+        self.token_lookups.fetch_add(1, Ordering::Relaxed);
+        let sql = match self.backend() {
+            DbBackend::Postgres => TOKEN_STATE_SQL.to_owned(),
+            _ => TOKEN_STATE_SQL.replace("$1", "?"),
+        };
+        let statement = Statement::from_sql_and_values(self.backend(), sql, [public_id.into()]);
+        let Some(row) = self.db.query_one_raw(statement).await.map_err(db_err)? else {
+            return Ok(None);
+        };
+        let token = self.to_token(tokens::Model::from_query_result(&row, "").map_err(db_err)?)?;
+        let get = |column: &str| -> Result<Option<String>> {
+            row.try_get::<Option<String>>("", column).map_err(db_err)
+        };
+        let tenant_status = convert::tenant_status(&get("x_tenant_status")?.unwrap_or_default())?;
+        let owner_status = get("x_owner_status")?
+            .map(|s| convert::user_status(&s))
+            .transpose()?;
+        let member_groups = match get("x_member_user")? {
+            Some(_) => Some(convert::groups(
+                &get("x_member_groups")?.unwrap_or_default(),
+            )?),
+            None => None,
+        };
+        let role_permissions = match get("x_role_name")? {
+            Some(_) => Some(convert::permissions(
+                "permissions",
+                &get("x_role_permissions")?.unwrap_or_default(),
+            )?),
+            None => None,
+        };
+        Ok(Some(TokenState {
+            token,
+            tenant_status,
+            owner_status,
+            member_groups,
+            role_permissions,
+        }))
+    }
+
+    async fn get_token(&self, tenant: &TenantId, id: &str) -> Result<Option<Token>> {
+        tokens::Entity::find_by_id(id)
+            .filter(tokens::Column::TenantId.eq(tenant.as_str()))
+            .one(&self.db)
+            .await
+            .map_err(db_err)?
+            .map(|m| self.to_token(m))
+            .transpose()
+    }
+
+    async fn list_tokens(&self, q: &TokenQuery) -> Result<Vec<Token>> {
+        let v = &q.visibility;
+        let mut visible = Condition::any();
+        if v.all {
+            visible = visible.add(Expr::value(true));
+        }
+        if v.api_keys {
+            visible = visible.add(tokens::Column::Kind.eq(TokenKind::ApiKey.marker()));
+        }
+        if let Some(owner) = &v.owner {
+            visible = visible.add(
+                Condition::all()
+                    .add(tokens::Column::Kind.eq(TokenKind::Personal.marker()))
+                    .add(tokens::Column::OwnerUserId.eq(owner.as_str())),
+            );
+        }
+        if let Some(itself) = &v.itself {
+            visible = visible.add(tokens::Column::Id.eq(itself.as_str()));
+        }
+        if !v.all && !v.api_keys && v.owner.is_none() && v.itself.is_none() {
+            return Ok(Vec::new());
+        }
+        let mut query = tokens::Entity::find()
+            .filter(tokens::Column::TenantId.eq(q.tenant_id.as_str()))
+            .filter(visible)
+            .order_by_desc(tokens::Column::CreatedAt)
+            .order_by_desc(tokens::Column::Id);
+        if let Some(kind) = q.kind {
+            query = query.filter(tokens::Column::Kind.eq(kind.marker()));
+        }
+        if let Some(needle) = &q.name_contains {
+            query = query.filter(tokens::Column::NameKey.like(like_contains(needle)));
+        }
+        if let Some(owner) = &q.owner {
+            query = query.filter(tokens::Column::OwnerUserId.eq(owner.as_str()));
+        }
+        if !q.include_revoked {
+            query = query.filter(tokens::Column::RevokedAt.is_null());
+        }
+        if let Some((created_at, id)) = &q.after {
+            let at = micros(*created_at);
+            query = query.filter(
+                Condition::any().add(tokens::Column::CreatedAt.lt(at)).add(
+                    Condition::all()
+                        .add(tokens::Column::CreatedAt.eq(at))
+                        .add(tokens::Column::Id.lt(id.as_str())),
+                ),
+            );
+        }
+        query
+            .limit(q.limit)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(|m| self.to_token(m))
+            .collect()
+    }
+
+    async fn revoke_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        revocation: &Revocation,
+        audit: &AuditRecord,
+    ) -> Result<Option<Token>> {
+        let txn = self.begin().await?;
+        let updated = tokens::Entity::update_many()
+            .col_expr(
+                tokens::Column::RevokedAt,
+                Expr::value(micros(revocation.at)),
+            )
+            .col_expr(
+                tokens::Column::RevokedBy,
+                Expr::value(revocation.by.clone()),
+            )
+            .col_expr(
+                tokens::Column::RevokeReason,
+                Expr::value(revocation.reason.clone()),
+            )
+            .filter(tokens::Column::Id.eq(id))
+            .filter(tokens::Column::TenantId.eq(tenant.as_str()))
+            .filter(tokens::Column::RevokedAt.is_null())
+            .exec(&txn)
+            .await
+            .map_err(db_err)?
+            .rows_affected;
+        if updated > 0 {
+            append(&txn, audit).await?;
+        }
+        let row = tokens::Entity::find_by_id(id)
+            .filter(tokens::Column::TenantId.eq(tenant.as_str()))
+            .one(&txn)
+            .await
+            .map_err(db_err)?;
+        commit(txn).await?;
+        row.map(|m| self.to_token(m)).transpose()
+    }
+
+    async fn delete_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        audit: &[AuditRecord],
+    ) -> Result<bool> {
+        let txn = self.begin().await?;
+        let deleted = tokens::Entity::delete_many()
+            .filter(tokens::Column::Id.eq(id))
+            .filter(tokens::Column::TenantId.eq(tenant.as_str()))
+            .exec(&txn)
+            .await
+            .map_err(db_err)?
+            .rows_affected;
+        if deleted == 0 {
+            return Ok(false);
+        }
+        for record in audit {
+            append(&txn, record).await?;
+        }
+        commit(txn).await?;
+        Ok(true)
+    }
+
+    async fn touch_last_used(&self, id: &str, at: Timestamp) -> Result<()> {
+        let at = micros(at);
+        tokens::Entity::update_many()
+            .col_expr(tokens::Column::LastUsedAt, Expr::value(at))
+            .filter(tokens::Column::Id.eq(id))
+            .filter(
+                Condition::any()
+                    .add(tokens::Column::LastUsedAt.is_null())
+                    .add(tokens::Column::LastUsedAt.lt(at)),
+            )
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn replace_hash(&self, id: &str, phc: &str) -> Result<()> {
+        tokens::Entity::update_many()
+            .col_expr(tokens::Column::SecretHash, Expr::value(phc.to_owned()))
+            .filter(tokens::Column::Id.eq(id))
+            .exec(&self.db)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        let mut query = audit_events::Entity::find().order_by_desc(audit_events::Column::Id);
+        if let Some(tenant) = &q.tenant_id {
+            query = query.filter(audit_events::Column::TenantId.eq(tenant.as_str()));
+        }
+        if let Some(token) = &q.token_id {
+            query = query.filter(audit_events::Column::TokenId.eq(token.as_str()));
+        }
+        if let Some(before) = q.before_id {
+            query = query.filter(audit_events::Column::Id.lt(before));
+        }
+        query
+            .limit(q.limit)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(convert::audit_event)
+            .collect()
+    }
+
+    async fn bootstrap(
+        &self,
+        tenant: &Tenant,
+        role: &Role,
+        token: &Token,
+        audit: &AuditRecord,
+    ) -> Result<()> {
+        let txn = self.begin().await?;
+        let exists = tenants::Entity::find_by_id(tenant.id.as_str())
+            .one(&txn)
+            .await
+            .map_err(db_err)?;
+        if exists.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "tenant {} already exists: this database is bootstrapped",
+                tenant.id
+            )));
+        }
+        let already = |e: DbErr| match e.sql_err() {
+            Some(SqlErr::UniqueConstraintViolation(_)) => Error::AlreadyExists(
+                "another bootstrap won the race: this database is bootstrapped".to_owned(),
+            ),
+            _ => db_err(e),
+        };
+        tenants::Entity::insert(convert::tenant_row(tenant))
+            .exec(&txn)
+            .await
+            .map_err(already)?;
+        roles::Entity::insert(convert::role_row(role))
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+        tokens::Entity::insert(convert::token_row(token))
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+        append(&txn, audit).await?;
+        commit(txn).await
+    }
+}
+
+async fn require_tenant(txn: &DatabaseTransaction, tenant: &TenantId) -> Result<()> {
+    let found = tenants::Entity::find_by_id(tenant.as_str())
+        .one(txn)
+        .await
+        .map_err(db_err)?;
+    match found {
+        Some(_) => Ok(()),
+        None => Err(Error::NotFound(format!("tenant {tenant}"))),
+    }
+}

@@ -1,0 +1,210 @@
+//! Caller authentication and `tokend.*` permissions (SPEC §5).
+
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use tokend::proto::v1 as pb;
+
+use crate::helpers::{TestApp, assert_status};
+
+crate::both_backends!(
+    calls_without_a_valid_credential_are_unauthenticated,
+    a_revoked_or_suspended_credential_is_refused_on_its_next_call,
+    acting_as_another_user_needs_act_as_in_the_system_tenant,
+    a_token_can_always_list_revoke_and_delete_its_owners_tokens_itself_included,
+    health_and_reflection_need_no_credential,
+);
+
+async fn acme(app: &TestApp) {
+    app.tenant(
+        "acme",
+        &[
+            (
+                "developer",
+                &["entities:read", "tokend.act_as", "tokend.tokens.issue"],
+            ),
+            ("viewer", &["entities:read"]),
+        ],
+    )
+    .await;
+    app.member("acme", "alice", "developer", &[]).await;
+    app.member("acme", "bob", "viewer", &[]).await;
+}
+
+async fn calls_without_a_valid_credential_are_unauthenticated(app: TestApp) {
+    let result = app
+        .tokens_anonymous()
+        .list_tokens(pb::ListTokensRequest::default())
+        .await;
+    assert_status(result, Code::Unauthenticated, "missing credential");
+    for bad in [
+        "garbage",
+        "tkd_key_AAAAAAAAAAAA_x",
+        &app.root[..app.root.len() - 1],
+    ] {
+        let result = app
+            .tokens(bad)
+            .list_tokens(pb::ListTokensRequest::default())
+            .await;
+        assert_status(result, Code::Unauthenticated, "not an active token");
+    }
+    let result = app
+        .directory("x")
+        .list_tenants(pb::ListTenantsRequest::default())
+        .await;
+    assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
+    let result = app
+        .audit("x")
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await;
+    assert_eq!(result.unwrap_err().code(), Code::Unauthenticated);
+}
+
+async fn a_revoked_or_suspended_credential_is_refused_on_its_next_call(app: TestApp) {
+    acme(&app).await;
+    let (token, info) = app.pat("acme", "bob", "laptop", &[]).await;
+    app.tokens(&token)
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .unwrap();
+
+    app.set_user_status("bob", pb::UserStatus::Suspended).await;
+    let result = app
+        .tokens(&token)
+        .list_tokens(pb::ListTokensRequest::default())
+        .await;
+    assert_status(result, Code::Unauthenticated, "not an active token");
+    app.set_user_status("bob", pb::UserStatus::Active).await;
+
+    app.tokens(&token)
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: info.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let result = app
+        .tokens(&token)
+        .list_tokens(pb::ListTokensRequest::default())
+        .await;
+    assert_status(result, Code::Unauthenticated, "not an active token");
+}
+
+async fn acting_as_another_user_needs_act_as_in_the_system_tenant(app: TestApp) {
+    acme(&app).await;
+    // alice holds tokend.act_as, but in acme: it means nothing outside the system tenant.
+    let (alice, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let result = app
+        .tokens(&alice)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "bob".into(),
+            kind: pb::TokenKind::Personal.into(),
+            name: "for bob".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::PermissionDenied, "actor_user_id");
+    let result = app
+        .tokens(&alice)
+        .list_tokens(pb::ListTokensRequest {
+            actor_user_id: "bob".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::PermissionDenied, "tokend.act_as");
+
+    // Naming oneself is acting as oneself.
+    app.tokens(&alice)
+        .list_tokens(pb::ListTokensRequest {
+            actor_user_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+
+    // The root key (system tenant) may act, but only for live members.
+    let result = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "stranger".into(),
+            kind: pb::TokenKind::Personal.into(),
+            name: "x".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::FailedPrecondition, "stranger");
+    // An API key cannot own a personal token.
+    let result = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            kind: pb::TokenKind::Personal.into(),
+            name: "x".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::PermissionDenied, "API key cannot own");
+}
+
+async fn a_token_can_always_list_revoke_and_delete_its_owners_tokens_itself_included(app: TestApp) {
+    acme(&app).await;
+    let (bob, bob_info) = app.pat("acme", "bob", "laptop", &[]).await;
+    let (_, other) = app.pat("acme", "bob", "phone", &[]).await;
+    let listed = app
+        .tokens(&bob)
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(listed.len(), 2);
+    app.tokens(&bob)
+        .delete_token(pb::DeleteTokenRequest {
+            token_id: other.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    app.tokens(&bob)
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: bob_info.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!app.introspect(&bob).await.active);
+}
+
+async fn health_and_reflection_need_no_credential(app: TestApp) {
+    let mut health = HealthClient::new(app.channel());
+    for service in [
+        "",
+        "tokend.v1.TokenService",
+        "tokend.v1.DirectoryService",
+        "tokend.v1.AuditService",
+    ] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service}");
+    }
+    let services = crate::cli::grpcurl_list(app.addr);
+    if let Some(services) = services {
+        for expected in [
+            "tokend.v1.TokenService",
+            "tokend.v1.DirectoryService",
+            "tokend.v1.AuditService",
+            "grpc.health.v1.Health",
+        ] {
+            assert!(services.contains(expected), "{expected} in {services}");
+        }
+    }
+}

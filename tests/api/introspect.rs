@@ -1,0 +1,465 @@
+//! Introspect: live effective permissions on every call (SPEC §3).
+
+use chrono::TimeDelta;
+use tonic::Code;
+
+use tokend::proto::v1 as pb;
+
+use crate::helpers::{TestApp, assert_status, strings};
+
+crate::both_backends!(
+    a_live_personal_token_carries_its_live_permissions_groups_and_scopes,
+    a_role_downgrade_shrinks_permissions_on_the_next_introspect,
+    suspension_makes_personal_tokens_inactive_and_reactivation_restores_them,
+    membership_removal_makes_personal_tokens_inactive_and_readding_restores_them,
+    user_removal_makes_personal_tokens_inactive,
+    tenant_suspension_makes_every_token_of_the_tenant_inactive,
+    an_api_key_survives_its_creators_removal,
+    deleting_its_role_makes_an_api_key_inactive,
+    expired_tokens_are_inactive,
+    revoked_tokens_are_inactive_at_once,
+    garbage_and_bad_checksum_strings_are_inactive_without_a_database_query,
+    a_wrong_secret_for_a_real_token_id_is_inactive,
+    an_inactive_answer_carries_nothing_and_reasons_need_their_permission,
+    required_permissions_are_answered_with_allowed,
+    introspect_needs_the_introspect_permission,
+    bad_introspect_input_is_named,
+);
+
+async fn acme(app: &TestApp) {
+    app.tenant(
+        "acme",
+        &[
+            (
+                "developer",
+                &["entities:read", "entities:write", "reports.export"],
+            ),
+            ("viewer", &["entities:read"]),
+        ],
+    )
+    .await;
+    app.member("acme", "alice", "developer", &["eng", "berlin"])
+        .await;
+}
+
+async fn a_live_personal_token_carries_its_live_permissions_groups_and_scopes(app: TestApp) {
+    acme(&app).await;
+    let (full, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (narrow, _) = app
+        .pat("acme", "alice", "ci", &["entities:read", "reports.export"])
+        .await;
+
+    let answer = app.introspect(&full).await;
+    assert!(answer.active);
+    assert_eq!(answer.token_id, info.id);
+    assert_eq!(answer.display_id, info.display_id);
+    assert_eq!(answer.tenant_id, "acme");
+    assert_eq!(answer.subject, "alice");
+    assert_eq!(answer.name, "laptop");
+    assert_eq!(answer.kind, pb::TokenKind::Personal as i32);
+    assert_eq!(
+        answer.permissions,
+        strings(&["entities:read", "entities:write", "reports.export"])
+    );
+    assert_eq!(answer.groups, strings(&["berlin", "eng"]));
+    assert!(answer.scopes.is_empty());
+    assert!(answer.issued_at.is_some());
+    assert!(answer.expires_at.is_none());
+
+    let answer = app.introspect(&narrow).await;
+    assert_eq!(
+        answer.permissions,
+        strings(&["entities:read", "reports.export"])
+    );
+    assert_eq!(answer.scopes, strings(&["entities:read", "reports.export"]));
+}
+
+async fn a_role_downgrade_shrinks_permissions_on_the_next_introspect(app: TestApp) {
+    acme(&app).await;
+    let (token, _) = app
+        .pat(
+            "acme",
+            "alice",
+            "laptop",
+            &["entities:write", "entities:read"],
+        )
+        .await;
+    assert_eq!(app.introspect(&token).await.permissions.len(), 2);
+
+    app.member("acme", "alice", "viewer", &["eng"]).await;
+    let answer = app.introspect(&token).await;
+    assert!(answer.active);
+    assert_eq!(answer.permissions, strings(&["entities:read"]));
+    assert_eq!(answer.groups, strings(&["eng"]));
+
+    // Changing the role itself counts too.
+    app.role("acme", "viewer", &[]).await;
+    assert!(app.introspect(&token).await.permissions.is_empty());
+}
+
+async fn suspension_makes_personal_tokens_inactive_and_reactivation_restores_them(app: TestApp) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+
+    app.set_user_status("alice", pb::UserStatus::Suspended)
+        .await;
+    let answer = app.introspect(&token).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::OwnerSuspended as i32);
+
+    app.set_user_status("alice", pb::UserStatus::Active).await;
+    assert!(app.introspect(&token).await.active);
+}
+
+async fn membership_removal_makes_personal_tokens_inactive_and_readding_restores_them(
+    app: TestApp,
+) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+
+    app.remove_member("acme", "alice").await;
+    let answer = app.introspect(&token).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::NotAMember as i32);
+
+    app.member("acme", "alice", "viewer", &[]).await;
+    let answer = app.introspect(&token).await;
+    assert!(answer.active);
+    assert_eq!(answer.permissions, strings(&["entities:read"]));
+}
+
+async fn user_removal_makes_personal_tokens_inactive(app: TestApp) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    app.set_user_status("alice", pb::UserStatus::Removed).await;
+    let answer = app.introspect(&token).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::OwnerRemoved as i32);
+}
+
+async fn tenant_suspension_makes_every_token_of_the_tenant_inactive(app: TestApp) {
+    acme(&app).await;
+    app.role(
+        "acme",
+        "keymaster",
+        &["tokend.api_keys.manage", "entities:read"],
+    )
+    .await;
+    app.member("acme", "kim", "keymaster", &[]).await;
+    let (pat, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (key, _) = app.api_key("acme", "kim", "deploy", "viewer").await;
+
+    app.put_tenant(pb::Tenant {
+        id: "acme".into(),
+        status: pb::TenantStatus::Suspended.into(),
+        ..Default::default()
+    })
+    .await;
+    for token in [&pat, &key] {
+        let answer = app.introspect(token).await;
+        assert!(!answer.active);
+        assert_eq!(answer.reason, pb::InactiveReason::TenantSuspended as i32);
+    }
+    // Nor can new tokens be issued there.
+    let result = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            kind: pb::TokenKind::Personal.into(),
+            name: "another".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::FailedPrecondition, "suspended");
+
+    app.put_tenant(pb::Tenant {
+        id: "acme".into(),
+        ..Default::default()
+    })
+    .await;
+    assert!(app.introspect(&pat).await.active);
+    assert!(app.introspect(&key).await.active);
+}
+
+async fn an_api_key_survives_its_creators_removal(app: TestApp) {
+    acme(&app).await;
+    app.role(
+        "acme",
+        "keymaster",
+        &["tokend.api_keys.manage", "entities:read"],
+    )
+    .await;
+    app.member("acme", "kim", "keymaster", &[]).await;
+    let (key, info) = app.api_key("acme", "kim", "deploy", "viewer").await;
+    assert_eq!(info.created_by, "kim");
+    assert_eq!(info.role, "viewer");
+
+    app.remove_member("acme", "kim").await;
+    app.set_user_status("kim", pb::UserStatus::Removed).await;
+    let answer = app.introspect(&key).await;
+    assert!(answer.active);
+    assert_eq!(answer.kind, pb::TokenKind::ApiKey as i32);
+    assert_eq!(answer.subject, info.id);
+    assert_eq!(answer.permissions, strings(&["entities:read"]));
+    assert!(answer.groups.is_empty());
+}
+
+async fn deleting_its_role_makes_an_api_key_inactive(app: TestApp) {
+    acme(&app).await;
+    app.role(
+        "acme",
+        "keymaster",
+        &["tokend.api_keys.manage", "entities:read"],
+    )
+    .await;
+    app.role("acme", "robot", &["entities:read"]).await;
+    app.member("acme", "kim", "keymaster", &[]).await;
+    let (key, _) = app.api_key("acme", "kim", "deploy", "robot").await;
+    app.directory(&app.root)
+        .delete_role(pb::DeleteRoleRequest {
+            tenant_id: "acme".into(),
+            name: "robot".into(),
+        })
+        .await
+        .unwrap();
+    let answer = app.introspect(&key).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::RoleDeleted as i32);
+}
+
+async fn expired_tokens_are_inactive(app: TestApp) {
+    acme(&app).await;
+    let issued = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            kind: pb::TokenKind::Personal.into(),
+            name: "short-lived".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = app.introspect(&issued.secret).await;
+    assert!(answer.active);
+    assert!(answer.expires_at.is_some());
+
+    app.advance(TimeDelta::seconds(3599));
+    assert!(app.introspect(&issued.secret).await.active);
+    app.advance(TimeDelta::seconds(1));
+    let answer = app.introspect(&issued.secret).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::Expired as i32);
+
+    let listed = app
+        .tokens(&app.root)
+        .list_tokens(pb::ListTokensRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.tokens[0].status, pb::TokenStatus::Expired as i32);
+}
+
+async fn revoked_tokens_are_inactive_at_once(app: TestApp) {
+    acme(&app).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    assert!(app.introspect(&token).await.active);
+    // A token may always revoke itself; the very next Introspect sees it.
+    app.tokens(&token)
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: info.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let answer = app.introspect(&token).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::Revoked as i32);
+}
+
+async fn garbage_and_bad_checksum_strings_are_inactive_without_a_database_query(app: TestApp) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    // The caller's own credential is looked up once per call; nothing else may be.
+    let mut bad_checksum = token.clone().into_bytes();
+    let last = bad_checksum.len() - 1;
+    bad_checksum[last] = if bad_checksum[last] == b'a' {
+        b'b'
+    } else {
+        b'a'
+    };
+    let bad_checksum = String::from_utf8(bad_checksum).unwrap();
+    let candidates = [
+        String::new(),
+        "garbage".to_owned(),
+        "tkd_pat_".to_owned(),
+        bad_checksum,
+        token[..token.len() - 1].to_owned(),
+        format!("Bearer {token}"),
+        token.to_uppercase(),
+        "x".repeat(10_000),
+    ];
+    for candidate in &candidates {
+        let before = app.store.token_lookups();
+        let answer = app.introspect(candidate).await;
+        let lookups = app.store.token_lookups() - before;
+        assert!(!answer.active, "{candidate:.20}");
+        assert_eq!(answer.reason, pb::InactiveReason::Malformed as i32);
+        assert_eq!(
+            lookups, 1,
+            "only the caller's credential may be looked up for {candidate:.20}"
+        );
+    }
+    // A well-formed token costs one more lookup: the control for the counter above.
+    let before = app.store.token_lookups();
+    assert!(app.introspect(&token).await.active);
+    assert_eq!(app.store.token_lookups() - before, 2);
+}
+
+async fn a_wrong_secret_for_a_real_token_id_is_inactive(app: TestApp) {
+    acme(&app).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (other, _) = app.pat("acme", "alice", "other", &[]).await;
+    // Same public id, the other token's secret, a valid checksum: forged by hand.
+    let display_len = info.display_id.len() + 1;
+    let body = format!(
+        "{}{}",
+        &token[..display_len],
+        &other[display_len..other.len() - 6]
+    );
+    let forged = format!("{body}{}", checksum(&body));
+    let answer = app.introspect(&forged).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::Unknown as i32);
+    // The real token is not locked out by the attempt.
+    assert!(app.introspect(&token).await.active);
+}
+
+fn checksum(body: &str) -> String {
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut crc = crc32(body.as_bytes());
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(crc % 62) as usize];
+        crc /= 62;
+    }
+    String::from_utf8(out.to_vec()).unwrap()
+}
+
+/// CRC-32 (IEEE), written out here so the test does not trust the code under test.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xEDB8_8320
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+async fn an_inactive_answer_carries_nothing_and_reasons_need_their_permission(app: TestApp) {
+    acme(&app).await;
+    app.tenant("gateway", &[("gateway", &["tokend.introspect"])])
+        .await;
+    app.member("gateway", "gw", "gateway", &[]).await;
+    let (gateway, _) = app.pat("gateway", "gw", "gw", &[]).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    app.tokens(&app.root)
+        .revoke_token(pb::RevokeTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            token_id: info.id,
+            reason: "test".into(),
+        })
+        .await
+        .unwrap();
+
+    let plain = app
+        .tokens(&gateway)
+        .introspect(pb::IntrospectRequest {
+            token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        plain,
+        pb::IntrospectResponse::default(),
+        "nothing but active = false"
+    );
+
+    let trusted = app.introspect(&token).await;
+    assert_eq!(
+        trusted,
+        pb::IntrospectResponse {
+            reason: pb::InactiveReason::Revoked as i32,
+            ..Default::default()
+        }
+    );
+}
+
+async fn required_permissions_are_answered_with_allowed(app: TestApp) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &["entities:read"]).await;
+    assert!(
+        app.introspect_requiring(&token, &["entities:read"])
+            .await
+            .allowed
+    );
+    assert!(app.introspect_requiring(&token, &[]).await.allowed);
+    let answer = app
+        .introspect_requiring(&token, &["entities:read", "entities:write"])
+        .await;
+    assert!(answer.active && !answer.allowed);
+    assert!(!app.introspect_requiring("garbage", &[]).await.allowed);
+}
+
+async fn introspect_needs_the_introspect_permission(app: TestApp) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let result = app
+        .tokens(&token)
+        .introspect(pb::IntrospectRequest {
+            token: token.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::PermissionDenied, "tokend.introspect");
+}
+
+async fn bad_introspect_input_is_named(app: TestApp) {
+    let result = app
+        .tokens(&app.root)
+        .introspect(pb::IntrospectRequest {
+            token: "x".into(),
+            required_permissions: vec!["has space".into()],
+            client_ip: String::new(),
+        })
+        .await;
+    assert_status(result, Code::InvalidArgument, "required_permissions[0]");
+    let result = app
+        .tokens(&app.root)
+        .introspect(pb::IntrospectRequest {
+            token: "x".into(),
+            required_permissions: vec![],
+            client_ip: "not-an-ip".into(),
+        })
+        .await;
+    assert_status(result, Code::InvalidArgument, "client_ip");
+}
