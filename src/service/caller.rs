@@ -204,7 +204,10 @@ impl Tokend {
         }
 
         let Some(user) = actor_user_id else {
-            return Err(Error::internal("act_as without a user"));
+            return Err(Error::invalid(
+                "actor_user_id",
+                "is required to act in another tenant than the credential's",
+            ));
         };
         if !may_act_as {
             return Err(Error::PermissionDenied(format!(
@@ -218,6 +221,13 @@ impl Tokend {
                 "is required when acting as a user",
             ));
         };
+        // Acting as a system-tenant user would hand an act_as-only credential that user's
+        // administration of tokend itself: broader than the credential.
+        if tenant_id.is_system() {
+            return Err(Error::PermissionDenied(
+                "tenant_id: act_as cannot act in the system tenant".to_owned(),
+            ));
+        }
         let tenant = self
             .store
             .get_tenant(&tenant_id)

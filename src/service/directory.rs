@@ -68,15 +68,17 @@ impl Tokend {
         caller.require(rules::DIRECTORY_WRITE)
     }
 
-    /// Outside the system tenant, nobody can hand out tokend's own permissions that they do
-    /// not hold: that would be a way to grant oneself administration.
+    /// Nobody can hand out tokend's own permissions that they do not hold: that would be a
+    /// way to grant oneself administration. The system tenant's operators are trusted with
+    /// other tenants, but not to raise themselves inside the system tenant.
     fn check_reserved_grants(
         &self,
         caller: &Caller,
+        tenant: &TenantId,
         field: &str,
         granted: &PermissionSet,
     ) -> Result<()> {
-        if caller.is_system() {
+        if caller.is_system() && !tenant.is_system() {
             return Ok(());
         }
         let reserved: PermissionSet = granted
@@ -85,6 +87,23 @@ impl Tokend {
             .cloned()
             .collect();
         rules::require_subset(field, &reserved, &caller.permissions, "the caller")
+    }
+
+    /// Taking a member out of a role strips its `tokend.*` rights: only someone who holds
+    /// them may do that.
+    async fn check_demotion(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> Result<()> {
+        let Some(member) = self.store.get_member(tenant, user).await? else {
+            return Ok(());
+        };
+        if let Some(role) = self.store.get_role(tenant, &member.role).await? {
+            self.check_reserved_grants(caller, tenant, "user_id", &role.permissions)?;
+        }
+        Ok(())
     }
 
     /// Creates or replaces a tenant.
@@ -164,7 +183,11 @@ impl Tokend {
     /// Creates or replaces a role.
     pub async fn put_role(&self, caller: &Caller, req: PutRole) -> Result<Role> {
         self.directory_access(caller, &req.tenant_id, rules::DIRECTORY_WRITE)?;
-        self.check_reserved_grants(caller, "permissions", &req.permissions)?;
+        self.check_reserved_grants(caller, &req.tenant_id, "permissions", &req.permissions)?;
+        // Shrinking a role takes rights from its holders: as sensitive as granting them.
+        if let Some(existing) = self.store.get_role(&req.tenant_id, &req.name).await? {
+            self.check_reserved_grants(caller, &req.tenant_id, "name", &existing.permissions)?;
+        }
         let role = Role {
             tenant_id: req.tenant_id,
             name: req.name,
@@ -189,6 +212,15 @@ impl Tokend {
         name: &RoleName,
     ) -> Result<()> {
         self.directory_access(caller, tenant, rules::DIRECTORY_WRITE)?;
+        if tenant.is_system() && name.as_str() == super::bootstrap::ADMIN_ROLE {
+            return Err(Error::FailedPrecondition(
+                "name: the system tenant's admin role backs the root key and cannot be deleted"
+                    .to_owned(),
+            ));
+        }
+        if let Some(existing) = self.store.get_role(tenant, name).await? {
+            self.check_reserved_grants(caller, tenant, "name", &existing.permissions)?;
+        }
         let mut audit = self.audit(tenant, caller.subject.label(), caller, "role.deleted");
         audit.detail = BTreeMap::from([("role".to_owned(), name.to_string())]);
         if !self.store.delete_role(tenant, name, &audit).await? {
@@ -209,11 +241,11 @@ impl Tokend {
     /// Creates or replaces a membership.
     pub async fn put_member(&self, caller: &Caller, req: PutMember) -> Result<Member> {
         self.directory_access(caller, &req.tenant_id, rules::DIRECTORY_WRITE)?;
-        if !caller.is_system()
-            && let Some(role) = self.store.get_role(&req.tenant_id, &req.role).await?
-        {
-            self.check_reserved_grants(caller, "role", &role.permissions)?;
+        if let Some(role) = self.store.get_role(&req.tenant_id, &req.role).await? {
+            self.check_reserved_grants(caller, &req.tenant_id, "role", &role.permissions)?;
         }
+        self.check_demotion(caller, &req.tenant_id, &req.user_id)
+            .await?;
         let member = Member {
             tenant_id: req.tenant_id,
             user_id: req.user_id,
@@ -245,6 +277,7 @@ impl Tokend {
         user: &UserId,
     ) -> Result<()> {
         self.directory_access(caller, tenant, rules::DIRECTORY_WRITE)?;
+        self.check_demotion(caller, tenant, user).await?;
         let mut audit = self.audit(tenant, caller.subject.label(), caller, "member.removed");
         audit.detail = BTreeMap::from([("user".to_owned(), user.to_string())]);
         if !self.store.remove_member(tenant, user, &audit).await? {

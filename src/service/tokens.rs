@@ -9,7 +9,7 @@ use crate::domain::model::{
 };
 use crate::domain::names::{Permission, RoleName, TenantId, TokenName, UserId};
 use crate::domain::ports::TokenQuery;
-use crate::domain::rules::{self, ExpiryRequest};
+use crate::domain::rules::{self, ExpiryRequest, Visibility};
 use crate::domain::token_format::TokenKind;
 use crate::domain::{Error, Result};
 use crate::introspect::Outcome;
@@ -227,12 +227,17 @@ impl Tokend {
         Ok((tokens, next))
     }
 
-    /// Finds a token the actor may see; anything else is NOT_FOUND, exactly as if it did not
-    /// exist.
-    async fn visible_token(&self, actor: &Actor, token_id: &str) -> Result<Token> {
+    /// Finds a token `visibility` lets the actor touch; anything else is NOT_FOUND, exactly as
+    /// if it did not exist.
+    async fn visible_token(
+        &self,
+        actor: &Actor,
+        visibility: &Visibility,
+        token_id: &str,
+    ) -> Result<Token> {
         let token = self.store.get_token(&actor.tenant_id, token_id).await?;
         match token {
-            Some(token) if actor.visibility().sees(&token) => Ok(token),
+            Some(token) if visibility.sees(&token) => Ok(token),
             _ => Err(Error::NotFound(format!("token {token_id}"))),
         }
     }
@@ -245,7 +250,9 @@ impl Tokend {
         reason: String,
     ) -> Result<Token> {
         let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
-        let token = self.visible_token(&actor, &req.token_id).await?;
+        let token = self
+            .visible_token(&actor, &actor.visibility(), &req.token_id)
+            .await?;
         if token.revocation.is_some() {
             return Ok(token);
         }
@@ -277,7 +284,16 @@ impl Tokend {
     /// Deletes a token's record, revoking it first if it is live.
     pub async fn delete_token(&self, caller: &Caller, req: TokenRef) -> Result<()> {
         let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
-        let token = self.visible_token(&actor, &req.token_id).await?;
+        // Deleting erases the record an investigation needs, so tokend.tokens.admin (list and
+        // revoke) does not extend to it: only the owner, the token itself, and key managers
+        // for API keys.
+        let visibility = Visibility {
+            all: false,
+            ..actor.visibility()
+        };
+        let token = self
+            .visible_token(&actor, &visibility, &req.token_id)
+            .await?;
         let mut records = Vec::new();
         let detail = BTreeMap::from([("name".to_owned(), token.name.to_string())]);
         if token.revocation.is_none() {

@@ -147,6 +147,48 @@ async fn acting_as_another_user_needs_act_as_in_the_system_tenant(app: TestApp) 
         })
         .await;
     assert_status(result, Code::PermissionDenied, "API key cannot own");
+    // Naming another tenant without a user to act as is a malformed request.
+    let result = app
+        .tokens(&app.root)
+        .list_tokens(pb::ListTokensRequest {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::InvalidArgument, "actor_user_id");
+    // act_as never reaches into the system tenant: that would make an act_as-only key a
+    // tokend administrator.
+    app.role("system", "backend", &["tokend.act_as"]).await;
+    app.role(
+        "system",
+        "operator",
+        &["tokend.tokens.admin", "tokend.directory.write"],
+    )
+    .await;
+    app.member("system", "ops", "operator", &[]).await;
+    let backend = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            kind: pb::TokenKind::ApiKey.into(),
+            name: "web-backend".into(),
+            role: "backend".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let result = app
+        .tokens(&backend)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "system".into(),
+            actor_user_id: "ops".into(),
+            kind: pb::TokenKind::Personal.into(),
+            name: "escalate".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::PermissionDenied, "system tenant");
 }
 
 async fn a_token_can_always_list_revoke_and_delete_its_owners_tokens_itself_included(app: TestApp) {

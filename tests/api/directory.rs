@@ -483,3 +483,89 @@ async fn members_are_paged_by_user_id(app: TestApp) {
     }
     assert_eq!(seen, vec!["alice", "bob", "carol", "dave", "erin"]);
 }
+
+mod system_tenant {
+    use super::*;
+
+    crate::both_backends!(a_system_directory_writer_cannot_raise_itself_or_lock_out_the_root_key,);
+
+    async fn a_system_directory_writer_cannot_raise_itself_or_lock_out_the_root_key(app: TestApp) {
+        app.role(
+            "system",
+            "sync",
+            &[
+                "tokend.directory.write",
+                "tokend.directory.read",
+                "tokend.api_keys.manage",
+            ],
+        )
+        .await;
+        let sync = app
+            .tokens(&app.root)
+            .issue_token(pb::IssueTokenRequest {
+                kind: pb::TokenKind::ApiKey.into(),
+                name: "sync".into(),
+                role: "sync".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .secret;
+        let mut dir = app.directory(&sync);
+        let raise = pb::PutRoleRequest {
+            tenant_id: "system".into(),
+            name: "sync".into(),
+            permissions: vec!["tokend.directory.write".into(), "tokend.act_as".into()],
+        };
+        assert_status(
+            dir.put_role(raise).await,
+            Code::PermissionDenied,
+            "tokend.act_as",
+        );
+        let shrink_admin = pb::PutRoleRequest {
+            tenant_id: "system".into(),
+            name: "admin".into(),
+            permissions: vec![],
+        };
+        assert_status(
+            dir.put_role(shrink_admin).await,
+            Code::PermissionDenied,
+            "tokend.act_as",
+        );
+        let delete_admin = pb::DeleteRoleRequest {
+            tenant_id: "system".into(),
+            name: "admin".into(),
+        };
+        assert_status(
+            dir.delete_role(delete_admin.clone()).await,
+            Code::FailedPrecondition,
+            "root key",
+        );
+        assert_status(
+            app.directory(&app.root).delete_role(delete_admin).await,
+            Code::FailedPrecondition,
+            "root key",
+        );
+        // Other tenants are the system operators' to run.
+        dir.put_tenant(pb::PutTenantRequest {
+            tenant: Some(pb::Tenant {
+                id: "acme".into(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+        dir.put_role(pb::PutRoleRequest {
+            tenant_id: "acme".into(),
+            name: "admin".into(),
+            permissions: vec!["tokend.tokens.admin".into()],
+        })
+        .await
+        .unwrap();
+        assert!(
+            app.introspect(&app.root).await.active,
+            "the root key still works"
+        );
+    }
+}

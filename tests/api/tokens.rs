@@ -592,6 +592,18 @@ async fn a_tokens_admin_lists_and_revokes_any_token_of_its_tenant(app: TestApp) 
         .unwrap();
     assert!(!app.introspect(&alice_token).await.active);
 
+    // Deleting erases the record: an admin may revoke other users' tokens, not delete them.
+    let (_, bobs) = app.pat("acme", "bob", "phone", &[]).await;
+    let result = app
+        .tokens(&app.root)
+        .delete_token(pb::DeleteTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "ada".into(),
+            token_id: bobs.id.clone(),
+        })
+        .await;
+    assert_status(result, Code::NotFound, &bobs.id);
+
     // The key manager sees the tenant's API keys but not people's tokens.
     let kims = list_as(&app, "acme", "kim").await;
     assert_eq!(
