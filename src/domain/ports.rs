@@ -104,9 +104,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     /// Every role of a tenant, by name.
     async fn list_roles(&self, tenant: &TenantId) -> Result<Vec<Role>>;
 
-    /// Creates or replaces a membership, creating the user (active) if unknown. NotFound if
-    /// the tenant or role does not exist.
-    async fn put_member(&self, member: &Member, audit: &AuditRecord) -> Result<()>;
+    /// Creates or replaces memberships, all or none, each with its audit record, creating
+    /// unknown users (active). NotFound if a tenant or role does not exist.
+    async fn put_members(&self, members: &[(Member, AuditRecord)]) -> Result<()>;
     /// Removes a membership; false if there was none.
     async fn remove_member(
         &self,

@@ -441,6 +441,27 @@ pub fn put_member_request(req: pb::PutMemberRequest) -> Result<PutMember> {
     })
 }
 
+pub fn put_members_request(req: pb::PutMembersRequest) -> Result<(TenantId, Vec<PutMember>)> {
+    let tenant = tenant_req(&req.tenant_id)?;
+    if req.members.is_empty() {
+        return Err(Error::invalid("members", "must hold at least one entry"));
+    }
+    let entries = req
+        .members
+        .into_iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            Ok(PutMember {
+                tenant_id: tenant.clone(),
+                user_id: user_id(&format!("members[{i}].user_id"), &entry.user_id)?,
+                role: role_name(&format!("members[{i}].role"), &entry.role)?,
+                groups: groups(&format!("members[{i}].groups"), &entry.groups)?,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((tenant, entries))
+}
+
 pub fn member(m: &Member) -> pb::Member {
     pb::Member {
         tenant_id: m.tenant_id.to_string(),

@@ -115,6 +115,18 @@ impl DirectoryService for DirectoryApi {
         }))
     }
 
+    async fn put_members(
+        &self,
+        request: Request<pb::PutMembersRequest>,
+    ) -> Result<Response<pb::PutMembersResponse>, Status> {
+        let caller = caller(&request)?;
+        let (tenant, entries) = convert::put_members_request(request.into_inner())?;
+        let members = self.core.put_members(&caller, &tenant, entries).await?;
+        Ok(Response::new(pb::PutMembersResponse {
+            members: members.iter().map(convert::member).collect(),
+        }))
+    }
+
     async fn remove_member(
         &self,
         request: Request<pb::RemoveMemberRequest>,

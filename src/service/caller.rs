@@ -28,6 +28,22 @@ impl Subject {
     }
 }
 
+/// PERMISSION_DENIED naming who lacks what, unless `held` has `permission`.
+fn require(
+    held: &PermissionSet,
+    permission: BuiltinPermission,
+    who: impl FnOnce() -> String,
+) -> Result<()> {
+    if rules::holds(held, permission) {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(format!(
+            "{} lacks {permission}",
+            who()
+        )))
+    }
+}
+
 /// The authenticated credential of a request, with its rights right now.
 #[derive(Clone, Debug)]
 pub struct Caller {
@@ -55,14 +71,9 @@ impl Caller {
 
     /// Refuses unless the credential holds `permission`.
     pub fn require(&self, permission: BuiltinPermission) -> Result<()> {
-        if self.has(permission) {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(format!(
-                "the credential {} lacks {permission}",
-                self.display_id
-            )))
-        }
+        require(&self.permissions, permission, || {
+            format!("the credential {}", self.display_id)
+        })
     }
 
     /// Whether the credential belongs to tokend's own tenant.
@@ -95,15 +106,9 @@ impl Actor {
 
     /// Refuses unless the actor holds `permission`.
     pub fn require(&self, permission: BuiltinPermission) -> Result<()> {
-        if self.has(permission) {
-            Ok(())
-        } else {
-            Err(Error::PermissionDenied(format!(
-                "{} lacks {permission} in tenant {}",
-                self.subject.label(),
-                self.tenant_id
-            )))
-        }
+        require(&self.permissions, permission, || {
+            format!("{} in tenant {}", self.subject.label(), self.tenant_id)
+        })
     }
 
     /// The user acted for, if any.

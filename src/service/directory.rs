@@ -41,6 +41,8 @@ pub struct PutMember {
 }
 
 const TENANTS_LIST: &str = "tenants";
+/// Memberships one PutMembers call may carry.
+const MAX_BATCH: usize = 500;
 const MEMBERS_LIST: &str = "members";
 
 impl Tokend {
@@ -240,33 +242,66 @@ impl Tokend {
 
     /// Creates or replaces a membership.
     pub async fn put_member(&self, caller: &Caller, req: PutMember) -> Result<Member> {
-        self.directory_access(caller, &req.tenant_id, rules::DIRECTORY_WRITE)?;
-        if let Some(role) = self.store.get_role(&req.tenant_id, &req.role).await? {
-            self.check_reserved_grants(caller, &req.tenant_id, "role", &role.permissions)?;
+        let tenant = req.tenant_id.clone();
+        let mut stored = self.put_members(caller, &tenant, vec![req]).await?;
+        stored
+            .pop()
+            .ok_or_else(|| Error::internal("a one-member batch stored nothing"))
+    }
+
+    /// Creates or replaces many memberships of one tenant, all or none: what a directory sync
+    /// pushes. Bad entries are named by their index.
+    pub async fn put_members(
+        &self,
+        caller: &Caller,
+        tenant: &TenantId,
+        batch: Vec<PutMember>,
+    ) -> Result<Vec<Member>> {
+        self.directory_access(caller, tenant, rules::DIRECTORY_WRITE)?;
+        if batch.len() > MAX_BATCH {
+            return Err(Error::invalid(
+                "members",
+                format!("at most {MAX_BATCH} entries"),
+            ));
         }
-        self.check_demotion(caller, &req.tenant_id, &req.user_id)
-            .await?;
-        let member = Member {
-            tenant_id: req.tenant_id,
-            user_id: req.user_id,
-            role: req.role,
-            groups: req.groups,
-            updated_at: self.clock.now(),
+        let single = batch.len() == 1;
+        let field = |i: usize, name: &str| {
+            if single {
+                name.to_owned()
+            } else {
+                format!("members[{i}].{name}")
+            }
         };
-        let mut audit = self.audit(
-            &member.tenant_id,
-            caller.subject.label(),
-            caller,
-            "member.put",
-        );
-        let groups: Vec<&str> = member.groups.iter().map(|g| g.as_str()).collect();
-        audit.detail = BTreeMap::from([
-            ("user".to_owned(), member.user_id.to_string()),
-            ("role".to_owned(), member.role.to_string()),
-            ("groups".to_owned(), groups.join(",")),
-        ]);
-        self.store.put_member(&member, &audit).await?;
-        Ok(member)
+        let now = self.clock.now();
+        let mut writes = Vec::with_capacity(batch.len());
+        for (i, req) in batch.into_iter().enumerate() {
+            let Some(role) = self.store.get_role(tenant, &req.role).await? else {
+                return Err(Error::NotFound(format!(
+                    "{}: role {} in tenant {tenant}",
+                    field(i, "role"),
+                    req.role
+                )));
+            };
+            self.check_reserved_grants(caller, tenant, &field(i, "role"), &role.permissions)?;
+            self.check_demotion(caller, tenant, &req.user_id).await?;
+            let member = Member {
+                tenant_id: req.tenant_id,
+                user_id: req.user_id,
+                role: req.role,
+                groups: req.groups,
+                updated_at: now,
+            };
+            let mut audit = self.audit(tenant, caller.subject.label(), caller, "member.put");
+            let groups: Vec<&str> = member.groups.iter().map(|g| g.as_str()).collect();
+            audit.detail = BTreeMap::from([
+                ("user".to_owned(), member.user_id.to_string()),
+                ("role".to_owned(), member.role.to_string()),
+                ("groups".to_owned(), groups.join(",")),
+            ]);
+            writes.push((member, audit));
+        }
+        self.store.put_members(&writes).await?;
+        Ok(writes.into_iter().map(|(member, _)| member).collect())
     }
 
     /// Removes a membership.

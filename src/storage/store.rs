@@ -149,6 +149,23 @@ async fn commit(txn: DatabaseTransaction) -> Result<()> {
     txn.commit().await.map_err(db_err)
 }
 
+/// Ends a delete: with its audit records when a row went, as a no-op (rolled back) when
+/// there was nothing to delete.
+async fn commit_if_deleted(
+    txn: DatabaseTransaction,
+    deleted: u64,
+    audit: &[AuditRecord],
+) -> Result<bool> {
+    if deleted == 0 {
+        return Ok(false);
+    }
+    for record in audit {
+        append(&txn, record).await?;
+    }
+    commit(txn).await?;
+    Ok(true)
+}
+
 fn owner_condition(kind: TokenKind, owner: Option<&UserId>) -> Condition {
     match (kind, owner) {
         (TokenKind::Personal, Some(owner)) => {
@@ -284,12 +301,7 @@ impl Store for SeaStore {
             .await
             .map_err(db_err)?
             .rows_affected;
-        if deleted == 0 {
-            return Ok(false);
-        }
-        append(&txn, audit).await?;
-        commit(txn).await?;
-        Ok(true)
+        commit_if_deleted(txn, deleted, std::slice::from_ref(audit)).await
     }
 
     async fn get_role(&self, tenant: &TenantId, name: &RoleName) -> Result<Option<Role>> {
@@ -313,43 +325,52 @@ impl Store for SeaStore {
             .collect()
     }
 
-    async fn put_member(&self, member: &Member, audit: &AuditRecord) -> Result<()> {
+    async fn put_members(&self, members: &[(Member, AuditRecord)]) -> Result<()> {
         let txn = self.begin().await?;
-        require_tenant(&txn, &member.tenant_id).await?;
-        let role =
-            roles::Entity::find_by_id((member.tenant_id.to_string(), member.role.to_string()))
-                .one(&txn)
-                .await
-                .map_err(db_err)?;
-        if role.is_none() {
-            return Err(Error::NotFound(format!(
-                "role {} in tenant {}",
-                member.role, member.tenant_id
-            )));
-        }
-        users::Entity::insert(users::ActiveModel {
-            id: Set(member.user_id.to_string()),
-            status: Set("active".to_owned()),
-            updated_at: Set(micros(member.updated_at)),
-        })
-        .on_conflict_do_nothing_on([users::Column::Id])
-        .exec(&txn)
-        .await
-        .map_err(db_err)?;
-        memberships::Entity::insert(convert::member_row(member))
-            .on_conflict(
-                OnConflict::columns([memberships::Column::TenantId, memberships::Column::UserId])
+        let mut tenants_seen = Vec::new();
+        for (member, audit) in members {
+            if !tenants_seen.contains(&member.tenant_id) {
+                require_tenant(&txn, &member.tenant_id).await?;
+                tenants_seen.push(member.tenant_id.clone());
+            }
+            let role =
+                roles::Entity::find_by_id((member.tenant_id.to_string(), member.role.to_string()))
+                    .one(&txn)
+                    .await
+                    .map_err(db_err)?;
+            if role.is_none() {
+                return Err(Error::NotFound(format!(
+                    "role {} in tenant {}",
+                    member.role, member.tenant_id
+                )));
+            }
+            users::Entity::insert(users::ActiveModel {
+                id: Set(member.user_id.to_string()),
+                status: Set("active".to_owned()),
+                updated_at: Set(micros(member.updated_at)),
+            })
+            .on_conflict_do_nothing_on([users::Column::Id])
+            .exec(&txn)
+            .await
+            .map_err(db_err)?;
+            memberships::Entity::insert(convert::member_row(member))
+                .on_conflict(
+                    OnConflict::columns([
+                        memberships::Column::TenantId,
+                        memberships::Column::UserId,
+                    ])
                     .update_columns([
                         memberships::Column::RoleName,
                         memberships::Column::Groups,
                         memberships::Column::UpdatedAt,
                     ])
                     .to_owned(),
-            )
-            .exec(&txn)
-            .await
-            .map_err(db_err)?;
-        append(&txn, audit).await?;
+                )
+                .exec(&txn)
+                .await
+                .map_err(db_err)?;
+            append(&txn, audit).await?;
+        }
         commit(txn).await
     }
 
@@ -365,12 +386,7 @@ impl Store for SeaStore {
             .await
             .map_err(db_err)?
             .rows_affected;
-        if deleted == 0 {
-            return Ok(false);
-        }
-        append(&txn, audit).await?;
-        commit(txn).await?;
-        Ok(true)
+        commit_if_deleted(txn, deleted, std::slice::from_ref(audit)).await
     }
 
     async fn get_member(&self, tenant: &TenantId, user: &UserId) -> Result<Option<Member>> {
@@ -630,14 +646,7 @@ impl Store for SeaStore {
             .await
             .map_err(db_err)?
             .rows_affected;
-        if deleted == 0 {
-            return Ok(false);
-        }
-        for record in audit {
-            append(&txn, record).await?;
-        }
-        commit(txn).await?;
-        Ok(true)
+        commit_if_deleted(txn, deleted, audit).await
     }
 
     async fn touch_last_used(&self, id: &str, at: Timestamp) -> Result<()> {

@@ -14,6 +14,7 @@ crate::both_backends!(
     system_wide_changes_need_the_system_tenant,
     bad_directory_input_is_named_and_changes_nothing,
     members_are_paged_by_user_id,
+    a_sync_puts_many_members_at_once_all_or_none,
 );
 
 async fn tenants_roles_and_members_round_trip(app: TestApp) {
@@ -568,4 +569,65 @@ mod system_tenant {
             "the root key still works"
         );
     }
+}
+
+async fn a_sync_puts_many_members_at_once_all_or_none(app: TestApp) {
+    app.tenant("acme", &[("dev", &["a:read"]), ("ops", &["a:write"])])
+        .await;
+    let entry = |user: &str, role: &str| pb::MemberEntry {
+        user_id: user.into(),
+        role: role.into(),
+        groups: vec!["g".into()],
+    };
+    let mut dir = app.directory(&app.root);
+    let stored = dir
+        .put_members(pb::PutMembersRequest {
+            tenant_id: "acme".into(),
+            members: (0..120)
+                .map(|i| {
+                    entry(
+                        &format!("user{i:03}"),
+                        if i % 2 == 0 { "dev" } else { "ops" },
+                    )
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .members;
+    assert_eq!(stored.len(), 120);
+    let (token, _) = app.pat("acme", "user007", "laptop", &[]).await;
+    assert_eq!(
+        app.introspect(&token).await.permissions,
+        strings(&["a:write"])
+    );
+
+    // One bad entry: nothing of the batch is stored, and the entry is named.
+    let result = dir
+        .put_members(pb::PutMembersRequest {
+            tenant_id: "acme".into(),
+            members: vec![entry("user007", "dev"), entry("newcomer", "ghost")],
+        })
+        .await;
+    assert_status(result, Code::NotFound, "members[1].role");
+    let result = dir
+        .put_members(pb::PutMembersRequest {
+            tenant_id: "acme".into(),
+            members: vec![entry("ok", "dev"), entry("", "dev")],
+        })
+        .await;
+    assert_status(result, Code::InvalidArgument, "members[1].user_id");
+    assert_eq!(
+        app.introspect(&token).await.permissions,
+        strings(&["a:write"]),
+        "user007 unchanged"
+    );
+    let result = dir
+        .put_members(pb::PutMembersRequest {
+            tenant_id: "acme".into(),
+            members: vec![],
+        })
+        .await;
+    assert_status(result, Code::InvalidArgument, "members");
 }
