@@ -39,6 +39,9 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     /// Logging.
     pub log: LogSettings,
+    /// `TOKEND_*` variables that name no setting (possibly typos), for a warning.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 /// Database pool settings.
@@ -135,6 +138,7 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             runtime: RuntimeSettings::default(),
             log: LogSettings::default(),
+            ignored_env: Vec::new(),
         }
     }
 }
@@ -158,22 +162,43 @@ pub enum ConfigError {
     TwoPeppers,
 }
 
-/// Variables that share the `TOKEND_` prefix but are not server settings.
-const NOT_SETTINGS: [&str; 2] = ["TOKEND_TOKEN", "TOKEND_SERVER"];
+/// The top-level settings keys. `TOKEND_*` variables naming anything else belong to other
+/// tools (the CLI's `TOKEND_TOKEN`, a CI script's own variables) and are left alone rather
+/// than refused; `Settings::ignored_env` lists them so `serve` can warn about typos.
+const KEYS: [&str; 10] = [
+    "listen",
+    "database_url",
+    "migrate_on_start",
+    "token_prefix",
+    "pepper",
+    "pepper_file",
+    "argon2",
+    "database",
+    "runtime",
+    "log",
+];
 
 impl Settings {
     /// Defaults, overlaid by `file` (TOML) if given, overlaid by the `TOKEND_*` entries of
-    /// `env`.
+    /// `env`. An unknown key in the file is an error; an unknown `TOKEND_*` variable is
+    /// ignored and listed in `ignored_env`.
     pub fn load(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
+        let mut ignored_env = Vec::new();
         let env: HashMap<String, String> = env
             .into_iter()
-            .filter(|(k, _)| {
-                k.starts_with("TOKEND_")
-                    && !NOT_SETTINGS.contains(&k.as_str())
-                    && !k.starts_with("TOKEND_TEST_")
+            .filter(|(name, _)| {
+                let Some(rest) = name.strip_prefix("TOKEND_") else {
+                    return false;
+                };
+                let top = rest.split("__").next().unwrap_or_default().to_lowercase();
+                let known = KEYS.contains(&top.as_str());
+                if !known {
+                    ignored_env.push(name.clone());
+                }
+                known
             })
             .collect();
         let mut builder = config::Config::builder();
@@ -187,7 +212,10 @@ impl Settings {
                 .try_parsing(true)
                 .source(Some(env.into_iter().collect())),
         );
-        Ok(builder.build()?.try_deserialize()?)
+        let mut settings: Settings = builder.build()?.try_deserialize()?;
+        ignored_env.sort();
+        settings.ignored_env = ignored_env;
+        Ok(settings)
     }
 
     /// The pepper from `pepper` or `pepper_file`, if either is set.
@@ -288,9 +316,22 @@ mod tests {
     }
 
     #[test]
-    fn a_misspelled_key_is_refused() {
-        let err = Settings::load(None, env(&[("TOKEND_LISEN", "127.0.0.1:1")])).unwrap_err();
+    fn a_misspelled_file_key_is_refused_and_a_stray_variable_is_listed() {
+        let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+        writeln!(file, "lisen = \"127.0.0.1:1\"").unwrap();
+        let err = Settings::load(Some(file.path()), env(&[])).unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+
+        let s = Settings::load(
+            None,
+            env(&[
+                ("TOKEND_LISEN", "127.0.0.1:1"),
+                ("TOKEND_TOKEN", "cli credential"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.ignored_env, vec!["TOKEND_LISEN", "TOKEND_TOKEN"]);
+        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
     }
 
     #[test]

@@ -47,6 +47,9 @@ fn main() -> ExitCode {
         }
     };
     tokend::telemetry::init(&settings.log);
+    for name in &settings.ignored_env {
+        tracing::warn!(variable = %name, "ignoring a TOKEND_ variable that names no setting");
+    }
 
     let runtime = match build_runtime(&settings) {
         Ok(runtime) => runtime,

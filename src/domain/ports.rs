@@ -156,8 +156,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     ) -> Result<bool>;
     /// Moves `last_used_at` forward.
     async fn touch_last_used(&self, id: &str, at: Timestamp) -> Result<()>;
-    /// Replaces a token's hash (after a parameter upgrade).
-    async fn replace_hash(&self, id: &str, phc: &str) -> Result<()>;
+    /// Replaces a token's hash (after a parameter upgrade) if it is still `old`: of several
+    /// concurrent upgrades, one wins. Returns whether this one did.
+    async fn replace_hash(&self, id: &str, old: &str, new: &str) -> Result<bool>;
 
     /// A page of audit events, newest first.
     async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>>;

@@ -87,7 +87,7 @@ impl Introspector {
             return Ok(Outcome::Inactive(InactiveReason::Unknown));
         };
         if needs_rehash {
-            self.upgrade_hash(&state.token.id, parsed.secret);
+            self.upgrade_hash(&state.token.id, &state.token.secret_hash.0, parsed.secret);
         }
         let now = self.clock.now();
         match rules::evaluate(&state, now) {
@@ -120,19 +120,21 @@ impl Introspector {
     }
 
     /// Rehashes a secret whose stored hash uses old parameters, off the request's path.
-    fn upgrade_hash(&self, id: &str, secret: &str) {
+    fn upgrade_hash(&self, id: &str, old: &str, secret: &str) {
         let store = Arc::clone(&self.store);
         let hasher = Arc::clone(&self.hasher);
         let id = id.to_owned();
+        let old = old.to_owned();
         let secret = SecretString::from(secret);
         tokio::spawn(async move {
             let result = async {
-                let phc = hasher.hash(secret).await?;
-                store.replace_hash(&id, &phc).await
+                let new = hasher.hash(secret).await?;
+                store.replace_hash(&id, &old, &new).await
             }
             .await;
             match result {
-                Ok(()) => tracing::info!(token_id = %id, "upgraded the token's hash parameters"),
+                Ok(true) => tracing::info!(token_id = %id, "upgraded the token's hash parameters"),
+                Ok(false) => {}
                 Err(err) => tracing::warn!(token_id = %id, error = %err, "hash upgrade failed"),
             }
         });

@@ -665,14 +665,16 @@ impl Store for SeaStore {
         Ok(())
     }
 
-    async fn replace_hash(&self, id: &str, phc: &str) -> Result<()> {
-        tokens::Entity::update_many()
-            .col_expr(tokens::Column::SecretHash, Expr::value(phc.to_owned()))
+    async fn replace_hash(&self, id: &str, old: &str, new: &str) -> Result<bool> {
+        let updated = tokens::Entity::update_many()
+            .col_expr(tokens::Column::SecretHash, Expr::value(new.to_owned()))
             .filter(tokens::Column::Id.eq(id))
+            .filter(tokens::Column::SecretHash.eq(old))
             .exec(&self.db)
             .await
-            .map_err(db_err)?;
-        Ok(())
+            .map_err(db_err)?
+            .rows_affected;
+        Ok(updated > 0)
     }
 
     async fn list_audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>> {
