@@ -5,7 +5,9 @@
 #
 #   GRPCURL             grpcurl 1.8.6 binary (default: from $TOKEND_TOOLS_VENV or PATH)
 #   CARGO_TARGET_DIR    where the tokend binary is built (default: ./target)
-#   CI=true             build the binary first (`cargo build --bin tokend`)
+#   TOKEND_BIN          the binary to run, as built (`.ci/run` passes the one `cargo test`
+#                       just built: a plain `cargo build` would rebuild with other features)
+#   CI=true             without TOKEND_BIN: build the binary first (`cargo build --bin tokend`)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -30,9 +32,13 @@ chmod +x "$GRPCURL" 2>/dev/null || true
 
 TARGET_DIR="${CARGO_TARGET_DIR:-$REPO/target}"
 case "$TARGET_DIR" in /*) ;; *) TARGET_DIR="$REPO/$TARGET_DIR" ;; esac
-TOKEND="$TARGET_DIR/debug/tokend"
-if [[ "${CI:-}" == "true" || ! -x "$TOKEND" ]]; then
-  cargo build --quiet --bin tokend
+if [[ -n "${TOKEND_BIN:-}" ]]; then
+  TOKEND=$TOKEND_BIN
+else
+  TOKEND="$TARGET_DIR/debug/tokend"
+  if [[ "${CI:-}" == "true" || ! -x "$TOKEND" ]]; then
+    cargo build --quiet --bin tokend
+  fi
 fi
 [[ -x "$TOKEND" ]] || { echo "walkthrough: no binary at $TOKEND" >&2; exit 1; }
 
