@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context as _;
 use secrecy::SecretString;
@@ -14,6 +15,8 @@ use crate::config::Settings;
 use crate::domain::ports::{Clock, SecretHasher, Store};
 use crate::domain::token_format::TokenFormat;
 use crate::hashing::Argon2Hasher;
+use crate::introspect::cache::{CachingStore, LiveCache};
+use crate::introspect::last_used::LastUsed;
 use crate::service::{self, Tokend};
 use crate::storage::SeaStore;
 
@@ -23,6 +26,10 @@ pub struct App {
     listener: TcpListener,
     core: Arc<Tokend>,
     store: Arc<SeaStore>,
+    cache: Arc<LiveCache>,
+    hasher: Arc<Argon2Hasher>,
+    last_used: Arc<LastUsed>,
+    last_used_every: Duration,
     clock: Arc<dyn Clock>,
 }
 
@@ -50,23 +57,20 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
 pub async fn bootstrap(settings: &Settings) -> anyhow::Result<SecretString> {
     let store = Arc::new(open_store(settings).await?);
     store.migrate().await.context("migration failed")?;
-    let core = core(
-        settings,
-        Arc::clone(&store) as Arc<dyn Store>,
+    let store: Arc<dyn Store> = store;
+    let core = Tokend::new(
+        Arc::clone(&store),
+        hasher(settings)?,
         Arc::new(SystemClock),
-    )?;
+        TokenFormat::new(&settings.token_prefix).context("token_prefix")?,
+        Arc::new(LastUsed::new(store)),
+    );
     Ok(service::bootstrap(&core).await?)
 }
 
-fn core(
-    settings: &Settings,
-    store: Arc<dyn Store>,
-    clock: Arc<dyn Clock>,
-) -> anyhow::Result<Tokend> {
-    let format = TokenFormat::new(&settings.token_prefix).context("token_prefix")?;
+fn hasher(settings: &Settings) -> anyhow::Result<Arc<Argon2Hasher>> {
     let pepper = settings.resolve_pepper()?;
-    let hasher: Arc<dyn SecretHasher> = Arc::new(Argon2Hasher::new(&settings.argon2, pepper)?);
-    Ok(Tokend::new(store, hasher, clock, format))
+    Ok(Arc::new(Argon2Hasher::new(&settings.argon2, pepper)?))
 }
 
 impl App {
@@ -84,11 +88,24 @@ impl App {
         if settings.migrate_on_start {
             store.migrate().await.context("migration failed")?;
         }
-        let core = Arc::new(core(
-            settings,
+        // SQLite is one replica: its own writes are every change there is, so the cache is
+        // trusted from the start. PostgreSQL replicas trust theirs only once a change feed
+        // is up; until then every Introspect reads the database.
+        let trusted = !store.is_postgres();
+        let cache = Arc::new(LiveCache::new(&settings.cache, trusted));
+        let cached: Arc<dyn Store> = Arc::new(CachingStore::new(
             Arc::clone(&store) as Arc<dyn Store>,
+            Arc::clone(&cache),
+        ));
+        let hasher = hasher(settings)?;
+        let last_used = Arc::new(LastUsed::new(Arc::clone(&cached)));
+        let core = Arc::new(Tokend::new(
+            cached,
+            Arc::clone(&hasher) as Arc<dyn SecretHasher>,
             Arc::clone(&clock),
-        )?);
+            TokenFormat::new(&settings.token_prefix).context("token_prefix")?,
+            Arc::clone(&last_used),
+        ));
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -96,6 +113,10 @@ impl App {
             listener,
             core,
             store,
+            cache,
+            hasher,
+            last_used,
+            last_used_every: Duration::from_millis(settings.last_used_flush_ms.max(10)),
             clock,
         })
     }
@@ -117,12 +138,30 @@ impl App {
         Arc::clone(&self.store)
     }
 
+    /// The live-state cache, for tests and figures.
+    pub fn cache(&self) -> Arc<LiveCache> {
+        Arc::clone(&self.cache)
+    }
+
+    /// The hasher, for tests that count argon2 verifications.
+    pub fn hasher(&self) -> Arc<Argon2Hasher> {
+        Arc::clone(&self.hasher)
+    }
+
     /// Serves until `shutdown` resolves, then reports NOT_SERVING and drains in-flight calls.
     pub async fn run_until(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let address = self.local_addr();
         let health = tonic_health::server::health_reporter();
+        let flusher = self.last_used.spawn_flusher(self.last_used_every);
         tracing::info!(%address, "tokend is serving");
-        crate::grpc::serve(self.listener, self.core, self.clock, health, shutdown).await?;
+        let served =
+            crate::grpc::serve(self.listener, self.core, self.clock, health, shutdown).await;
+        flusher.abort();
+        // In-flight calls are drained: what they noted is written before exit.
+        if let Err(err) = self.last_used.flush().await {
+            tracing::warn!(error = %err, "could not record the last uses on shutdown");
+        }
+        served?;
         tracing::info!("tokend stopped");
         Ok(())
     }

@@ -11,6 +11,7 @@ use secrecy::{ExposeSecret as _, SecretString};
 use serde::Deserialize;
 
 use crate::hashing::Argon2Settings;
+use crate::introspect::cache::CacheSettings;
 use crate::storage::DatabaseOptions;
 
 /// Everything `tokend serve` can be told.
@@ -39,6 +40,10 @@ pub struct Settings {
     pub runtime: RuntimeSettings,
     /// Logging.
     pub log: LogSettings,
+    /// The Introspect caches.
+    pub cache: CacheSettings,
+    /// How often noted token uses are written to `last_used_at`, milliseconds.
+    pub last_used_flush_ms: u64,
     /// `TOKEND_*` variables that name no setting (possibly typos), for a warning.
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -138,6 +143,8 @@ impl Default for Settings {
             database: DatabaseSettings::default(),
             runtime: RuntimeSettings::default(),
             log: LogSettings::default(),
+            cache: CacheSettings::default(),
+            last_used_flush_ms: 5000,
             ignored_env: Vec::new(),
         }
     }
@@ -165,7 +172,7 @@ pub enum ConfigError {
 /// The top-level settings keys. `TOKEND_*` variables naming anything else belong to other
 /// tools (the CLI's `TOKEND_TOKEN`, a CI script's own variables) and are left alone rather
 /// than refused; `Settings::ignored_env` lists them so `serve` can warn about typos.
-const KEYS: [&str; 10] = [
+const KEYS: [&str; 12] = [
     "listen",
     "database_url",
     "migrate_on_start",
@@ -176,6 +183,8 @@ const KEYS: [&str; 10] = [
     "database",
     "runtime",
     "log",
+    "cache",
+    "last_used_flush_ms",
 ];
 
 impl Settings {

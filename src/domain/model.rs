@@ -194,11 +194,40 @@ pub struct TokenState {
     pub tenant_status: TenantStatus,
     /// The owner's status (personal tokens); `None` if the user is unknown.
     pub owner_status: Option<UserStatus>,
-    /// The owner's groups in the token's tenant, if still a member (personal tokens).
-    pub member_groups: Option<BTreeSet<Group>>,
+    /// The owner's role and groups in the token's tenant, if still a member (personal
+    /// tokens).
+    pub membership: Option<Membership>,
     /// The permissions of the role in force: the owner's current role for a personal token,
     /// the bound role for an API key; `None` if that role no longer exists.
     pub role_permissions: Option<PermissionSet>,
+}
+
+/// A member's standing in one tenant, as liveness needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    /// The member's role.
+    pub role: RoleName,
+    /// The member's groups.
+    pub groups: BTreeSet<Group>,
+}
+
+/// A change that makes cached live state stale. Raised locally by every write and, on
+/// PostgreSQL, by database triggers for any writer. It can only evict: it never carries
+/// state, so a forged notification cannot make anything live.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Invalidation {
+    /// A token row changed (revoked, deleted, rehashed, issued).
+    Token(String),
+    /// A tenant changed (status).
+    Tenant(TenantId),
+    /// A user changed (status).
+    User(UserId),
+    /// A membership changed or went.
+    Member(TenantId, UserId),
+    /// A role changed or went.
+    Role(TenantId, RoleName),
+    /// Anything may have changed: after a gap in the change feed.
+    All,
 }
 
 /// Why a token string is not live. Logged and counted; shown only to trusted callers.

@@ -6,7 +6,8 @@ use secrecy::SecretString;
 
 use super::error::Result;
 use super::model::{
-    AuditEvent, AuditRecord, Member, Revocation, Role, Tenant, Timestamp, Token, TokenState, User,
+    AuditEvent, AuditRecord, Invalidation, Member, Revocation, Role, Tenant, Timestamp, Token,
+    TokenState, User,
 };
 use super::names::{RoleName, TenantId, UserId};
 use super::rules::Visibility;
@@ -16,6 +17,15 @@ use super::token_format::TokenKind;
 pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
     /// Now.
     fn now(&self) -> Timestamp;
+}
+
+/// Where invalidations land: the live-state cache. Fed by local writes and, on PostgreSQL,
+/// by the change listener, which also says whether the feed can be trusted.
+pub trait InvalidationSink: Send + Sync + std::fmt::Debug + 'static {
+    /// Evicts what `what` names.
+    fn invalidate(&self, what: &Invalidation);
+    /// Whether every change is being seen. Becoming trusted starts from an empty cache.
+    fn set_trusted(&self, trusted: bool);
 }
 
 /// The outcome of checking a secret against a stored hash.
@@ -154,8 +164,8 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         id: &str,
         audit: &[AuditRecord],
     ) -> Result<bool>;
-    /// Moves `last_used_at` forward.
-    async fn touch_last_used(&self, id: &str, at: Timestamp) -> Result<()>;
+    /// Records when tokens were last used, in one batched write.
+    async fn touch_last_used(&self, used: &[(String, Timestamp)]) -> Result<()>;
     /// Replaces a token's hash (after a parameter upgrade) if it is still `old`: of several
     /// concurrent upgrades, one wins. Returns whether this one did.
     async fn replace_hash(&self, id: &str, old: &str, new: &str) -> Result<bool>;

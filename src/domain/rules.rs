@@ -87,8 +87,9 @@ pub fn evaluate(state: &TokenState, now: Timestamp) -> Result<LiveGrant, Inactiv
                 Some(UserStatus::Removed) | None => return Err(InactiveReason::OwnerRemoved),
             }
             state
-                .member_groups
-                .clone()
+                .membership
+                .as_ref()
+                .map(|m| m.groups.clone())
                 .ok_or(InactiveReason::NotAMember)?
         }
         TokenKind::ApiKey => BTreeSet::new(),
@@ -204,7 +205,7 @@ impl Visibility {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::model::{Revocation, SecretHash};
+    use crate::domain::model::{Membership, Revocation, SecretHash};
     use crate::domain::names::{Group, RoleName, TokenName};
     use chrono::{TimeDelta, TimeZone, Utc};
 
@@ -243,8 +244,10 @@ mod tests {
             token: token(kind),
             tenant_status: TenantStatus::Active,
             owner_status: (kind == TokenKind::Personal).then_some(UserStatus::Active),
-            member_groups: (kind == TokenKind::Personal)
-                .then(|| [Group::parse("g", "eng").unwrap()].into()),
+            membership: (kind == TokenKind::Personal).then(|| Membership {
+                role: RoleName::parse("r", "dev").unwrap(),
+                groups: [Group::parse("g", "eng").unwrap()].into(),
+            }),
             role_permissions: Some(perms(&["a:read", "a:write"])),
         }
     }
@@ -295,7 +298,7 @@ mod tests {
         assert_eq!(evaluate(&s, now()), Err(InactiveReason::OwnerRemoved));
 
         let mut s = live_state(TokenKind::Personal);
-        s.member_groups = None;
+        s.membership = None;
         assert_eq!(evaluate(&s, now()), Err(InactiveReason::NotAMember));
 
         let mut s = live_state(TokenKind::ApiKey);
@@ -307,7 +310,7 @@ mod tests {
     fn api_keys_ignore_owner_and_membership() {
         let mut s = live_state(TokenKind::ApiKey);
         s.owner_status = Some(UserStatus::Removed);
-        s.member_groups = None;
+        s.membership = None;
         let grant = evaluate(&s, now()).unwrap();
         assert!(grant.groups.is_empty());
     }

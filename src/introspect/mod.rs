@@ -1,22 +1,30 @@
-//! The Introspect path: parse → checksum → lookup → argon2 → live rules → answer.
+//! The Introspect path: parse → checksum → live state (cached) → verified-secret cache or
+//! argon2 → live rules → answer.
 //!
 //! Caller authentication runs through here too, so every credential is checked exactly as
 //! an Introspect of it would be. The order is a security decision: the secret is verified
 //! *before* the token's state is evaluated, so nobody learns that a token is revoked,
 //! expired or suspended without holding its secret.
+//!
+//! Steady state: zero database round trips and zero argon2 calls per Introspect.
+
+pub mod cache;
+pub mod last_used;
 
 use std::sync::Arc;
+use std::time::Duration;
 
+use moka::future::Cache;
 use secrecy::SecretString;
+use sha2::{Digest as _, Sha256};
 
-use crate::domain::Result;
 use crate::domain::model::{InactiveReason, LiveGrant, Token};
 use crate::domain::ports::{Clock, SecretHasher, Store, Verification};
 use crate::domain::rules;
 use crate::domain::token_format::TokenFormat;
+use crate::domain::{Error, Result};
 
-/// `last_used_at` is kept to the minute: a write at most once a minute per token.
-const LAST_USED_RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+use last_used::LastUsed;
 
 /// A live token and what it may do now.
 #[derive(Clone, Debug)]
@@ -36,6 +44,19 @@ pub enum Outcome {
     Inactive(InactiveReason),
 }
 
+type Digest = [u8; 32];
+
+fn digest(bytes: &[u8]) -> Digest {
+    Sha256::digest(bytes).into()
+}
+
+/// Why a single-flight verification did not produce a match.
+#[derive(Debug)]
+enum NoMatch {
+    Mismatch,
+    Failed(Error),
+}
+
 /// Answers "is this token string live, and with which rights?".
 #[derive(Debug, Clone)]
 pub struct Introspector {
@@ -43,21 +64,38 @@ pub struct Introspector {
     hasher: Arc<dyn SecretHasher>,
     clock: Arc<dyn Clock>,
     format: TokenFormat,
+    /// SHA-256 of a full token string → SHA-256 of the PHC hash argon2 accepted it against.
+    /// Keyed by the whole string, so a hit means this exact secret was verified on this
+    /// replica; tied to the hash, so a rehash or a different row never matches.
+    verified: Cache<Digest, Digest>,
+    /// The same for strings argon2 rejected: repeated wrong secrets cost no CPU.
+    rejected: moka::sync::Cache<Digest, Digest>,
+    last_used: Arc<LastUsed>,
 }
 
 impl Introspector {
-    /// An introspector over these ports.
+    /// An introspector over these ports. `store` should be the caching store.
     pub fn new(
         store: Arc<dyn Store>,
         hasher: Arc<dyn SecretHasher>,
         clock: Arc<dyn Clock>,
         format: TokenFormat,
+        last_used: Arc<LastUsed>,
     ) -> Self {
         Self {
             store,
             hasher,
             clock,
             format,
+            verified: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_secs(3600))
+                .build(),
+            rejected: moka::sync::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(Duration::from_secs(600))
+                .build(),
+            last_used,
         }
     }
 
@@ -76,23 +114,16 @@ impl Introspector {
         if state.token.kind != parsed.kind {
             return Ok(Outcome::Inactive(InactiveReason::Unknown));
         }
-        let verification = self
-            .hasher
-            .verify(
-                SecretString::from(parsed.secret),
-                state.token.secret_hash.0.clone(),
-            )
-            .await?;
-        let Verification::Match { needs_rehash } = verification else {
+        if !self
+            .secret_matches(candidate, parsed.secret, &state.token)
+            .await?
+        {
             return Ok(Outcome::Inactive(InactiveReason::Unknown));
-        };
-        if needs_rehash {
-            self.upgrade_hash(&state.token.id, &state.token.secret_hash.0, parsed.secret);
         }
         let now = self.clock.now();
         match rules::evaluate(&state, now) {
             Ok(grant) => {
-                self.record_use(&state.token, now);
+                self.last_used.record(&state.token, now);
                 Ok(Outcome::Active(Box::new(ActiveToken {
                     token: state.token,
                     grant,
@@ -102,21 +133,48 @@ impl Introspector {
         }
     }
 
-    /// Moves `last_used_at` when it is at least a minute behind, off the request's path.
-    fn record_use(&self, token: &Token, now: crate::domain::model::Timestamp) {
-        if token
-            .last_used_at
-            .is_some_and(|last| now - last < LAST_USED_RESOLUTION)
-        {
-            return;
+    /// Whether `secret` is the token's, by cache or by argon2 (once per token and replica;
+    /// concurrent first sights of the same string share one verification).
+    async fn secret_matches(&self, candidate: &str, secret: &str, token: &Token) -> Result<bool> {
+        let key = digest(candidate.as_bytes());
+        let hash = digest(token.secret_hash.0.as_bytes());
+        match self.verified.get(&key).await {
+            Some(known) if known == hash => {
+                metrics::counter!("tokend_verified_cache_total", "result" => "hit").increment(1);
+                return Ok(true);
+            }
+            // Verified against another hash (rehashed since): verify afresh.
+            Some(_) => self.verified.invalidate(&key).await,
+            None => {}
         }
-        let store = Arc::clone(&self.store);
-        let id = token.id.clone();
-        tokio::spawn(async move {
-            if let Err(err) = store.touch_last_used(&id, now).await {
-                tracing::warn!(token_id = %id, error = %err, "could not record last use");
+        if self.rejected.get(&key) == Some(hash) {
+            metrics::counter!("tokend_verified_cache_total", "result" => "rejected").increment(1);
+            return Ok(false);
+        }
+        metrics::counter!("tokend_verified_cache_total", "result" => "miss").increment(1);
+        let verification = self.verified.try_get_with(key, async {
+            let phc = token.secret_hash.0.clone();
+            match self.hasher.verify(SecretString::from(secret), phc).await {
+                Ok(Verification::Match { needs_rehash }) => {
+                    if needs_rehash {
+                        self.upgrade_hash(&token.id, &token.secret_hash.0, secret);
+                    }
+                    Ok(hash)
+                }
+                Ok(Verification::Mismatch) => Err(NoMatch::Mismatch),
+                Err(err) => Err(NoMatch::Failed(err)),
             }
         });
+        match verification.await {
+            Ok(_) => Ok(true),
+            Err(no) => match &*no {
+                NoMatch::Mismatch => {
+                    self.rejected.insert(key, hash);
+                    Ok(false)
+                }
+                NoMatch::Failed(err) => Err(Error::internal(err.to_string())),
+            },
+        }
     }
 
     /// Rehashes a secret whose stored hash uses old parameters, off the request's path.

@@ -23,6 +23,7 @@ use crate::domain::names::TenantId;
 use crate::domain::ports::{Clock, SecretHasher, Store};
 use crate::domain::token_format::TokenFormat;
 use crate::introspect::Introspector;
+use crate::introspect::last_used::LastUsed;
 
 /// The service core every gRPC service delegates to.
 #[derive(Debug, Clone)]
@@ -35,18 +36,20 @@ pub struct Tokend {
 }
 
 impl Tokend {
-    /// A core over these ports.
+    /// A core over these ports; `last_used` notes token uses for batched writes.
     pub fn new(
         store: Arc<dyn Store>,
         hasher: Arc<dyn SecretHasher>,
         clock: Arc<dyn Clock>,
         format: TokenFormat,
+        last_used: Arc<LastUsed>,
     ) -> Self {
         let introspector = Introspector::new(
             Arc::clone(&store),
             Arc::clone(&hasher),
             Arc::clone(&clock),
             format.clone(),
+            last_used,
         );
         Self {
             store,

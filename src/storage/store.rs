@@ -18,7 +18,8 @@ use super::convert::{self, micros};
 use super::entities::{audit_events, memberships, roles, tenants, tokens, users};
 use super::migration::Migrator;
 use crate::domain::model::{
-    AuditEvent, AuditRecord, Member, Revocation, Role, Tenant, Timestamp, Token, TokenState, User,
+    AuditEvent, AuditRecord, Member, Membership, Revocation, Role, Tenant, Timestamp, Token,
+    TokenState, User,
 };
 use crate::domain::names::{RoleName, TenantId, UserId};
 use crate::domain::ports::{AuditQuery, Store, TokenQuery};
@@ -119,6 +120,11 @@ impl SeaStore {
         self.token_lookups.load(Ordering::Relaxed)
     }
 
+    /// Whether this is PostgreSQL (several replicas possible) rather than SQLite.
+    pub fn is_postgres(&self) -> bool {
+        self.backend() == DbBackend::Postgres
+    }
+
     /// Closes the pool.
     pub async fn close(self) -> Result<()> {
         self.db.close().await.map_err(db_err)
@@ -190,6 +196,7 @@ SELECT t.*, \
        tn.status AS x_tenant_status, \
        u.status AS x_owner_status, \
        m.user_id AS x_member_user, \
+       m.role_name AS x_member_role, \
        m.groups AS x_member_groups, \
        r.name AS x_role_name, \
        r.permissions AS x_role_permissions \
@@ -501,10 +508,11 @@ impl Store for SeaStore {
         let owner_status = get("x_owner_status")?
             .map(|s| convert::user_status(&s))
             .transpose()?;
-        let member_groups = match get("x_member_user")? {
-            Some(_) => Some(convert::groups(
-                &get("x_member_groups")?.unwrap_or_default(),
-            )?),
+        let membership = match get("x_member_user")? {
+            Some(_) => Some(Membership {
+                role: RoleName::from_trusted(get("x_member_role")?.unwrap_or_default()),
+                groups: convert::groups(&get("x_member_groups")?.unwrap_or_default())?,
+            }),
             None => None,
         };
         let role_permissions = match get("x_role_name")? {
@@ -518,7 +526,7 @@ impl Store for SeaStore {
             token,
             tenant_status,
             owner_status,
-            member_groups,
+            membership,
             role_permissions,
         }))
     }
@@ -649,16 +657,19 @@ impl Store for SeaStore {
         commit_if_deleted(txn, deleted, audit).await
     }
 
-    async fn touch_last_used(&self, id: &str, at: Timestamp) -> Result<()> {
-        let at = micros(at);
+    async fn touch_last_used(&self, used: &[(String, Timestamp)]) -> Result<()> {
+        if used.is_empty() {
+            return Ok(());
+        }
+        // One UPDATE for the whole batch: SET last_used_at = CASE id WHEN … THEN … END.
+        let mut case = sea_orm::sea_query::CaseStatement::new();
+        for (id, at) in used {
+            case = case.case(tokens::Column::Id.eq(id.as_str()), Expr::value(micros(*at)));
+        }
+        let case = case.finally(Expr::col(tokens::Column::LastUsedAt));
         tokens::Entity::update_many()
-            .col_expr(tokens::Column::LastUsedAt, Expr::value(at))
-            .filter(tokens::Column::Id.eq(id))
-            .filter(
-                Condition::any()
-                    .add(tokens::Column::LastUsedAt.is_null())
-                    .add(tokens::Column::LastUsedAt.lt(at)),
-            )
+            .col_expr(tokens::Column::LastUsedAt, case.into())
+            .filter(tokens::Column::Id.is_in(used.iter().map(|(id, _)| id.as_str())))
             .exec(&self.db)
             .await
             .map_err(db_err)?;

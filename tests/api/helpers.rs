@@ -18,6 +18,7 @@ use secrecy::ExposeSecret as _;
 use tokend::App;
 use tokend::clock::ManualClock;
 use tokend::config::Settings;
+use tokend::hashing::Argon2Hasher;
 use tokend::proto::v1 as pb;
 use tokend::proto::v1::audit_service_client::AuditServiceClient;
 use tokend::proto::v1::directory_service_client::DirectoryServiceClient;
@@ -56,6 +57,7 @@ pub struct TestApp {
     pub root: String,
     pub clock: Arc<ManualClock>,
     pub store: Arc<SeaStore>,
+    pub hasher: Arc<Argon2Hasher>,
     pub backend: Backend,
     channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
@@ -186,6 +188,7 @@ pub async fn spawn_app_with(
     settings.listen = "127.0.0.1:0".parse().expect("address");
     settings.database_url = url.into();
     settings.database.max_connections = 5;
+    settings.last_used_flush_ms = 50;
     adjust(&mut settings);
 
     let clock = Arc::new(ManualClock::starting_now());
@@ -194,6 +197,7 @@ pub async fn spawn_app_with(
         .expect("app builds");
     let addr = app.local_addr();
     let store = app.store();
+    let hasher = app.hasher();
     let root = tokend::service::bootstrap(&app.core())
         .await
         .expect("bootstrap")
@@ -217,6 +221,7 @@ pub async fn spawn_app_with(
         root,
         clock,
         store,
+        hasher,
         backend,
         channel,
         shutdown: Some(tx),

@@ -1,0 +1,565 @@
+//! The live-state cache: what Introspect needs about a token, kept in memory per entity
+//! (token row, tenant, user, membership, role) so that one directory change evicts exactly
+//! the entries it affects. Entries are invalidated, never merely aged: the TTL is a backstop.
+//!
+//! Two rules make it safe:
+//! - A fill that began before an invalidation never survives it: every invalidation bumps a
+//!   generation counter, and a fill that sees the counter moved after inserting evicts what
+//!   it inserted.
+//! - While the change feed is not trusted (PostgreSQL listener down or not yet up), nothing
+//!   is served from or written to the cache: every Introspect reads the database.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use moka::sync::Cache;
+
+use crate::domain::Result;
+use crate::domain::model::{
+    AuditEvent, AuditRecord, Invalidation, Member, Membership, PermissionSet, Revocation, Role,
+    Tenant, TenantStatus, Timestamp, Token, TokenState, User, UserStatus,
+};
+use crate::domain::names::{RoleName, TenantId, UserId};
+use crate::domain::ports::{AuditQuery, InvalidationSink, Store, TokenQuery};
+use crate::domain::token_format::TokenKind;
+
+/// Cache sizes and backstop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheSettings {
+    /// Token rows kept (the other entities are far fewer).
+    pub max_tokens: u64,
+    /// Upper bound on any entry's age, seconds: a backstop, not the mechanism.
+    pub ttl_secs: u64,
+    /// How long after the change feed was lost cached answers may still be served when the
+    /// database is unreachable, milliseconds. 0: never; an outage answers UNAVAILABLE.
+    pub max_staleness_ms: u64,
+}
+
+impl Default for CacheSettings {
+    fn default() -> Self {
+        Self {
+            max_tokens: 1_000_000,
+            ttl_secs: 300,
+            max_staleness_ms: 0,
+        }
+    }
+}
+
+type TenantUser = (TenantId, UserId);
+type TenantRole = (TenantId, RoleName);
+
+/// The cached pieces of live state, and whether they may be used.
+pub struct LiveCache {
+    tokens: Cache<String, Option<Arc<Token>>>,
+    tenants: Cache<TenantId, TenantStatus>,
+    users: Cache<UserId, Option<UserStatus>>,
+    members: Cache<TenantUser, Option<Arc<Membership>>>,
+    roles: Cache<TenantRole, Option<Arc<PermissionSet>>>,
+    generation: AtomicU64,
+    trusted: AtomicBool,
+    /// When trust was lost, for the staleness bound; `None` while trusted.
+    untrusted_since: std::sync::Mutex<Option<Instant>>,
+    max_staleness: Duration,
+}
+
+impl std::fmt::Debug for LiveCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveCache")
+            .field("tokens", &self.tokens.entry_count())
+            .field("trusted", &self.is_trusted())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LiveCache {
+    /// An empty cache; `trusted` says whether it may be used before any feed reports in.
+    pub fn new(settings: &CacheSettings, trusted: bool) -> Self {
+        let ttl = Duration::from_secs(settings.ttl_secs.max(1));
+        let small = (settings.max_tokens / 4).max(1024);
+        Self {
+            tokens: Cache::builder()
+                .max_capacity(settings.max_tokens)
+                .time_to_live(ttl)
+                .build(),
+            tenants: Cache::builder()
+                .max_capacity(small)
+                .time_to_live(ttl)
+                .build(),
+            users: Cache::builder()
+                .max_capacity(small)
+                .time_to_live(ttl)
+                .build(),
+            members: Cache::builder()
+                .max_capacity(small)
+                .time_to_live(ttl)
+                .build(),
+            roles: Cache::builder()
+                .max_capacity(small)
+                .time_to_live(ttl)
+                .build(),
+            generation: AtomicU64::new(0),
+            trusted: AtomicBool::new(trusted),
+            untrusted_since: std::sync::Mutex::new((!trusted).then(Instant::now)),
+            max_staleness: Duration::from_millis(settings.max_staleness_ms),
+        }
+    }
+
+    /// Whether cached state may be served.
+    pub fn is_trusted(&self) -> bool {
+        self.trusted.load(Ordering::Acquire)
+    }
+
+    /// Cached token rows, for the memory figures.
+    pub fn token_entries(&self) -> u64 {
+        self.tokens.run_pending_tasks();
+        self.tokens.entry_count()
+    }
+
+    /// Every piece of a token's state, if all are cached (`Some(None)`: a known-unknown id).
+    fn lookup(&self, id: &str) -> Option<Option<TokenState>> {
+        let Some(token) = self.tokens.get(id)? else {
+            return Some(None);
+        };
+        let tenant_status = self.tenants.get(&token.tenant_id)?;
+        let (owner_status, membership, role_name) = match (&token.kind, &token.owner_user_id) {
+            (TokenKind::Personal, Some(owner)) => {
+                let status = self.users.get(owner)?;
+                let member = self
+                    .members
+                    .get(&(token.tenant_id.clone(), owner.clone()))?;
+                let role = member.as_ref().map(|m| m.role.clone());
+                (status, member.map(|m| (*m).clone()), role)
+            }
+            _ => (None, None, token.role.clone()),
+        };
+        let role_permissions = match role_name {
+            Some(role) => self
+                .roles
+                .get(&(token.tenant_id.clone(), role))?
+                .map(|p| (*p).clone()),
+            None => None,
+        };
+        Some(Some(TokenState {
+            token: (*token).clone(),
+            tenant_status,
+            owner_status,
+            membership,
+            role_permissions,
+        }))
+    }
+
+    /// Stores what a query read, unless an invalidation raced it.
+    fn fill(&self, id: &str, state: Option<&TokenState>, generation: u64) {
+        let Some(state) = state else {
+            self.tokens.insert(id.to_owned(), None);
+            if self.generation.load(Ordering::Acquire) != generation {
+                self.tokens.invalidate(id);
+            }
+            return;
+        };
+        let token = &state.token;
+        let tenant = token.tenant_id.clone();
+        self.tokens
+            .insert(id.to_owned(), Some(Arc::new(token.clone())));
+        self.tenants.insert(tenant.clone(), state.tenant_status);
+        let role = match (&token.kind, &token.owner_user_id) {
+            (TokenKind::Personal, Some(owner)) => {
+                self.users.insert(owner.clone(), state.owner_status);
+                self.members.insert(
+                    (tenant.clone(), owner.clone()),
+                    state.membership.clone().map(Arc::new),
+                );
+                state.membership.as_ref().map(|m| m.role.clone())
+            }
+            _ => token.role.clone(),
+        };
+        if let Some(role) = &role {
+            self.roles.insert(
+                (tenant.clone(), role.clone()),
+                state.role_permissions.clone().map(Arc::new),
+            );
+        }
+        // Insert first, check after: an invalidation that bumped the generation before our
+        // check is undone here; one that bumps it after our check evicts on its own.
+        if self.generation.load(Ordering::Acquire) != generation {
+            self.tokens.invalidate(id);
+            self.tenants.invalidate(&tenant);
+            if let (TokenKind::Personal, Some(owner)) = (&token.kind, &token.owner_user_id) {
+                self.users.invalidate(owner);
+                self.members.invalidate(&(tenant.clone(), owner.clone()));
+            }
+            if let Some(role) = role {
+                self.roles.invalidate(&(tenant, role));
+            }
+        }
+    }
+
+    fn flush(&self) {
+        self.tokens.invalidate_all();
+        self.tenants.invalidate_all();
+        self.users.invalidate_all();
+        self.members.invalidate_all();
+        self.roles.invalidate_all();
+    }
+
+    /// Whether a cached answer may stand in for an unreachable database.
+    fn within_staleness_bound(&self) -> bool {
+        if self.max_staleness.is_zero() {
+            return false;
+        }
+        let since = *self
+            .untrusted_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        since.is_some_and(|since| since.elapsed() <= self.max_staleness)
+    }
+}
+
+impl InvalidationSink for LiveCache {
+    fn invalidate(&self, what: &Invalidation) {
+        // Bump first: a fill in flight then sees that it raced us.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        match what {
+            Invalidation::Token(id) => self.tokens.invalidate(id),
+            Invalidation::Tenant(id) => self.tenants.invalidate(id),
+            Invalidation::User(id) => self.users.invalidate(id),
+            Invalidation::Member(tenant, user) => {
+                self.members.invalidate(&(tenant.clone(), user.clone()))
+            }
+            Invalidation::Role(tenant, role) => {
+                self.roles.invalidate(&(tenant.clone(), role.clone()))
+            }
+            Invalidation::All => self.flush(),
+        }
+        metrics::counter!("tokend_cache_invalidations_total").increment(1);
+    }
+
+    fn set_trusted(&self, trusted: bool) {
+        let mut since = self
+            .untrusted_since
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if trusted {
+            // Whatever happened while untrusted went unseen: start from nothing.
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.flush();
+            *since = None;
+        } else if since.is_none() {
+            *since = Some(Instant::now());
+        }
+        self.trusted.store(trusted, Ordering::Release);
+        metrics::gauge!("tokend_cache_trusted").set(if trusted { 1.0 } else { 0.0 });
+    }
+}
+
+/// A [`Store`] that answers `token_state` from a [`LiveCache`] and evicts on every write
+/// it carries. Everything else passes straight through.
+#[derive(Debug)]
+pub struct CachingStore {
+    inner: Arc<dyn Store>,
+    cache: Arc<LiveCache>,
+}
+
+impl CachingStore {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<dyn Store>, cache: Arc<LiveCache>) -> Self {
+        Self { inner, cache }
+    }
+
+    fn evict(&self, what: Invalidation) {
+        self.cache.invalidate(&what);
+    }
+}
+
+#[async_trait]
+impl Store for CachingStore {
+    async fn token_state(&self, public_id: &str) -> Result<Option<TokenState>> {
+        let trusted = self.cache.is_trusted();
+        if trusted && let Some(state) = self.cache.lookup(public_id) {
+            metrics::counter!("tokend_cache_lookups_total", "result" => "hit").increment(1);
+            return Ok(state);
+        }
+        metrics::counter!("tokend_cache_lookups_total", "result" => "miss").increment(1);
+        let generation = self.cache.generation.load(Ordering::Acquire);
+        match self.inner.token_state(public_id).await {
+            Ok(state) => {
+                if trusted && self.cache.is_trusted() {
+                    self.cache.fill(public_id, state.as_ref(), generation);
+                }
+                Ok(state)
+            }
+            Err(err @ crate::domain::Error::Unavailable(_)) => {
+                if self.cache.within_staleness_bound()
+                    && let Some(state) = self.cache.lookup(public_id)
+                {
+                    metrics::counter!("tokend_cache_lookups_total", "result" => "stale")
+                        .increment(1);
+                    return Ok(state);
+                }
+                Err(err)
+            }
+            Err(err) => Err(err),
+        }
+    }
+
+    async fn put_tenant(&self, tenant: &Tenant, audit: &AuditRecord) -> Result<Tenant> {
+        let stored = self.inner.put_tenant(tenant, audit).await;
+        self.evict(Invalidation::Tenant(tenant.id.clone()));
+        stored
+    }
+
+    async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
+        self.inner.get_tenant(id).await
+    }
+
+    async fn list_tenants(
+        &self,
+        only: Option<&TenantId>,
+        after: Option<&TenantId>,
+        limit: u64,
+    ) -> Result<Vec<Tenant>> {
+        self.inner.list_tenants(only, after, limit).await
+    }
+
+    async fn put_role(&self, role: &Role, audit: &AuditRecord) -> Result<()> {
+        let result = self.inner.put_role(role, audit).await;
+        self.evict(Invalidation::Role(
+            role.tenant_id.clone(),
+            role.name.clone(),
+        ));
+        result
+    }
+
+    async fn delete_role(
+        &self,
+        tenant: &TenantId,
+        name: &RoleName,
+        audit: &AuditRecord,
+    ) -> Result<bool> {
+        let result = self.inner.delete_role(tenant, name, audit).await;
+        self.evict(Invalidation::Role(tenant.clone(), name.clone()));
+        result
+    }
+
+    async fn get_role(&self, tenant: &TenantId, name: &RoleName) -> Result<Option<Role>> {
+        self.inner.get_role(tenant, name).await
+    }
+
+    async fn list_roles(&self, tenant: &TenantId) -> Result<Vec<Role>> {
+        self.inner.list_roles(tenant).await
+    }
+
+    async fn put_members(&self, members: &[(Member, AuditRecord)]) -> Result<()> {
+        let result = self.inner.put_members(members).await;
+        for (member, _) in members {
+            self.evict(Invalidation::Member(
+                member.tenant_id.clone(),
+                member.user_id.clone(),
+            ));
+            self.evict(Invalidation::User(member.user_id.clone()));
+        }
+        result
+    }
+
+    async fn remove_member(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+        audit: &AuditRecord,
+    ) -> Result<bool> {
+        let result = self.inner.remove_member(tenant, user, audit).await;
+        self.evict(Invalidation::Member(tenant.clone(), user.clone()));
+        result
+    }
+
+    async fn get_member(&self, tenant: &TenantId, user: &UserId) -> Result<Option<Member>> {
+        self.inner.get_member(tenant, user).await
+    }
+
+    async fn list_members(
+        &self,
+        tenant: &TenantId,
+        after: Option<&UserId>,
+        limit: u64,
+    ) -> Result<Vec<Member>> {
+        self.inner.list_members(tenant, after, limit).await
+    }
+
+    async fn put_user(&self, user: &User, audit: &AuditRecord) -> Result<User> {
+        let result = self.inner.put_user(user, audit).await;
+        self.evict(Invalidation::User(user.id.clone()));
+        result
+    }
+
+    async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
+        self.inner.get_user(id).await
+    }
+
+    async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {
+        let result = self.inner.insert_token(token, audit).await;
+        self.evict(Invalidation::Token(token.id.clone()));
+        result
+    }
+
+    async fn get_token(&self, tenant: &TenantId, id: &str) -> Result<Option<Token>> {
+        self.inner.get_token(tenant, id).await
+    }
+
+    async fn list_tokens(&self, query: &TokenQuery) -> Result<Vec<Token>> {
+        self.inner.list_tokens(query).await
+    }
+
+    async fn revoke_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        revocation: &Revocation,
+        audit: &AuditRecord,
+    ) -> Result<Option<Token>> {
+        let result = self.inner.revoke_token(tenant, id, revocation, audit).await;
+        self.evict(Invalidation::Token(id.to_owned()));
+        result
+    }
+
+    async fn delete_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        audit: &[AuditRecord],
+    ) -> Result<bool> {
+        let result = self.inner.delete_token(tenant, id, audit).await;
+        self.evict(Invalidation::Token(id.to_owned()));
+        result
+    }
+
+    async fn touch_last_used(&self, used: &[(String, Timestamp)]) -> Result<()> {
+        // last_used_at plays no part in liveness: no eviction, or every flush would empty
+        // the cache.
+        self.inner.touch_last_used(used).await
+    }
+
+    async fn replace_hash(&self, id: &str, old: &str, new: &str) -> Result<bool> {
+        let result = self.inner.replace_hash(id, old, new).await;
+        self.evict(Invalidation::Token(id.to_owned()));
+        result
+    }
+
+    async fn list_audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        self.inner.list_audit(query).await
+    }
+
+    async fn bootstrap(
+        &self,
+        tenant: &Tenant,
+        role: &Role,
+        token: &Token,
+        audit: &AuditRecord,
+    ) -> Result<()> {
+        let result = self.inner.bootstrap(tenant, role, token, audit).await;
+        self.evict(Invalidation::All);
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::model::SecretHash;
+    use crate::domain::names::TokenName;
+
+    fn state(id: &str) -> TokenState {
+        TokenState {
+            token: Token {
+                id: id.into(),
+                display_id: format!("tkd_key_{id}"),
+                tenant_id: TenantId::parse("t", "acme").unwrap(),
+                kind: TokenKind::ApiKey,
+                name: TokenName::parse("n", "robot").unwrap(),
+                owner_user_id: None,
+                role: Some(RoleName::parse("r", "reader").unwrap()),
+                scopes: None,
+                secret_hash: SecretHash("h".into()),
+                created_at: chrono::DateTime::UNIX_EPOCH,
+                created_by: "x".into(),
+                expires_at: None,
+                last_used_at: None,
+                revocation: None,
+            },
+            tenant_status: TenantStatus::Active,
+            owner_status: None,
+            membership: None,
+            role_permissions: Some(PermissionSet::new()),
+        }
+    }
+
+    #[test]
+    fn a_fill_is_served_until_something_it_read_is_invalidated() {
+        let cache = LiveCache::new(&CacheSettings::default(), true);
+        let s = state("AAAAAAAAAAAA");
+        cache.fill(
+            "AAAAAAAAAAAA",
+            Some(&s),
+            cache.generation.load(Ordering::Acquire),
+        );
+        assert_eq!(cache.lookup("AAAAAAAAAAAA"), Some(Some(s.clone())));
+        cache.invalidate(&Invalidation::Role(
+            s.token.tenant_id.clone(),
+            RoleName::parse("r", "reader").unwrap(),
+        ));
+        assert_eq!(
+            cache.lookup("AAAAAAAAAAAA"),
+            None,
+            "a role change is a miss"
+        );
+    }
+
+    #[test]
+    fn a_fill_that_raced_an_invalidation_is_not_kept() {
+        let cache = LiveCache::new(&CacheSettings::default(), true);
+        let s = state("BBBBBBBBBBBB");
+        // The fill read the database, then a revocation invalidated, then the fill lands.
+        let generation = cache.generation.load(Ordering::Acquire);
+        cache.invalidate(&Invalidation::Token("BBBBBBBBBBBB".into()));
+        cache.fill("BBBBBBBBBBBB", Some(&s), generation);
+        assert_eq!(cache.lookup("BBBBBBBBBBBB"), None);
+        // The same holds for "no such token".
+        let generation = cache.generation.load(Ordering::Acquire);
+        cache.invalidate(&Invalidation::Token("CCCCCCCCCCCC".into()));
+        cache.fill("CCCCCCCCCCCC", None, generation);
+        assert_eq!(cache.lookup("CCCCCCCCCCCC"), None);
+    }
+
+    #[test]
+    fn becoming_trusted_starts_from_nothing_and_untrusted_serves_nothing_stale_by_default() {
+        let cache = LiveCache::new(&CacheSettings::default(), true);
+        let s = state("DDDDDDDDDDDD");
+        cache.fill(
+            "DDDDDDDDDDDD",
+            Some(&s),
+            cache.generation.load(Ordering::Acquire),
+        );
+        cache.set_trusted(false);
+        assert!(!cache.is_trusted());
+        assert!(!cache.within_staleness_bound());
+        cache.set_trusted(true);
+        assert_eq!(cache.lookup("DDDDDDDDDDDD"), None);
+    }
+
+    #[test]
+    fn a_staleness_bound_counts_from_the_loss_of_the_feed() {
+        let settings = CacheSettings {
+            max_staleness_ms: 60_000,
+            ..CacheSettings::default()
+        };
+        let cache = LiveCache::new(&settings, true);
+        assert!(
+            !cache.within_staleness_bound(),
+            "trusted: no fallback needed"
+        );
+        cache.set_trusted(false);
+        assert!(cache.within_staleness_bound());
+    }
+}

@@ -1,0 +1,94 @@
+//! `last_used_at`, coalesced: uses are noted in memory and written in one batched UPDATE
+//! every few seconds (and on shutdown), and only when a token's time moved by a minute. The
+//! warm Introspect path never writes to the database.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use moka::sync::Cache;
+
+use crate::domain::Result;
+use crate::domain::model::{Timestamp, Token};
+use crate::domain::ports::Store;
+
+/// `last_used_at` is kept to the minute.
+const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+
+/// Notes token uses and flushes them in batches.
+#[derive(Debug)]
+pub struct LastUsed {
+    store: Arc<dyn Store>,
+    pending: Mutex<HashMap<String, Timestamp>>,
+    /// The last time noted per token, so a token used every second is written once a minute.
+    noted: Cache<String, Timestamp>,
+}
+
+impl LastUsed {
+    /// A coalescer writing to `store`.
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self {
+            store,
+            pending: Mutex::new(HashMap::new()),
+            noted: Cache::builder()
+                .max_capacity(1_000_000)
+                .time_to_live(Duration::from_secs(120))
+                .build(),
+        }
+    }
+
+    /// Notes that `token` was used at `now`. Costs a map lookup; never waits on I/O.
+    pub fn record(&self, token: &Token, now: Timestamp) {
+        let last = self.noted.get(&token.id).or(token.last_used_at);
+        if last.is_some_and(|last| now - last < RESOLUTION) {
+            return;
+        }
+        self.noted.insert(token.id.clone(), now);
+        self.pending
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(token.id.clone(), now);
+    }
+
+    /// Writes every noted use; returns how many tokens were written.
+    pub async fn flush(&self) -> Result<usize> {
+        let batch: Vec<(String, Timestamp)> = {
+            let mut pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            pending.drain().collect()
+        };
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        if let Err(err) = self.store.touch_last_used(&batch).await {
+            // Put them back for the next round, unless newer uses arrived meanwhile.
+            let mut pending = self
+                .pending
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (id, at) in batch {
+                pending.entry(id).or_insert(at);
+            }
+            return Err(err);
+        }
+        metrics::counter!("tokend_last_used_flushed_total").increment(batch.len() as u64);
+        Ok(batch.len())
+    }
+
+    /// Flushes every `every` until the returned task is aborted.
+    pub fn spawn_flusher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(err) = this.flush().await {
+                    tracing::warn!(error = %err, "could not record last use; will retry");
+                }
+            }
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! The Introspect caches: warm calls cost nothing but the gRPC stack, and no cached answer
+//! outlives a change.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokend::clock::Clock as _;
+use tokend::proto::v1 as pb;
+
+use crate::helpers::{Backend, TestApp, spawn_app};
+
+crate::both_backends!(
+    a_revocation_beats_a_warm_cache_on_the_very_next_call,
+    no_introspect_after_a_revocation_returned_answers_active_under_concurrent_load,
+    last_use_is_recorded_in_batches,
+);
+
+async fn acme(app: &TestApp) {
+    app.tenant(
+        "acme",
+        &[("dev", &["a:read", "a:write"]), ("viewer", &["a:read"])],
+    )
+    .await;
+    app.member("acme", "alice", "dev", &["eng"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_introspect_costs_no_query_and_no_argon2_on_sqlite() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    assert!(
+        app.introspect(&token).await.active,
+        "first sight fills the caches"
+    );
+
+    let (queries, verifications) = (app.store.token_lookups(), app.hasher.verifications());
+    for _ in 0..50 {
+        assert!(app.introspect(&token).await.active);
+    }
+    assert_eq!(
+        app.store.token_lookups() - queries,
+        0,
+        "database lookups per warm call"
+    );
+    assert_eq!(
+        app.hasher.verifications() - verifications,
+        0,
+        "argon2 calls per warm call"
+    );
+}
+
+async fn a_revocation_beats_a_warm_cache_on_the_very_next_call(app: TestApp) {
+    acme(&app).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    for _ in 0..3 {
+        assert!(app.introspect(&token).await.active);
+    }
+    app.member("acme", "alice", "viewer", &[]).await;
+    assert_eq!(
+        app.introspect(&token).await.permissions,
+        vec!["a:read".to_owned()]
+    );
+    app.tokens(&app.root)
+        .revoke_token(pb::RevokeTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            token_id: info.id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(!app.introspect(&token).await.active);
+}
+
+async fn no_introspect_after_a_revocation_returned_answers_active_under_concurrent_load(
+    app: TestApp,
+) {
+    acme(&app).await;
+    for round in 0..5 {
+        let (token, info) = app
+            .pat("acme", "alice", &format!("round-{round}"), &[])
+            .await;
+        let revoked = Arc::new(AtomicBool::new(false));
+        // Introspect in a loop on two tasks, so cache fills race the revocation.
+        let mut workers = Vec::new();
+        for _ in 0..2 {
+            let mut client = app.tokens(&app.root);
+            let token = token.clone();
+            let revoked = Arc::clone(&revoked);
+            workers.push(tokio::spawn(async move {
+                for _ in 0..40 {
+                    // Read the flag before the call: a call that started after the
+                    // revocation returned must not answer active.
+                    let after = revoked.load(Ordering::SeqCst);
+                    let answer = client
+                        .introspect(pb::IntrospectRequest {
+                            token: token.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner();
+                    assert!(
+                        !(after && answer.active),
+                        "active after the revocation returned"
+                    );
+                }
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5 * round)).await;
+        app.tokens(&app.root)
+            .revoke_token(pb::RevokeTokenRequest {
+                tenant_id: "acme".into(),
+                actor_user_id: "alice".into(),
+                token_id: info.id,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+        revoked.store(true, Ordering::SeqCst);
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        assert!(!app.introspect(&token).await.active);
+    }
+}
+
+async fn last_use_is_recorded_in_batches(app: TestApp) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    for _ in 0..20 {
+        assert!(app.introspect(&token).await.active);
+    }
+    let mut last_used = None;
+    for _ in 0..100 {
+        let listed = app
+            .tokens(&app.root)
+            .list_tokens(pb::ListTokensRequest {
+                tenant_id: "acme".into(),
+                actor_user_id: "alice".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .tokens;
+        last_used = listed[0].last_used_at;
+        if last_used.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let last_used = last_used.expect("the batch was written");
+    let now = app.clock.now();
+    assert!(
+        (now.timestamp() - last_used.seconds).abs() <= 60,
+        "precise to the minute"
+    );
+}
