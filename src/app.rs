@@ -12,13 +12,13 @@ use tokio::net::TcpListener;
 
 use crate::clock::SystemClock;
 use crate::config::Settings;
-use crate::domain::ports::{Clock, SecretHasher, Store};
+use crate::domain::ports::{Clock, InvalidationSink, SecretHasher, Store};
 use crate::domain::token_format::TokenFormat;
 use crate::hashing::Argon2Hasher;
 use crate::introspect::cache::{CachingStore, LiveCache};
 use crate::introspect::last_used::LastUsed;
 use crate::service::{self, Tokend};
-use crate::storage::SeaStore;
+use crate::storage::{FeedTiming, SeaStore};
 
 /// A built, bound, not yet running tokend.
 #[derive(Debug)]
@@ -30,6 +30,7 @@ pub struct App {
     hasher: Arc<Argon2Hasher>,
     last_used: Arc<LastUsed>,
     last_used_every: Duration,
+    feed: Option<tokio::task::JoinHandle<()>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -97,6 +98,14 @@ impl App {
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::clone(&cache),
         ));
+        let feed = store.spawn_change_feed(
+            Arc::clone(&cache) as Arc<dyn InvalidationSink>,
+            FeedTiming {
+                heartbeat: Duration::from_millis(settings.cache.feed_heartbeat_ms.max(10)),
+                timeout: Duration::from_millis(settings.cache.feed_timeout_ms.max(20)),
+                poll: Duration::from_millis(settings.cache.feed_poll_ms.max(10)),
+            },
+        );
         let hasher = hasher(settings)?;
         let last_used = Arc::new(LastUsed::new(Arc::clone(&cached)));
         let core = Arc::new(Tokend::new(
@@ -117,6 +126,7 @@ impl App {
             hasher,
             last_used,
             last_used_every: Duration::from_millis(settings.last_used_flush_ms.max(10)),
+            feed,
             clock,
         })
     }
@@ -154,9 +164,19 @@ impl App {
         let health = tonic_health::server::health_reporter();
         let flusher = self.last_used.spawn_flusher(self.last_used_every);
         tracing::info!(%address, "tokend is serving");
-        let served =
-            crate::grpc::serve(self.listener, self.core, self.clock, health, shutdown).await;
+        let served = crate::grpc::serve(
+            self.listener,
+            self.core,
+            self.clock,
+            health,
+            self.cache.watch_trusted(),
+            shutdown,
+        )
+        .await;
         flusher.abort();
+        if let Some(feed) = &self.feed {
+            feed.abort();
+        }
         // In-flight calls are drained: what they noted is written before exit.
         if let Err(err) = self.last_used.flush().await {
             tracing::warn!(error = %err, "could not record the last uses on shutdown");

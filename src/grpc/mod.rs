@@ -67,6 +67,7 @@ pub async fn serve(
         HealthReporter,
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ),
+    mut ready: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
@@ -80,7 +81,20 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    set_serving(&reporter, true).await;
+    // Ready means the caches are trusted: on PostgreSQL, once the change feed is up. Until
+    // then (and whenever it is lost) calls still work, reading through to the database, but
+    // a load balancer should prefer replicas that are ready.
+    let initially = *ready.borrow_and_update();
+    set_serving(&reporter, initially).await;
+    let readiness = {
+        let reporter = reporter.clone();
+        tokio::spawn(async move {
+            while ready.changed().await.is_ok() {
+                let now = *ready.borrow_and_update();
+                set_serving(&reporter, now).await;
+            }
+        })
+    };
     Server::builder()
         // The span every log line of a call is nested in; `caller` is filled in by the
         // auth layer with the credential's display id.
@@ -110,6 +124,7 @@ pub async fn serve(
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
             shutdown.await;
+            readiness.abort();
             set_serving(&reporter, false).await;
         })
         .await?;

@@ -36,6 +36,12 @@ pub struct CacheSettings {
     /// How long after the change feed was lost cached answers may still be served when the
     /// database is unreachable, milliseconds. 0: never; an outage answers UNAVAILABLE.
     pub max_staleness_ms: u64,
+    /// PostgreSQL change feed: heartbeat interval, milliseconds.
+    pub feed_heartbeat_ms: u64,
+    /// PostgreSQL change feed: silence after which the listener is presumed dead, ms.
+    pub feed_timeout_ms: u64,
+    /// PostgreSQL change feed: how often the change log is polled as a backstop, ms.
+    pub feed_poll_ms: u64,
 }
 
 impl Default for CacheSettings {
@@ -44,6 +50,9 @@ impl Default for CacheSettings {
             max_tokens: 1_000_000,
             ttl_secs: 300,
             max_staleness_ms: 0,
+            feed_heartbeat_ms: 500,
+            feed_timeout_ms: 2000,
+            feed_poll_ms: 2000,
         }
     }
 }
@@ -62,6 +71,8 @@ pub struct LiveCache {
     trusted: AtomicBool,
     /// When trust was lost, for the staleness bound; `None` while trusted.
     untrusted_since: std::sync::Mutex<Option<Instant>>,
+    /// Trust changes, for readiness.
+    trust_watch: tokio::sync::watch::Sender<bool>,
     max_staleness: Duration,
 }
 
@@ -103,6 +114,7 @@ impl LiveCache {
             generation: AtomicU64::new(0),
             trusted: AtomicBool::new(trusted),
             untrusted_since: std::sync::Mutex::new((!trusted).then(Instant::now)),
+            trust_watch: tokio::sync::watch::Sender::new(trusted),
             max_staleness: Duration::from_millis(settings.max_staleness_ms),
         }
     }
@@ -110,6 +122,11 @@ impl LiveCache {
     /// Whether cached state may be served.
     pub fn is_trusted(&self) -> bool {
         self.trusted.load(Ordering::Acquire)
+    }
+
+    /// Follows trust changes: readiness is trust.
+    pub fn watch_trusted(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.trust_watch.subscribe()
     }
 
     /// Cached token rows, for the memory figures.
@@ -251,6 +268,7 @@ impl InvalidationSink for LiveCache {
             *since = Some(Instant::now());
         }
         self.trusted.store(trusted, Ordering::Release);
+        self.trust_watch.send_replace(trusted);
         metrics::gauge!("tokend_cache_trusted").set(if trusted { 1.0 } else { 0.0 });
     }
 }

@@ -3,7 +3,9 @@
 
 mod convert;
 pub mod entities;
+mod feed;
 pub mod migration;
 mod store;
 
+pub use feed::FeedTiming;
 pub use store::{DatabaseOptions, SeaStore};

@@ -47,7 +47,7 @@ impl Default for DatabaseOptions {
 /// The store over SQLite or PostgreSQL.
 #[derive(Debug)]
 pub struct SeaStore {
-    db: DatabaseConnection,
+    pub(super) db: DatabaseConnection,
     format: TokenFormat,
     token_lookups: AtomicU64,
 }

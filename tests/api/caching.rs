@@ -7,9 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokend::clock::Clock as _;
 use tokend::proto::v1 as pb;
 
-use crate::helpers::{Backend, TestApp, spawn_app};
+use crate::helpers::TestApp;
 
 crate::both_backends!(
+    a_warm_introspect_costs_no_query_and_no_argon2,
     a_revocation_beats_a_warm_cache_on_the_very_next_call,
     no_introspect_after_a_revocation_returned_answers_active_under_concurrent_load,
     last_use_is_recorded_in_batches,
@@ -24,9 +25,7 @@ async fn acme(app: &TestApp) {
     app.member("acme", "alice", "dev", &["eng"]).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_introspect_costs_no_query_and_no_argon2_on_sqlite() {
-    let app = spawn_app(Backend::Sqlite).await.unwrap();
+async fn a_warm_introspect_costs_no_query_and_no_argon2(app: TestApp) {
     acme(&app).await;
     let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
     assert!(

@@ -19,6 +19,7 @@ use tokend::App;
 use tokend::clock::ManualClock;
 use tokend::config::Settings;
 use tokend::hashing::Argon2Hasher;
+use tokend::introspect::cache::LiveCache;
 use tokend::proto::v1 as pb;
 use tokend::proto::v1::audit_service_client::AuditServiceClient;
 use tokend::proto::v1::directory_service_client::DirectoryServiceClient;
@@ -58,7 +59,10 @@ pub struct TestApp {
     pub clock: Arc<ManualClock>,
     pub store: Arc<SeaStore>,
     pub hasher: Arc<Argon2Hasher>,
+    pub cache: Arc<LiveCache>,
     pub backend: Backend,
+    /// The database, reached directly (not through any proxy a test put in between).
+    pub database_url: String,
     channel: Channel,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
@@ -186,9 +190,12 @@ pub async fn spawn_app_with(
     let (url, database) = fresh_database(backend).await?;
     let mut settings = Settings::load(None, Vec::new()).expect("default settings");
     settings.listen = "127.0.0.1:0".parse().expect("address");
-    settings.database_url = url.into();
+    settings.database_url = url.clone().into();
     settings.database.max_connections = 5;
     settings.last_used_flush_ms = 50;
+    // Under a full parallel test run on two cores a heartbeat can be late; tests that are
+    // about the heartbeat set their own.
+    settings.cache.feed_timeout_ms = 5000;
     adjust(&mut settings);
 
     let clock = Arc::new(ManualClock::starting_now());
@@ -203,6 +210,17 @@ pub async fn spawn_app_with(
         .expect("bootstrap")
         .expose_secret()
         .to_owned();
+    // A replica is ready once its caches are trusted (on PostgreSQL: its change feed is
+    // up). Tests start from there, as a load balancer would.
+    let mut ready = app.cache().watch_trusted();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        ready.wait_for(|trusted| *trusted),
+    )
+    .await
+    .expect("the replica becomes ready")
+    .expect("readiness is reported");
+    let cache = app.cache();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         app.run_until(async {
@@ -222,7 +240,9 @@ pub async fn spawn_app_with(
         clock,
         store,
         hasher,
+        cache,
         backend,
+        database_url: url,
         channel,
         shutdown: Some(tx),
         server: Some(server),

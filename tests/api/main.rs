@@ -12,5 +12,6 @@ mod auth;
 mod caching;
 mod cli;
 mod directory;
+mod feed;
 mod introspect;
 mod tokens;

@@ -1,0 +1,280 @@
+//! The PostgreSQL change feed: one `LISTEN` connection per replica turns trigger
+//! notifications into cache invalidations, and says when the feed cannot be trusted.
+//!
+//! - LISTEN first, then trust: caches start empty once the listener is in place, so nothing
+//!   committed after that point can be missed.
+//! - A lost connection is seen (`try_recv` returns `None`, unlike `recv`, which reconnects
+//!   silently and hides the gap); a half-open one is caught by a heartbeat that must come
+//!   back within a timeout. Either way the caches are untrusted until a new listener is up.
+//! - A slow poll of `change_log` is the backstop for anything a lost message missed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sea_orm::sqlx::postgres::{PgListener, PgPool};
+use sea_orm::sqlx::{self, Row as _};
+use tokio::sync::mpsc;
+
+use crate::domain::model::Invalidation;
+use crate::domain::names::{RoleName, TenantId, UserId};
+use crate::domain::ports::InvalidationSink;
+
+use super::SeaStore;
+
+const CHANGES: &str = "tokend_changes";
+const HEARTBEAT: &str = "tokend_heartbeat";
+
+/// Timing of the feed.
+#[derive(Clone, Copy, Debug)]
+pub struct FeedTiming {
+    /// How often a heartbeat is sent through the database.
+    pub heartbeat: Duration,
+    /// Silence after which the listener connection is presumed dead.
+    pub timeout: Duration,
+    /// How often `change_log` is polled.
+    pub poll: Duration,
+}
+
+impl Default for FeedTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_millis(500),
+            timeout: Duration::from_millis(2000),
+            poll: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Splits a notification into its change-log sequence number and what it invalidates.
+pub fn split_notification(notification: &str) -> (Option<i64>, Invalidation) {
+    match notification.split_once(' ') {
+        Some((seq, payload)) => match seq.parse() {
+            Ok(seq) => (Some(seq), parse_payload(payload)),
+            Err(_) => (None, Invalidation::All),
+        },
+        None => (None, parse_payload(notification)),
+    }
+}
+
+/// Parses a trigger payload into what it invalidates. Anything unreadable invalidates
+/// everything: a notification can only ever evict.
+pub fn parse_payload(payload: &str) -> Invalidation {
+    #[derive(serde::Deserialize)]
+    struct Payload {
+        k: String,
+        id: Option<String>,
+        tenant: Option<String>,
+        user: Option<String>,
+        name: Option<String>,
+    }
+    let Ok(p) = serde_json::from_str::<Payload>(payload) else {
+        return Invalidation::All;
+    };
+    match (p.k.as_str(), p.id, p.tenant, p.user, p.name) {
+        ("token", Some(id), ..) => Invalidation::Token(id),
+        ("tenant", Some(id), ..) => Invalidation::Tenant(TenantId::from_trusted(id)),
+        ("user", Some(id), ..) => Invalidation::User(UserId::from_trusted(id)),
+        ("member", _, Some(tenant), Some(user), _) => {
+            Invalidation::Member(TenantId::from_trusted(tenant), UserId::from_trusted(user))
+        }
+        ("role", _, Some(tenant), _, Some(name)) => {
+            Invalidation::Role(TenantId::from_trusted(tenant), RoleName::from_trusted(name))
+        }
+        _ => Invalidation::All,
+    }
+}
+
+impl SeaStore {
+    /// Runs the change feed into `sink` until the returned task is aborted. PostgreSQL only;
+    /// on SQLite it returns `None` and the caller trusts local invalidation.
+    pub fn spawn_change_feed(
+        &self,
+        sink: Arc<dyn InvalidationSink>,
+        timing: FeedTiming,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if !self.is_postgres() {
+            return None;
+        }
+        let pool = self.db.get_postgres_connection_pool().clone();
+        Some(tokio::spawn(run(pool, sink, timing)))
+    }
+}
+
+async fn run(pool: PgPool, sink: Arc<dyn InvalidationSink>, timing: FeedTiming) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match listen_until_lost(&pool, sink.as_ref(), timing).await {
+            Ok(()) => backoff = Duration::from_millis(50),
+            Err(err) => tracing::warn!(error = %err, "change feed: cannot listen"),
+        }
+        sink.set_trusted(false);
+        metrics::counter!("tokend_change_feed_losses_total").increment(1);
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One listener connection's life: returns when it is lost.
+async fn listen_until_lost(
+    pool: &PgPool,
+    sink: &dyn InvalidationSink,
+    timing: FeedTiming,
+) -> Result<(), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.eager_reconnect(false);
+    listener.listen_all([CHANGES, HEARTBEAT]).await?;
+    // Everything committed from here on will be notified: start trusting, from empty.
+    sink.set_trusted(true);
+    tracing::info!("change feed: listening; caches trusted");
+
+    // The receiver owns the listener in its own task, so it is never cancelled mid-message;
+    // it is dropped (closing the connection) when this function returns.
+    let (tx, mut rx) = mpsc::channel::<Option<(String, String)>>(4096);
+    let receiver = tokio::spawn(async move {
+        loop {
+            let message = match listener.try_recv().await {
+                Ok(Some(n)) => Some((n.channel().to_owned(), n.payload().to_owned())),
+                Ok(None) | Err(_) => None,
+            };
+            let lost = message.is_none();
+            if tx.send(message).await.is_err() || lost {
+                break;
+            }
+        }
+    });
+    let _abort = AbortOnDrop(receiver);
+
+    let mut heartbeat = tokio::time::interval(timing.heartbeat);
+    let mut poll = tokio::time::interval(timing.poll);
+    let mut last_heard = Instant::now();
+    let mut polled_until: Option<i64> = None;
+    // Changes already applied, by sequence number, so the poll does not evict them again.
+    let mut applied: HashMap<i64, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            message = rx.recv() => match message {
+                Some(Some((channel, payload))) => {
+                    last_heard = Instant::now();
+                    if channel == CHANGES {
+                        let (seq, change) = split_notification(&payload);
+                        if let Some(seq) = seq {
+                            applied.insert(seq, Instant::now());
+                        }
+                        sink.invalidate(&change);
+                    }
+                }
+                _ => {
+                    tracing::warn!("change feed: listener connection lost; caches untrusted");
+                    return Ok(());
+                }
+            },
+            _ = heartbeat.tick() => {
+                if last_heard.elapsed() > timing.timeout {
+                    tracing::warn!("change feed: no heartbeat back in time; caches untrusted");
+                    return Ok(());
+                }
+                // Any replica's heartbeat proves our connection alive; send ours so there
+                // always is one.
+                let _ = sqlx::query("SELECT pg_notify($1, '')").bind(HEARTBEAT).execute(pool).await;
+            },
+            _ = poll.tick() => {
+                applied.retain(|_, at| at.elapsed() < timing.poll * 8);
+                if let Err(err) = poll_change_log(pool, sink, &mut polled_until, &mut applied, timing).await {
+                    tracing::debug!(error = %err, "change feed: poll failed");
+                }
+            },
+        }
+    }
+}
+
+/// Applies every change logged since the last poll, with a margin for transactions that
+/// committed late. Invalidations are idempotent, so seeing one twice costs a cache miss.
+async fn poll_change_log(
+    pool: &PgPool,
+    sink: &dyn InvalidationSink,
+    polled_until: &mut Option<i64>,
+    applied: &mut HashMap<i64, Instant>,
+    timing: FeedTiming,
+) -> Result<(), sqlx::Error> {
+    // The database's clock, in microseconds, on both sides of the comparison.
+    let now: i64 =
+        sqlx::query("SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint AS now")
+            .fetch_one(pool)
+            .await?
+            .try_get("now")?;
+    let Some(since) = *polled_until else {
+        // The listener just started from an empty cache: nothing before now matters.
+        *polled_until = Some(now);
+        return Ok(());
+    };
+    let margin = i64::try_from((timing.poll * 2).as_micros()).unwrap_or(i64::MAX);
+    let rows = sqlx::query(
+        "SELECT seq, payload FROM change_log
+         WHERE at > to_timestamp($1::float8 / 1000000) ORDER BY seq LIMIT 10000",
+    )
+    .bind(since.saturating_sub(margin))
+    .fetch_all(pool)
+    .await?;
+    for row in &rows {
+        let seq: i64 = row.try_get("seq")?;
+        if applied.contains_key(&seq) {
+            continue;
+        }
+        let payload: String = row.try_get("payload")?;
+        // Found by the poll, not the listener: a notification went missing.
+        metrics::counter!("tokend_change_feed_backstop_total").increment(1);
+        applied.insert(seq, Instant::now());
+        sink.invalidate(&parse_payload(&payload));
+    }
+    *polled_until = Some(now);
+    // Keep the log short; any replica may prune.
+    sqlx::query(
+        "DELETE FROM change_log WHERE at < to_timestamp($1::float8 / 1000000) - interval '1 hour'",
+    )
+    .bind(now)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_name_keys_and_anything_else_evicts_everything() {
+        assert_eq!(
+            parse_payload(r#"{"k":"token","id":"AAAAAAAAAAAA"}"#),
+            Invalidation::Token("AAAAAAAAAAAA".into())
+        );
+        assert_eq!(
+            parse_payload(r#"{"k":"member","tenant":"a:b","user":"u|1"}"#),
+            Invalidation::Member(
+                TenantId::from_trusted("a:b".into()),
+                UserId::from_trusted("u|1".into())
+            )
+        );
+        assert_eq!(parse_payload("garbage"), Invalidation::All);
+        assert_eq!(
+            split_notification(r#"42 {"k":"user","id":"bob"}"#),
+            (
+                Some(42),
+                Invalidation::User(UserId::from_trusted("bob".into()))
+            )
+        );
+        assert_eq!(split_notification("x {}"), (None, Invalidation::All));
+        assert_eq!(
+            parse_payload(r#"{"k":"role","tenant":"x"}"#),
+            Invalidation::All
+        );
+    }
+}

@@ -1,0 +1,300 @@
+//! PostgreSQL's change feed across replicas: triggers, LISTEN, loss of the listener, a
+//! half-open connection, and an unreachable database.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::{Duration, Instant};
+
+use sea_orm::{ConnectionTrait as _, Database};
+use secrecy::ExposeSecret as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tonic::Code;
+
+use tokend::proto::v1 as pb;
+
+use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with};
+
+async fn acme(app: &TestApp) -> (String, pb::TokenInfo) {
+    app.tenant("acme", &[("dev", &["a:read"])]).await;
+    app.member("acme", "alice", "dev", &[]).await;
+    let issued = app.pat("acme", "alice", "laptop", &[]).await;
+    for _ in 0..3 {
+        assert!(app.introspect(&issued.0).await.active);
+    }
+    issued
+}
+
+async fn sql(app: &TestApp, statement: &str) {
+    let db = Database::connect(&app.database_url).await.unwrap();
+    db.execute_unprepared(statement).await.unwrap();
+    db.close().await.unwrap();
+}
+
+/// Polls Introspect until the token is inactive; returns how long that took.
+async fn until_inactive(app: &TestApp, token: &str, bound: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if !app.introspect(token).await.active {
+            return start.elapsed();
+        }
+        assert!(start.elapsed() < bound, "still active after {bound:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+async fn until_ready(app: &TestApp, ready: bool, bound: Duration) {
+    let mut watch = app.cache.watch_trusted();
+    tokio::time::timeout(bound, watch.wait_for(|trusted| *trusted == ready))
+        .await
+        .unwrap_or_else(|_| panic!("readiness did not become {ready} within {bound:?}"))
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_sql_fix_is_seen_through_the_triggers() {
+    let Some(app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let (token, info) = acme(&app).await;
+    sql(
+        &app,
+        &format!(
+            "UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{}'",
+            info.id
+        ),
+    )
+    .await;
+    let took = until_inactive(&app, &token, Duration::from_secs(1)).await;
+    eprintln!("manual SQL revocation seen after {took:?}");
+
+    // A role change by hand shrinks permissions too.
+    let (other, _) = app.pat("acme", "alice", "phone", &[]).await;
+    assert_eq!(
+        app.introspect(&other).await.permissions,
+        vec!["a:read".to_owned()]
+    );
+    sql(
+        &app,
+        "UPDATE roles SET permissions = '[]' WHERE tenant_id = 'acme' AND name = 'dev'",
+    )
+    .await;
+    let start = Instant::now();
+    while !app.introspect(&other).await.permissions.is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(1));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_listener_is_noticed_and_revocations_still_hold() {
+    let Some(app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let (token, info) = acme(&app).await;
+    let database = app.database_url.rsplit('/').next().unwrap().to_owned();
+    // Kill the LISTEN backend and, at once, revoke behind its back: that notification is
+    // lost, and the replica must not keep answering from its cache.
+    sql(
+        &app,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{database}' AND query LIKE 'LISTEN%'"
+        ),
+    )
+    .await;
+    sql(
+        &app,
+        &format!(
+            "UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{}'",
+            info.id
+        ),
+    )
+    .await;
+    let took = until_inactive(&app, &token, Duration::from_secs(5)).await;
+    eprintln!("revocation during listener loss enforced after {took:?}");
+
+    // The feed comes back and the cache is trusted again, from empty.
+    until_ready(&app, true, Duration::from_secs(10)).await;
+    let (other, other_info) = app.pat("acme", "alice", "phone", &[]).await;
+    assert!(app.introspect(&other).await.active);
+    app.tokens(&app.root)
+        .revoke_token(pb::RevokeTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            token_id: other_info.id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    assert!(!app.introspect(&other).await.active);
+}
+
+/// A TCP proxy between tokend and PostgreSQL that can forward, swallow everything while
+/// keeping sockets open (a half-open peer), or refuse and cut every connection.
+struct Proxy {
+    port: u16,
+    mode: Arc<AtomicU8>,
+}
+
+const FORWARD: u8 = 0;
+const BLACKHOLE: u8 = 1;
+const DOWN: u8 = 2;
+
+impl Proxy {
+    async fn start(upstream: String) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(AtomicU8::new(FORWARD));
+        let accept_mode = Arc::clone(&mode);
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if accept_mode.load(Ordering::SeqCst) == DOWN {
+                    continue; // dropped: refused
+                }
+                let Ok(server) = TcpStream::connect(&upstream).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, Arc::clone(&accept_mode)));
+                tokio::spawn(pump(sr, cw, Arc::clone(&accept_mode)));
+            }
+        });
+        Self { port, mode }
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+}
+
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mode: Arc<AtomicU8>,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                if mode.load(Ordering::SeqCst) == DOWN { return; }
+                continue;
+            }
+        };
+        let Ok(n) = read else { return };
+        if n == 0 {
+            return;
+        }
+        match mode.load(Ordering::SeqCst) {
+            FORWARD => {
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
+            BLACKHOLE => {}
+            _ => return,
+        }
+    }
+}
+
+async fn app_behind_proxy() -> Option<(TestApp, Proxy)> {
+    let admin = std::env::var("TOKEND_TEST_POSTGRES_URL").ok()?;
+    let authority = admin
+        .split("://")
+        .nth(1)?
+        .split('/')
+        .next()?
+        .rsplit('@')
+        .next()?
+        .to_owned();
+    let proxy = Proxy::start(authority.clone()).await;
+    let port = proxy.port;
+    let app = spawn_app_with(Backend::Postgres, |settings| {
+        let url = settings
+            .database_url
+            .expose_secret()
+            .replace(&authority, &format!("127.0.0.1:{port}"));
+        settings.database_url = url.into();
+        settings.database.acquire_timeout_ms = 1000;
+        settings.cache.feed_timeout_ms = 1500;
+    })
+    .await?;
+    Some((app, proxy))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_listener_is_caught_by_the_heartbeat() {
+    let Some((app, proxy)) = app_behind_proxy().await else {
+        return;
+    };
+    let (token, info) = acme(&app).await;
+    // Packets vanish but no socket closes: only the heartbeat can tell.
+    proxy.set(BLACKHOLE);
+    sql(
+        &app,
+        &format!(
+            "UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{}'",
+            info.id
+        ),
+    )
+    .await;
+    until_ready(&app, false, Duration::from_secs(5)).await;
+    // Untrusted now: the replica reads through, and the database is out of reach.
+    let result = app
+        .tokens(&app.root)
+        .introspect(pb::IntrospectRequest {
+            token: token.clone(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(
+        result.unwrap_err().code(),
+        Code::Unavailable,
+        "never a stale active"
+    );
+    proxy.set(FORWARD);
+    until_ready(&app, true, Duration::from_secs(15)).await;
+    until_inactive(&app, &token, Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_unavailable_never_a_verdict() {
+    let Some((app, proxy)) = app_behind_proxy().await else {
+        return;
+    };
+    let (token, _) = acme(&app).await;
+    proxy.set(DOWN);
+    until_ready(&app, false, Duration::from_secs(5)).await;
+    for candidate in [token.as_str(), app.root.as_str()] {
+        let result = app
+            .tokens_anonymous()
+            .introspect(pb::IntrospectRequest {
+                token: candidate.into(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(
+            result.unwrap_err().code(),
+            Code::Unauthenticated,
+            "no credential is still no credential"
+        );
+        let result = app
+            .tokens(&app.root)
+            .introspect(pb::IntrospectRequest {
+                token: candidate.into(),
+                ..Default::default()
+            })
+            .await;
+        let status = result.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+        assert!(
+            !status.message().contains("postgres://"),
+            "no connection details leak"
+        );
+    }
+    proxy.set(FORWARD);
+    until_ready(&app, true, Duration::from_secs(15)).await;
+    assert!(app.introspect(&token).await.active);
+}
