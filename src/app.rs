@@ -89,11 +89,9 @@ impl App {
         if settings.migrate_on_start {
             store.migrate().await.context("migration failed")?;
         }
-        // SQLite is one replica: its own writes are every change there is, so the cache is
-        // trusted from the start. PostgreSQL replicas trust theirs only once a change feed
-        // is up; until then every Introspect reads the database.
-        let trusted = !store.is_postgres();
-        let cache = Arc::new(LiveCache::new(&settings.cache, trusted));
+        // PostgreSQL replicas trust their caches only once the change feed is up; until then
+        // every Introspect reads the database. SQLite is one replica: trusted from the start.
+        let cache = Arc::new(LiveCache::new(&settings.cache, store.is_postgres()));
         let cached: Arc<dyn Store> = Arc::new(CachingStore::new(
             Arc::clone(&store) as Arc<dyn Store>,
             Arc::clone(&cache),

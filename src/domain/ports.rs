@@ -24,6 +24,9 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 pub trait InvalidationSink: Send + Sync + std::fmt::Debug + 'static {
     /// Evicts what `what` names.
     fn invalidate(&self, what: &Invalidation);
+    /// Reports that the change feed delivered `what` (after invalidating it), for writers
+    /// waiting to see their own change come back.
+    fn echo(&self, _what: &Invalidation) {}
     /// Whether every change is being seen. Becoming trusted starts from an empty cache.
     fn set_trusted(&self, trusted: bool);
 }

@@ -73,6 +73,12 @@ pub struct LiveCache {
     untrusted_since: std::sync::Mutex<Option<Instant>>,
     /// Trust changes, for readiness.
     trust_watch: tokio::sync::watch::Sender<bool>,
+    /// Changes as the change feed delivered them, for writers waiting on their own echo.
+    echoes: tokio::sync::broadcast::Sender<Invalidation>,
+    /// How long a writer waits for its echo.
+    echo_timeout: Duration,
+    /// Whether a change feed (PostgreSQL) runs; without one (SQLite) there is no echo.
+    has_feed: bool,
     max_staleness: Duration,
 }
 
@@ -86,8 +92,11 @@ impl std::fmt::Debug for LiveCache {
 }
 
 impl LiveCache {
-    /// An empty cache; `trusted` says whether it may be used before any feed reports in.
-    pub fn new(settings: &CacheSettings, trusted: bool) -> Self {
+    /// An empty cache. With a change feed (`has_feed`, PostgreSQL) it is untrusted until
+    /// the feed reports in; without one (SQLite, one replica) local writes are every change
+    /// there is and it is trusted from the start.
+    pub fn new(settings: &CacheSettings, has_feed: bool) -> Self {
+        let trusted = !has_feed;
         let ttl = Duration::from_secs(settings.ttl_secs.max(1));
         let small = (settings.max_tokens / 4).max(1024);
         Self {
@@ -115,6 +124,9 @@ impl LiveCache {
             trusted: AtomicBool::new(trusted),
             untrusted_since: std::sync::Mutex::new((!trusted).then(Instant::now)),
             trust_watch: tokio::sync::watch::Sender::new(trusted),
+            echoes: tokio::sync::broadcast::Sender::new(4096),
+            echo_timeout: Duration::from_millis(settings.feed_timeout_ms.clamp(10, 250)),
+            has_feed,
             max_staleness: Duration::from_millis(settings.max_staleness_ms),
         }
     }
@@ -122,6 +134,37 @@ impl LiveCache {
     /// Whether cached state may be served.
     pub fn is_trusted(&self) -> bool {
         self.trusted.load(Ordering::Acquire)
+    }
+
+    /// Before a write: a receiver for the feed's echo of it, when a feed is running and
+    /// trusted (other replicas then learn of the write from the same notification).
+    fn expect_echo(&self) -> Option<tokio::sync::broadcast::Receiver<Invalidation>> {
+        (self.has_feed && self.is_trusted()).then(|| self.echoes.subscribe())
+    }
+
+    /// After a write: waits, briefly, until the change feed has delivered `change` back to
+    /// this replica. PostgreSQL sends a notification to every listening replica at commit,
+    /// so once it is back here the others have it too: a write that returns has, as near as
+    /// one can tell, reached every replica's cache.
+    async fn await_echo(
+        &self,
+        echo: Option<tokio::sync::broadcast::Receiver<Invalidation>>,
+        change: &Invalidation,
+    ) {
+        let Some(mut echo) = echo else { return };
+        let waited = tokio::time::timeout(self.echo_timeout, async {
+            loop {
+                match echo.recv().await {
+                    Ok(seen) if seen == *change || seen == Invalidation::All => return,
+                    Ok(_) => {}
+                    Err(_) => return,
+                }
+            }
+        })
+        .await;
+        if waited.is_err() {
+            metrics::counter!("tokend_change_feed_echo_timeouts_total").increment(1);
+        }
     }
 
     /// Follows trust changes: readiness is trust.
@@ -254,6 +297,10 @@ impl InvalidationSink for LiveCache {
         metrics::counter!("tokend_cache_invalidations_total").increment(1);
     }
 
+    fn echo(&self, what: &Invalidation) {
+        let _ = self.echoes.send(what.clone());
+    }
+
     fn set_trusted(&self, trusted: bool) {
         let mut since = self
             .untrusted_since
@@ -290,6 +337,16 @@ impl CachingStore {
     fn evict(&self, what: Invalidation) {
         self.cache.invalidate(&what);
     }
+
+    /// Evicts locally, then waits for the change feed's echo of the write, if any.
+    async fn settle(
+        &self,
+        echo: Option<tokio::sync::broadcast::Receiver<Invalidation>>,
+        what: Invalidation,
+    ) {
+        self.cache.invalidate(&what);
+        self.cache.await_echo(echo, &what).await;
+    }
 }
 
 #[async_trait]
@@ -324,8 +381,10 @@ impl Store for CachingStore {
     }
 
     async fn put_tenant(&self, tenant: &Tenant, audit: &AuditRecord) -> Result<Tenant> {
+        let echo = self.cache.expect_echo();
         let stored = self.inner.put_tenant(tenant, audit).await;
-        self.evict(Invalidation::Tenant(tenant.id.clone()));
+        self.settle(echo, Invalidation::Tenant(tenant.id.clone()))
+            .await;
         stored
     }
 
@@ -343,11 +402,13 @@ impl Store for CachingStore {
     }
 
     async fn put_role(&self, role: &Role, audit: &AuditRecord) -> Result<()> {
+        let echo = self.cache.expect_echo();
         let result = self.inner.put_role(role, audit).await;
-        self.evict(Invalidation::Role(
-            role.tenant_id.clone(),
-            role.name.clone(),
-        ));
+        self.settle(
+            echo,
+            Invalidation::Role(role.tenant_id.clone(), role.name.clone()),
+        )
+        .await;
         result
     }
 
@@ -357,8 +418,10 @@ impl Store for CachingStore {
         name: &RoleName,
         audit: &AuditRecord,
     ) -> Result<bool> {
+        let echo = self.cache.expect_echo();
         let result = self.inner.delete_role(tenant, name, audit).await;
-        self.evict(Invalidation::Role(tenant.clone(), name.clone()));
+        self.settle(echo, Invalidation::Role(tenant.clone(), name.clone()))
+            .await;
         result
     }
 
@@ -371,13 +434,19 @@ impl Store for CachingStore {
     }
 
     async fn put_members(&self, members: &[(Member, AuditRecord)]) -> Result<()> {
+        let echo = self.cache.expect_echo();
         let result = self.inner.put_members(members).await;
         for (member, _) in members {
+            self.evict(Invalidation::User(member.user_id.clone()));
             self.evict(Invalidation::Member(
                 member.tenant_id.clone(),
                 member.user_id.clone(),
             ));
-            self.evict(Invalidation::User(member.user_id.clone()));
+        }
+        // The feed delivers in commit order: the last membership's echo covers the batch.
+        if let Some((member, _)) = members.last() {
+            let last = Invalidation::Member(member.tenant_id.clone(), member.user_id.clone());
+            self.settle(echo, last).await;
         }
         result
     }
@@ -388,8 +457,10 @@ impl Store for CachingStore {
         user: &UserId,
         audit: &AuditRecord,
     ) -> Result<bool> {
+        let echo = self.cache.expect_echo();
         let result = self.inner.remove_member(tenant, user, audit).await;
-        self.evict(Invalidation::Member(tenant.clone(), user.clone()));
+        self.settle(echo, Invalidation::Member(tenant.clone(), user.clone()))
+            .await;
         result
     }
 
@@ -407,8 +478,9 @@ impl Store for CachingStore {
     }
 
     async fn put_user(&self, user: &User, audit: &AuditRecord) -> Result<User> {
+        let echo = self.cache.expect_echo();
         let result = self.inner.put_user(user, audit).await;
-        self.evict(Invalidation::User(user.id.clone()));
+        self.settle(echo, Invalidation::User(user.id.clone())).await;
         result
     }
 
@@ -437,8 +509,9 @@ impl Store for CachingStore {
         revocation: &Revocation,
         audit: &AuditRecord,
     ) -> Result<Option<Token>> {
+        let echo = self.cache.expect_echo();
         let result = self.inner.revoke_token(tenant, id, revocation, audit).await;
-        self.evict(Invalidation::Token(id.to_owned()));
+        self.settle(echo, Invalidation::Token(id.to_owned())).await;
         result
     }
 
@@ -448,8 +521,9 @@ impl Store for CachingStore {
         id: &str,
         audit: &[AuditRecord],
     ) -> Result<bool> {
+        let echo = self.cache.expect_echo();
         let result = self.inner.delete_token(tenant, id, audit).await;
-        self.evict(Invalidation::Token(id.to_owned()));
+        self.settle(echo, Invalidation::Token(id.to_owned())).await;
         result
     }
 
@@ -515,7 +589,7 @@ mod tests {
 
     #[test]
     fn a_fill_is_served_until_something_it_read_is_invalidated() {
-        let cache = LiveCache::new(&CacheSettings::default(), true);
+        let cache = LiveCache::new(&CacheSettings::default(), false);
         let s = state("AAAAAAAAAAAA");
         cache.fill(
             "AAAAAAAAAAAA",
@@ -536,7 +610,7 @@ mod tests {
 
     #[test]
     fn a_fill_that_raced_an_invalidation_is_not_kept() {
-        let cache = LiveCache::new(&CacheSettings::default(), true);
+        let cache = LiveCache::new(&CacheSettings::default(), false);
         let s = state("BBBBBBBBBBBB");
         // The fill read the database, then a revocation invalidated, then the fill lands.
         let generation = cache.generation.load(Ordering::Acquire);
@@ -552,7 +626,7 @@ mod tests {
 
     #[test]
     fn becoming_trusted_starts_from_nothing_and_untrusted_serves_nothing_stale_by_default() {
-        let cache = LiveCache::new(&CacheSettings::default(), true);
+        let cache = LiveCache::new(&CacheSettings::default(), false);
         let s = state("DDDDDDDDDDDD");
         cache.fill(
             "DDDDDDDDDDDD",
@@ -572,7 +646,7 @@ mod tests {
             max_staleness_ms: 60_000,
             ..CacheSettings::default()
         };
-        let cache = LiveCache::new(&settings, true);
+        let cache = LiveCache::new(&settings, false);
         assert!(
             !cache.within_staleness_bound(),
             "trusted: no fallback needed"

@@ -162,6 +162,7 @@ async fn listen_until_lost(
                             applied.insert(seq, Instant::now());
                         }
                         sink.invalidate(&change);
+                        sink.echo(&change);
                     }
                 }
                 _ => {

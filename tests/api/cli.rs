@@ -27,6 +27,7 @@ fn tokend(dir: &std::path::Path, database_url: &str) -> Command {
     command
         .current_dir(dir)
         .env("TOKEND_LOG__FILTER", "warn")
+        .env_remove("TOKEND_TEST_POSTGRES_URL")
         .stdin(Stdio::null());
     if !database_url.is_empty() {
         command.env("TOKEND_DATABASE_URL", database_url);

@@ -14,4 +14,5 @@ mod cli;
 mod directory;
 mod feed;
 mod introspect;
+mod replicas;
 mod tokens;

@@ -1,0 +1,288 @@
+//! Several `tokend serve` processes on one PostgreSQL database, as in production: a change
+//! made through one replica is enforced by the others on their next call.
+//!
+//! `PROPAGATION_TRIALS=200 cargo test --test api replicas -- --nocapture` prints the
+//! revocation propagation figures the README quotes.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use tokend::proto::v1 as pb;
+use tokend::proto::v1::directory_service_client::DirectoryServiceClient;
+use tokend::proto::v1::token_service_client::TokenServiceClient;
+
+use crate::helpers::{Backend, fresh_database};
+
+const TOKEND: &str = env!("CARGO_BIN_EXE_tokend");
+
+struct Replica {
+    _process: KillOnDrop,
+    channel: Channel,
+}
+
+/// The replica's process, killed and reaped however the test ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+type Bearer =
+    Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send>;
+
+impl Replica {
+    async fn start(database_url: &str) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let process = KillOnDrop(
+            Command::new(TOKEND)
+                .arg("serve")
+                .env("TOKEND_LISTEN", format!("127.0.0.1:{port}"))
+                .env("TOKEND_DATABASE_URL", database_url)
+                .env("TOKEND_LOG__FILTER", "warn")
+                .env_remove("TOKEND_TEST_POSTGRES_URL")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(channel) = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                let status = HealthClient::new(channel.clone())
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .map(|r| r.into_inner().status);
+                // Ready means the change feed is up and the caches are trusted.
+                if status.ok() == Some(ServingStatus::Serving as i32) {
+                    return Self {
+                        _process: process,
+                        channel,
+                    };
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica on port {port} never became ready"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn bearer(key: &str) -> Bearer {
+        let value: MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+        Box::new(move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+            Ok(request)
+        })
+    }
+
+    fn tokens(&self, key: &str) -> TokenServiceClient<InterceptedService<Channel, Bearer>> {
+        TokenServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key))
+    }
+
+    fn directory(&self, key: &str) -> DirectoryServiceClient<InterceptedService<Channel, Bearer>> {
+        DirectoryServiceClient::with_interceptor(self.channel.clone(), Self::bearer(key))
+    }
+}
+
+async fn introspect(replica: &Replica, root: &str, token: &str) -> pb::IntrospectResponse {
+    replica
+        .tokens(root)
+        .introspect(pb::IntrospectRequest {
+            token: token.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls `replica` until `done` holds; returns the time since `since` and whether the very
+/// first call already held.
+async fn until(
+    replica: &Replica,
+    root: &str,
+    token: &str,
+    since: Instant,
+    done: impl Fn(&pb::IntrospectResponse) -> bool,
+) -> (Duration, bool) {
+    let bound = Duration::from_millis(500);
+    let mut first = true;
+    loop {
+        let answer = introspect(replica, root, token).await;
+        if done(&answer) {
+            return (since.elapsed(), first);
+        }
+        first = false;
+        assert!(
+            since.elapsed() < bound,
+            "not propagated within {bound:?}: {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
+    let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
+        return;
+    };
+    let bootstrap = Command::new(TOKEND)
+        .arg("bootstrap")
+        .env("TOKEND_DATABASE_URL", &url)
+        .env("TOKEND_LOG__FILTER", "warn")
+        .env_remove("TOKEND_TEST_POSTGRES_URL")
+        .output()
+        .unwrap();
+    assert!(bootstrap.status.success(), "{bootstrap:?}");
+    let root = String::from_utf8(bootstrap.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .to_owned();
+    let a = Replica::start(&url).await;
+    let b = Replica::start(&url).await;
+
+    let mut dir = a.directory(&root);
+    dir.put_tenant(pb::PutTenantRequest {
+        tenant: Some(pb::Tenant {
+            id: "acme".into(),
+            ..Default::default()
+        }),
+    })
+    .await
+    .unwrap();
+    for (name, permissions) in [
+        ("dev", vec!["a:read", "a:write"]),
+        ("viewer", vec!["a:read"]),
+    ] {
+        dir.put_role(pb::PutRoleRequest {
+            tenant_id: "acme".into(),
+            name: name.into(),
+            permissions: permissions.into_iter().map(String::from).collect(),
+        })
+        .await
+        .unwrap();
+    }
+    let member = |role: &str| pb::PutMemberRequest {
+        tenant_id: "acme".into(),
+        user_id: "alice".into(),
+        role: role.into(),
+        groups: vec![],
+    };
+    dir.put_member(member("dev")).await.unwrap();
+    let issue = |name: String| pb::IssueTokenRequest {
+        tenant_id: "acme".into(),
+        actor_user_id: "alice".into(),
+        kind: pb::TokenKind::Personal.into(),
+        name,
+        ..Default::default()
+    };
+
+    // Revocation, many times over, to measure propagation.
+    let trials: usize = std::env::var("PROPAGATION_TRIALS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(30);
+    let mut times = Vec::with_capacity(trials);
+    let mut at_once = 0;
+    for trial in 0..trials {
+        let issued = a
+            .tokens(&root)
+            .issue_token(issue(format!("trial-{trial}")))
+            .await
+            .unwrap()
+            .into_inner();
+        for _ in 0..2 {
+            assert!(
+                introspect(&b, &root, &issued.secret).await.active,
+                "warm on the other replica"
+            );
+        }
+        a.tokens(&root)
+            .revoke_token(pb::RevokeTokenRequest {
+                tenant_id: "acme".into(),
+                actor_user_id: "alice".into(),
+                token_id: issued.token.unwrap().id,
+                reason: String::new(),
+            })
+            .await
+            .unwrap();
+        let returned = Instant::now();
+        let (took, first) =
+            until(&b, &root, &issued.secret, returned, |answer| !answer.active).await;
+        times.push(took);
+        at_once += usize::from(first);
+    }
+    times.sort();
+    eprintln!(
+        "revocation propagation over {trials} trials: p50 {:?}, p99 {:?}, max {:?}; inactive on the very next call in {at_once}/{trials}",
+        percentile(&times, 0.50),
+        percentile(&times, 0.99),
+        times[times.len() - 1],
+    );
+
+    // Downgrade, suspension, reactivation and removal of the membership.
+    let token = a
+        .tokens(&root)
+        .issue_token(issue("laptop".into()))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    assert_eq!(introspect(&b, &root, &token).await.permissions.len(), 2);
+    dir.put_member(member("viewer")).await.unwrap();
+    until(&b, &root, &token, Instant::now(), |answer| {
+        answer.permissions == vec!["a:read".to_owned()]
+    })
+    .await;
+
+    let status = |status: pb::UserStatus| pb::SetUserStatusRequest {
+        user_id: "alice".into(),
+        status: status.into(),
+    };
+    dir.set_user_status(status(pb::UserStatus::Suspended))
+        .await
+        .unwrap();
+    until(&b, &root, &token, Instant::now(), |answer| !answer.active).await;
+    dir.set_user_status(status(pb::UserStatus::Active))
+        .await
+        .unwrap();
+    until(&b, &root, &token, Instant::now(), |answer| answer.active).await;
+
+    dir.remove_member(pb::RemoveMemberRequest {
+        tenant_id: "acme".into(),
+        user_id: "alice".into(),
+    })
+    .await
+    .unwrap();
+    until(&b, &root, &token, Instant::now(), |answer| !answer.active).await;
+}
