@@ -180,6 +180,8 @@ check "Introspect of the PAT: active, allowed, carries entities:read and group e
   'd.get("active") is True and d.get("allowed") is True and d.get("permissions") == ["entities:read"] and d.get("groups") == ["eng"] and d.get("subject") == "alice"' \
   "$WORK/live.json"
 
+# Uses are written to last_used_at in batches, every 5 s by default (README).
+sleep 6
 call list tokend.v1.TokenService/ListTokens '{"tenantId":"acme","actorUserId":"alice"}' "$ROOT"
 check "ListTokens shows the token, active, with last use recorded" \
   "[(t['id'], t['status'], 'lastUsedAt' in t) for t in d.get('tokens', [])] == [('$TOKEN_ID', 'TOKEN_STATUS_ACTIVE', True)]" \
