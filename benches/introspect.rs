@@ -1,0 +1,669 @@
+//! Introspect over real gRPC, beside the ceiling: a no-op tonic server returning the same
+//! response, measured in the same run by the same load generator (h2load).
+//!
+//! `cargo bench --bench introspect` (needs `h2load` from Debian's nghttp2-client and
+//! `taskset`). The servers run on core 0, the load generator on core 1. Scenarios:
+//! (a) a warm valid token, (b) garbage, (c) cold valid tokens (first sight, argon2),
+//! (d) the warm token while IssueToken runs at 50/s; and the memory per cached token.
+//!
+//! Environment: `BENCH_REQUESTS` (per h2load run, default 200000), `BENCH_CONCURRENCY`
+//! (in-flight calls, default 64), `BENCH_COLD` (cold tokens, default 300).
+
+// A benchmark that cannot set itself up should stop loudly, not limp on.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use prost::Message as _;
+use secrecy::ExposeSecret as _;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Server};
+use tonic::{Request, Response, Status};
+
+use tokend::App;
+use tokend::config::Settings;
+use tokend::proto::v1 as pb;
+use tokend::proto::v1::token_service_client::TokenServiceClient;
+use tokend::proto::v1::token_service_server::{TokenService, TokenServiceServer};
+
+fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> anyhow::Result<()> {
+    // cargo passes `--bench`; nothing else to parse.
+    if std::env::var_os("TOKEND_BENCH_PINNED").is_none() {
+        // Re-run pinned to core 0; h2load gets core 1.
+        let status = Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(std::env::current_exe()?)
+            .args(std::env::args().skip(1))
+            .env("TOKEND_BENCH_PINNED", "1")
+            .status()
+            .context("taskset (util-linux) is needed to pin the servers to one core")?;
+        std::process::exit(status.code().unwrap_or(1));
+    }
+    Command::new("h2load")
+        .arg("--version")
+        .output()
+        .context("h2load is needed: apt-get install nghttp2-client")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(run())
+}
+
+/// A server on its own thread and current-thread runtime, like `tokend serve` with
+/// `runtime.flavor = "current_thread"`.
+struct ServerThread {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// What a running tokend exposes to the bench.
+struct Tokend {
+    server: ServerThread,
+    lookups: Box<dyn Fn() -> u64 + Send>,
+    verifications: Box<dyn Fn() -> u64 + Send>,
+    cached_tokens: Box<dyn Fn() -> u64 + Send>,
+    root: String,
+}
+
+fn start_tokend(settings: Settings) -> anyhow::Result<Tokend> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let app = App::build(&settings).await.unwrap();
+            let root = tokend::service::bootstrap(&app.core())
+                .await
+                .unwrap()
+                .expose_secret()
+                .to_owned();
+            let (store, hasher, cache) = (app.store(), app.hasher(), app.cache());
+            ready_tx
+                .send((
+                    app.local_addr(),
+                    root,
+                    Box::new(move || store.token_lookups()) as Box<dyn Fn() -> u64 + Send>,
+                    Box::new(move || hasher.verifications()) as Box<dyn Fn() -> u64 + Send>,
+                    Box::new(move || cache.token_entries()) as Box<dyn Fn() -> u64 + Send>,
+                ))
+                .unwrap();
+            app.run_until(async {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+        });
+    });
+    let (addr, root, lookups, verifications, cached_tokens) = ready_rx.recv()?;
+    Ok(Tokend {
+        server: ServerThread {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        },
+        lookups,
+        verifications,
+        cached_tokens,
+        root,
+    })
+}
+
+/// The ceiling: a tonic server whose Introspect returns a fixed answer and does nothing.
+struct Noop(pb::IntrospectResponse);
+
+#[tonic::async_trait]
+impl TokenService for Noop {
+    async fn issue_token(
+        &self,
+        _: Request<pb::IssueTokenRequest>,
+    ) -> Result<Response<pb::IssueTokenResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
+    async fn list_tokens(
+        &self,
+        _: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
+    async fn revoke_token(
+        &self,
+        _: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
+    async fn delete_token(
+        &self,
+        _: Request<pb::DeleteTokenRequest>,
+    ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
+    async fn introspect(
+        &self,
+        _: Request<pb::IntrospectRequest>,
+    ) -> Result<Response<pb::IntrospectResponse>, Status> {
+        Ok(Response::new(self.0.clone()))
+    }
+}
+
+fn start_noop(answer: pb::IntrospectResponse) -> anyhow::Result<ServerThread> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            ready_tx.send(listener.local_addr().unwrap()).unwrap();
+            Server::builder()
+                .add_service(TokenServiceServer::new(Noop(answer)))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = stop_rx.await;
+                    },
+                )
+                .await
+                .unwrap();
+        });
+    });
+    let addr = ready_rx.recv()?;
+    Ok(ServerThread {
+        addr,
+        stop: Some(stop_tx),
+        thread: Some(thread),
+    })
+}
+
+async fn client(addr: SocketAddr) -> anyhow::Result<TokenServiceClient<Channel>> {
+    Ok(TokenServiceClient::new(
+        Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    ))
+}
+
+fn authed<T>(message: T, key: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// Latency figures of one run.
+#[derive(Clone, Copy, Debug)]
+struct Figures {
+    rps: f64,
+    p50: Duration,
+    p99: Duration,
+    p999: Duration,
+}
+
+fn figures(mut latencies: Vec<Duration>, wall: Duration) -> Figures {
+    latencies.sort();
+    let at = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
+    Figures {
+        rps: latencies.len() as f64 / wall.as_secs_f64(),
+        p50: at(0.50),
+        p99: at(0.99),
+        p999: at(0.999),
+    }
+}
+
+/// Runs h2load (on core 1) against Introspect with a fixed body; checks every response
+/// was HTTP 200 and, through `check`, that the answers are right.
+fn h2load(addr: SocketAddr, key: &str, token: &str) -> anyhow::Result<Figures> {
+    let requests = env_or("BENCH_REQUESTS", 200_000);
+    let concurrency = env_or("BENCH_CONCURRENCY", 64);
+    let dir = tempfile::tempdir()?;
+    let body_path = dir.path().join("body");
+    let log_path = dir.path().join("log");
+    let message = pb::IntrospectRequest {
+        token: token.into(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    std::fs::write(&body_path, framed)?;
+    let streams = 8.min(concurrency);
+    let output = Command::new("taskset")
+        .args(["-c", "1", "h2load"])
+        .arg(format!("-n{requests}"))
+        .arg(format!("-c{}", concurrency / streams))
+        .arg(format!("-m{streams}"))
+        .arg("-t1")
+        .arg(format!("--log-file={}", log_path.display()))
+        .arg(format!("-d{}", body_path.display()))
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .args(["-H", &format!("authorization: Bearer {key}")])
+        .arg(format!("http://{addr}/tokend.v1.TokenService/Introspect"))
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() {
+        bail!("h2load failed: {stdout}");
+    }
+    // "finished in 2.34s, 85470.09 req/s, …"
+    let wall = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("finished in "))
+        .and_then(|l| l.split(',').next())
+        .and_then(|l| l.trim().strip_suffix('s'))
+        .and_then(|l| l.parse::<f64>().ok())
+        .context("h2load printed no duration")?;
+    let log = std::fs::read_to_string(&log_path)?;
+    let mut latencies = Vec::with_capacity(requests);
+    for line in log.lines() {
+        let mut columns = line.split('\t');
+        let (_start, status, micros) = (columns.next(), columns.next(), columns.next());
+        if status != Some("200") {
+            bail!("a request got HTTP {status:?}");
+        }
+        latencies.push(Duration::from_micros(micros.context("latency")?.parse()?));
+    }
+    if latencies.len() != requests {
+        bail!("{} of {requests} requests completed", latencies.len());
+    }
+    Ok(figures(latencies, Duration::from_secs_f64(wall)))
+}
+
+/// `concurrency` tonic calls at a time over `tokens`, each introspected once (cold).
+async fn cold(
+    addr: SocketAddr,
+    key: &str,
+    tokens: &[String],
+    expect_active: bool,
+) -> anyhow::Result<Figures> {
+    let client = client(addr).await?;
+    let start = Instant::now();
+    let mut latencies = Vec::with_capacity(tokens.len());
+    for chunk in tokens.chunks(8) {
+        let calls = chunk.iter().map(|token| {
+            let mut client = client.clone();
+            let request = authed(
+                pb::IntrospectRequest {
+                    token: token.clone(),
+                    ..Default::default()
+                },
+                key,
+            );
+            async move {
+                let begun = Instant::now();
+                let answer = client.introspect(request).await?.into_inner();
+                anyhow::Ok((begun.elapsed(), answer.active))
+            }
+        });
+        for result in futures::future::join_all(calls).await {
+            let (took, active) = result?;
+            if active != expect_active {
+                bail!("a cold introspect answered active = {active}");
+            }
+            latencies.push(took);
+        }
+    }
+    Ok(figures(latencies, start.elapsed()))
+}
+
+fn print_row(name: &str, tokend: Figures, ceiling: Figures) {
+    println!(
+        "| {name} | {:.0} | {:.0} | {:.2}× | {:?} / {:?} / {:?} | {:?} / {:?} / {:?} | {:.2}× |",
+        tokend.rps,
+        ceiling.rps,
+        tokend.rps / ceiling.rps,
+        tokend.p50,
+        tokend.p99,
+        tokend.p999,
+        ceiling.p50,
+        ceiling.p99,
+        ceiling.p999,
+        tokend.p99.as_secs_f64() / ceiling.p99.as_secs_f64(),
+    );
+}
+
+fn settings(dir: &std::path::Path) -> Settings {
+    let mut settings = Settings::load(None, Vec::new()).unwrap();
+    settings.listen = "127.0.0.1:0".parse().unwrap();
+    settings.database_url = format!("sqlite://{}?mode=rwc", dir.join("tokend.db").display()).into();
+    settings
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let tokend = start_tokend(settings(dir.path()))?;
+    let root = tokend.root.clone();
+    let mut api = client(tokend.server.addr).await?;
+
+    // A gateway key that may introspect, and a token for the warm runs.
+    let directory = tokend::proto::v1::directory_service_client::DirectoryServiceClient::new(
+        Channel::from_shared(format!("http://{}", tokend.server.addr))?
+            .connect()
+            .await?,
+    );
+    let mut directory = directory;
+    directory
+        .put_tenant(authed(
+            pb::PutTenantRequest {
+                tenant: Some(pb::Tenant {
+                    id: "acme".into(),
+                    ..Default::default()
+                }),
+            },
+            &root,
+        ))
+        .await?;
+    directory
+        .put_role(authed(
+            pb::PutRoleRequest {
+                tenant_id: "acme".into(),
+                name: "dev".into(),
+                permissions: vec!["entities:read".into(), "entities:write".into()],
+            },
+            &root,
+        ))
+        .await?;
+    directory
+        .put_member(authed(
+            pb::PutMemberRequest {
+                tenant_id: "acme".into(),
+                user_id: "alice".into(),
+                role: "dev".into(),
+                groups: vec!["eng".into()],
+            },
+            &root,
+        ))
+        .await?;
+    let issue = |name: String| {
+        authed(
+            pb::IssueTokenRequest {
+                tenant_id: "acme".into(),
+                actor_user_id: "alice".into(),
+                kind: pb::TokenKind::Personal.into(),
+                name,
+                ..Default::default()
+            },
+            &root,
+        )
+    };
+    let warm = api
+        .issue_token(issue("warm".into()))
+        .await?
+        .into_inner()
+        .secret;
+    let answer = api
+        .introspect(authed(
+            pb::IntrospectRequest {
+                token: warm.clone(),
+                ..Default::default()
+            },
+            &root,
+        ))
+        .await?
+        .into_inner();
+    assert!(answer.active);
+
+    println!("Introspect over gRPC, servers on core 0 (current-thread runtime), h2load on core 1,");
+    println!(
+        "{} in-flight calls, {} requests per run. Ceiling: a no-op tonic server with the same answer.\n",
+        env_or("BENCH_CONCURRENCY", 64),
+        env_or("BENCH_REQUESTS", 200_000)
+    );
+    println!(
+        "| scenario | tokend rps | ceiling rps | rps ratio | tokend p50 / p99 / p99.9 | ceiling p50 / p99 / p99.9 | p99 ratio |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+
+    let noop_active = start_noop(answer.clone())?;
+    let noop_inactive = start_noop(pb::IntrospectResponse::default())?;
+
+    // (a) warm valid token.
+    let (lookups, verifications) = ((tokend.lookups)(), (tokend.verifications)());
+    let ceiling_warm = h2load(noop_active.server_addr(), &root, &warm)?;
+    let warm_run = h2load(tokend.server.addr, &root, &warm)?;
+    let requests = env_or("BENCH_REQUESTS", 200_000) as u64;
+    let per_call_queries = ((tokend.lookups)() - lookups) as f64 / requests as f64;
+    let per_call_argon2 = ((tokend.verifications)() - verifications) as f64 / requests as f64;
+    print_row("(a) warm valid", warm_run, ceiling_warm);
+
+    // (b) garbage.
+    let ceiling_garbage = h2load(noop_inactive.server_addr(), &root, "garbage")?;
+    let garbage = h2load(tokend.server.addr, &root, "garbage")?;
+    print_row("(b) garbage", garbage, ceiling_garbage);
+
+    // (c) cold valid tokens: first sight, one argon2 verification each.
+    let count = env_or("BENCH_COLD", 300);
+    let mut cold_tokens = Vec::with_capacity(count);
+    for i in 0..count {
+        cold_tokens.push(
+            api.issue_token(issue(format!("cold-{i}")))
+                .await?
+                .into_inner()
+                .secret,
+        );
+    }
+    let ceiling_cold = cold(noop_active.server_addr(), &root, &cold_tokens, true).await?;
+    let cold_run = cold(tokend.server.addr, &root, &cold_tokens, true).await?;
+    print_row(
+        "(c) cold valid (tonic client, 8 in flight)",
+        cold_run,
+        ceiling_cold,
+    );
+
+    // (d) warm while IssueToken runs at 50/s.
+    let running = Arc::new(AtomicBool::new(true));
+    let issuer = {
+        let running = Arc::clone(&running);
+        let mut api = api.clone();
+        let root = root.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            let mut n = 0u64;
+            while running.load(Ordering::Relaxed) {
+                tick.tick().await;
+                n += 1;
+                let request = authed(
+                    pb::IssueTokenRequest {
+                        tenant_id: "acme".into(),
+                        actor_user_id: "alice".into(),
+                        kind: pb::TokenKind::Personal.into(),
+                        name: format!("background-{n}"),
+                        ..Default::default()
+                    },
+                    &root,
+                );
+                let _ = api.issue_token(request).await;
+            }
+            n
+        })
+    };
+    let loaded = tokio::task::spawn_blocking({
+        let addr = tokend.server.addr;
+        let root = root.clone();
+        let warm = warm.clone();
+        move || h2load(addr, &root, &warm)
+    })
+    .await??;
+    running.store(false, Ordering::Relaxed);
+    let issued = issuer.await?;
+    print_row("(d) warm, IssueToken at 50/s", loaded, ceiling_warm);
+    println!();
+    println!(
+        "(d) issued {issued} tokens during the run; (d) p99 / (a) p99 = {:.2}×",
+        loaded.p99.as_secs_f64() / warm_run.p99.as_secs_f64()
+    );
+    println!(
+        "warm path: {per_call_queries} database queries and {per_call_argon2} argon2 verifications per Introspect"
+    );
+    println!("cached tokens after the runs: {}", (tokend.cached_tokens)());
+    drop(noop_active);
+    drop(noop_inactive);
+    drop(tokend);
+
+    memory().await
+}
+
+impl ServerThread {
+    fn server_addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// RSS growth from caching 100k tokens (live state and verified secret), per token.
+async fn memory() -> anyhow::Result<()> {
+    use sea_orm::{ActiveValue::Set, Database, EntityTrait as _, TransactionTrait as _};
+    use tokend::storage::entities::tokens;
+
+    const TOKENS: usize = 100_000;
+    let dir = tempfile::tempdir()?;
+    let mut settings = settings(dir.path());
+    // Cheap argon2 so that verifying 100k distinct strings takes seconds, not minutes; the
+    // cache entries are the same size whatever the cost.
+    settings.argon2.memory_kib = 8;
+    let tokend = start_tokend(settings.clone())?;
+    let root = tokend.root.clone();
+    let addr = tokend.server.addr;
+    let mut directory = tokend::proto::v1::directory_service_client::DirectoryServiceClient::new(
+        Channel::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await?,
+    );
+    directory
+        .put_tenant(authed(
+            pb::PutTenantRequest {
+                tenant: Some(pb::Tenant {
+                    id: "acme".into(),
+                    ..Default::default()
+                }),
+            },
+            &root,
+        ))
+        .await?;
+    directory
+        .put_role(authed(
+            pb::PutRoleRequest {
+                tenant_id: "acme".into(),
+                name: "robot".into(),
+                permissions: vec!["entities:read".into()],
+            },
+            &root,
+        ))
+        .await?;
+
+    // 100k API keys sharing one secret (and so one hash), inserted in one transaction.
+    let secret: String = "S".repeat(43);
+    let hasher = tokend::hashing::Argon2Hasher::new(&settings.argon2, None)?;
+    let hash = tokend::domain::ports::SecretHasher::hash(&hasher, secret.clone().into()).await?;
+    let db = Database::connect(settings.database_url.expose_secret()).await?;
+    let txn = db.begin().await?;
+    let mut strings = Vec::with_capacity(TOKENS);
+    for chunk in (0..TOKENS).collect::<Vec<_>>().chunks(500) {
+        let rows = chunk
+            .iter()
+            .map(|i| {
+                let id = format!("{i:012}");
+                let body = format!("tkd_key_{id}_{secret}");
+                strings.push(format!("{body}{}", checksum(&body)));
+                tokens::ActiveModel {
+                    id: Set(id.clone()),
+                    tenant_id: Set("acme".into()),
+                    kind: Set("key".into()),
+                    name: Set(format!("robot-{i}")),
+                    name_key: Set(format!("robot-{i}")),
+                    owner_user_id: Set(None),
+                    role_name: Set(Some("robot".into())),
+                    scopes: Set(None),
+                    secret_hash: Set(hash.clone()),
+                    created_at: Set(0),
+                    created_by: Set("bench".into()),
+                    expires_at: Set(None),
+                    last_used_at: Set(None),
+                    revoked_at: Set(None),
+                    revoked_by: Set(None),
+                    revoke_reason: Set(None),
+                }
+            })
+            .collect::<Vec<_>>();
+        tokens::Entity::insert_many(rows).exec(&txn).await?;
+    }
+    txn.commit().await?;
+    db.close().await?;
+
+    let before = rss_kib();
+    let api = client(addr).await?;
+    for chunk in strings.chunks(64) {
+        let calls = chunk.iter().map(|token| {
+            let mut api = api.clone();
+            let request = authed(
+                pb::IntrospectRequest {
+                    token: token.clone(),
+                    ..Default::default()
+                },
+                &root,
+            );
+            async move { api.introspect(request).await }
+        });
+        for answer in futures::future::join_all(calls).await {
+            if !answer?.into_inner().active {
+                bail!("a seeded token was not active");
+            }
+        }
+    }
+    let after = rss_kib();
+    let cached = (tokend.cached_tokens)();
+    println!(
+        "memory: RSS grew by {} KiB for {cached} cached tokens: {:.0} bytes per cached token (live state + verified secret)",
+        after.saturating_sub(before),
+        (after.saturating_sub(before) as f64 * 1024.0) / cached.max(1) as f64
+    );
+    Ok(())
+}
+
+fn checksum(body: &str) -> String {
+    const BASE62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut crc = crc32fast::hash(body.as_bytes());
+    let mut out = [b'0'; 6];
+    for slot in out.iter_mut().rev() {
+        *slot = BASE62[(crc % 62) as usize];
+        crc /= 62;
+    }
+    String::from_utf8(out.to_vec()).unwrap()
+}
