@@ -12,8 +12,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
 use crate::domain::ports::Clock;
@@ -122,11 +122,15 @@ pub async fn serve(
             AuditServiceServer::new(audit::AuditApi::new(core))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-            shutdown.await;
-            readiness.abort();
-            set_serving(&reporter, false).await;
-        })
+        // Without TCP_NODELAY a small response can sit out a 40 ms delayed-ACK round.
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                shutdown.await;
+                readiness.abort();
+                set_serving(&reporter, false).await;
+            },
+        )
         .await?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use crate::helpers::TestApp;
 
 crate::both_backends!(
     a_warm_introspect_costs_no_query_and_no_argon2,
+    a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret_none,
     a_revocation_beats_a_warm_cache_on_the_very_next_call,
     no_introspect_after_a_revocation_returned_answers_active_under_concurrent_load,
     last_use_is_recorded_in_batches,
@@ -155,5 +156,57 @@ async fn last_use_is_recorded_in_batches(app: TestApp) {
     assert!(
         (now.timestamp() - last_used.seconds).abs() <= 60,
         "precise to the minute"
+    );
+}
+
+async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret_none(
+    app: TestApp,
+) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    app.introspect("warm up the caller").await;
+    let before = app.hasher.verifications();
+    let calls = (0..16).map(|_| {
+        let mut client = app.tokens(&app.root);
+        let token = token.clone();
+        async move {
+            client
+                .introspect(pb::IntrospectRequest {
+                    token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .active
+        }
+    });
+    assert!(
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .all(|active| active)
+    );
+    assert_eq!(
+        app.hasher.verifications() - before,
+        1,
+        "one verification for sixteen first sights"
+    );
+
+    // The right id with a wrong secret: argon2 once, then remembered.
+    let (other, _) = app.pat("acme", "alice", "phone", &[]).await;
+    let forged = crate::introspect::forge(&token, &other);
+    let before = app.hasher.verifications();
+    for _ in 0..5 {
+        assert!(!app.introspect(&forged).await.active);
+    }
+    assert_eq!(
+        app.hasher.verifications() - before,
+        1,
+        "a repeated wrong secret is not re-hashed"
+    );
+    assert!(
+        app.introspect(&token).await.active,
+        "and the real token is not locked out"
     );
 }
