@@ -65,6 +65,7 @@ pub async fn bootstrap(settings: &Settings) -> anyhow::Result<SecretString> {
         Arc::new(SystemClock),
         TokenFormat::new(&settings.token_prefix).context("token_prefix")?,
         Arc::new(LastUsed::new(store)),
+        None,
     );
     Ok(service::bootstrap(&core).await?)
 }
@@ -112,6 +113,7 @@ impl App {
             Arc::clone(&clock),
             TokenFormat::new(&settings.token_prefix).context("token_prefix")?,
             Arc::clone(&last_used),
+            Some(Arc::clone(&cache)),
         ));
         let listener = TcpListener::bind(settings.listen)
             .await

@@ -131,6 +131,12 @@ impl LiveCache {
         }
     }
 
+    /// Bumped by every invalidation; anything computed from the cache at an older value is
+    /// void.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Whether cached state may be served.
     pub fn is_trusted(&self) -> bool {
         self.trusted.load(Ordering::Acquire)

@@ -147,7 +147,7 @@ impl Tokend {
             .trim();
         match self.introspector.introspect(token).await? {
             Outcome::Active(active) => {
-                let token = active.token;
+                let token = &active.token;
                 let subject = match (&token.kind, &token.owner_user_id) {
                     (TokenKind::Personal, Some(owner)) => Subject::User(owner.clone()),
                     _ => Subject::ApiKey(token.display_id.clone()),
@@ -155,11 +155,11 @@ impl Tokend {
                 Ok(Caller {
                     subject,
                     scoped: token.scopes.is_some(),
-                    token_id: token.id,
-                    display_id: token.display_id,
-                    tenant_id: token.tenant_id,
+                    token_id: token.id.clone(),
+                    display_id: token.display_id.clone(),
+                    tenant_id: token.tenant_id.clone(),
                     kind: token.kind,
-                    permissions: active.grant.permissions,
+                    permissions: active.grant.permissions.clone(),
                 })
             }
             Outcome::Inactive(reason) => {

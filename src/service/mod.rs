@@ -23,6 +23,7 @@ use crate::domain::names::TenantId;
 use crate::domain::ports::{Clock, SecretHasher, Store};
 use crate::domain::token_format::TokenFormat;
 use crate::introspect::Introspector;
+use crate::introspect::cache::LiveCache;
 use crate::introspect::last_used::LastUsed;
 
 /// The service core every gRPC service delegates to.
@@ -36,13 +37,16 @@ pub struct Tokend {
 }
 
 impl Tokend {
-    /// A core over these ports; `last_used` notes token uses for batched writes.
+    /// A core over these ports; `last_used` notes token uses for batched writes; `live` is
+    /// the live-state cache behind `store`, if any, whose generation voids remembered
+    /// verdicts.
     pub fn new(
         store: Arc<dyn Store>,
         hasher: Arc<dyn SecretHasher>,
         clock: Arc<dyn Clock>,
         format: TokenFormat,
         last_used: Arc<LastUsed>,
+        live: Option<Arc<LiveCache>>,
     ) -> Self {
         let introspector = Introspector::new(
             Arc::clone(&store),
@@ -50,6 +54,7 @@ impl Tokend {
             Arc::clone(&clock),
             format.clone(),
             last_used,
+            live,
         );
         Self {
             store,

@@ -204,12 +204,9 @@ async fn poll_change_log(
             .fetch_one(pool)
             .await?
             .try_get("now")?;
-    let Some(since) = *polled_until else {
-        // The listener just started from an empty cache: nothing before now matters.
-        *polled_until = Some(now);
-        return Ok(());
-    };
     let margin = i64::try_from((timing.poll * 2).as_micros()).unwrap_or(i64::MAX);
+    let first = polled_until.is_none();
+    let since = polled_until.unwrap_or(now);
     let rows = sqlx::query(
         "SELECT seq, payload FROM change_log
          WHERE at > to_timestamp($1::float8 / 1000000) ORDER BY seq LIMIT 10000",
@@ -220,6 +217,12 @@ async fn poll_change_log(
     for row in &rows {
         let seq: i64 = row.try_get("seq")?;
         if applied.contains_key(&seq) {
+            continue;
+        }
+        if first {
+            // Visible now, so committed before this poll: after LISTEN it was notified,
+            // before LISTEN it predates the (empty) cache. Either way nothing to evict.
+            applied.insert(seq, Instant::now());
             continue;
         }
         let payload: String = row.try_get("payload")?;
