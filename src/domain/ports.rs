@@ -27,6 +27,9 @@ pub trait InvalidationSink: Send + Sync + std::fmt::Debug + 'static {
     /// Reports that the change feed delivered `what` (after invalidating it), for writers
     /// waiting to see their own change come back.
     fn echo(&self, _what: &Invalidation) {}
+    /// Reports that the change feed's connection just proved alive (any message arrived).
+    /// Trust is a lease on this: without it, a stuck feed would leave the cache trusted.
+    fn heard(&self) {}
     /// Whether every change is being seen. Becoming trusted starts from an empty cache.
     fn set_trusted(&self, trusted: bool);
 }

@@ -79,6 +79,10 @@ pub struct LiveCache {
     echo_timeout: Duration,
     /// Whether a change feed (PostgreSQL) runs; without one (SQLite) there is no echo.
     has_feed: bool,
+    /// When the feed last proved alive, as microseconds since `born`: trust is a lease.
+    heard: AtomicU64,
+    born: Instant,
+    lease: Duration,
     max_staleness: Duration,
 }
 
@@ -127,6 +131,9 @@ impl LiveCache {
             echoes: tokio::sync::broadcast::Sender::new(4096),
             echo_timeout: Duration::from_millis(settings.feed_timeout_ms.clamp(10, 250)),
             has_feed,
+            heard: AtomicU64::new(0),
+            born: Instant::now(),
+            lease: Duration::from_millis(settings.feed_timeout_ms.max(20)),
             max_staleness: Duration::from_millis(settings.max_staleness_ms),
         }
     }
@@ -134,12 +141,20 @@ impl LiveCache {
     /// Bumped by every invalidation; anything computed from the cache at an older value is
     /// void.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Whether cached state may be served.
     pub fn is_trusted(&self) -> bool {
-        self.trusted.load(Ordering::Acquire)
+        self.trusted.load(Ordering::SeqCst) && (!self.has_feed || self.lease_held())
+    }
+
+    /// Whether the change feed proved alive within the lease: a feed that went quiet (a
+    /// half-open socket, a stuck task) stops the cache being served before the feed's own
+    /// timer notices.
+    fn lease_held(&self) -> bool {
+        let heard = Duration::from_micros(self.heard.load(Ordering::SeqCst));
+        self.born.elapsed().saturating_sub(heard) < self.lease
     }
 
     /// Before a write: a receiver for the feed's echo of it, when a feed is running and
@@ -221,7 +236,7 @@ impl LiveCache {
     fn fill(&self, id: &str, state: Option<&TokenState>, generation: u64) {
         let Some(state) = state else {
             self.tokens.insert(id.to_owned(), None);
-            if self.generation.load(Ordering::Acquire) != generation {
+            if self.generation.load(Ordering::SeqCst) != generation {
                 self.tokens.invalidate(id);
             }
             return;
@@ -250,7 +265,7 @@ impl LiveCache {
         }
         // Insert first, check after: an invalidation that bumped the generation before our
         // check is undone here; one that bumps it after our check evicts on its own.
-        if self.generation.load(Ordering::Acquire) != generation {
+        if self.generation.load(Ordering::SeqCst) != generation {
             self.tokens.invalidate(id);
             self.tenants.invalidate(&tenant);
             if let (TokenKind::Personal, Some(owner)) = (&token.kind, &token.owner_user_id) {
@@ -287,7 +302,7 @@ impl LiveCache {
 impl InvalidationSink for LiveCache {
     fn invalidate(&self, what: &Invalidation) {
         // Bump first: a fill in flight then sees that it raced us.
-        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         match what {
             Invalidation::Token(id) => self.tokens.invalidate(id),
             Invalidation::Tenant(id) => self.tenants.invalidate(id),
@@ -303,6 +318,11 @@ impl InvalidationSink for LiveCache {
         metrics::counter!("tokend_cache_invalidations_total").increment(1);
     }
 
+    fn heard(&self) {
+        let now = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.heard.store(now, Ordering::SeqCst);
+    }
+
     fn echo(&self, what: &Invalidation) {
         let _ = self.echoes.send(what.clone());
     }
@@ -314,15 +334,26 @@ impl InvalidationSink for LiveCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if trusted {
             // Whatever happened while untrusted went unseen: start from nothing.
-            self.generation.fetch_add(1, Ordering::AcqRel);
+            self.generation.fetch_add(1, Ordering::SeqCst);
             self.flush();
             *since = None;
         } else if since.is_none() {
             *since = Some(Instant::now());
         }
-        self.trusted.store(trusted, Ordering::Release);
+        self.trusted.store(trusted, Ordering::SeqCst);
         self.trust_watch.send_replace(trusted);
         metrics::gauge!("tokend_cache_trusted").set(if trusted { 1.0 } else { 0.0 });
+    }
+}
+
+/// Invalidates its changes when dropped, whether the write finished or was cancelled.
+struct EvictOnDrop<'a>(&'a LiveCache, Vec<Invalidation>);
+
+impl Drop for EvictOnDrop<'_> {
+    fn drop(&mut self) {
+        for change in &self.1 {
+            self.0.invalidate(change);
+        }
     }
 }
 
@@ -364,7 +395,7 @@ impl Store for CachingStore {
             return Ok(state);
         }
         metrics::counter!("tokend_cache_lookups_total", "result" => "miss").increment(1);
-        let generation = self.cache.generation.load(Ordering::Acquire);
+        let generation = self.cache.generation.load(Ordering::SeqCst);
         match self.inner.token_state(public_id).await {
             Ok(state) => {
                 if trusted && self.cache.is_trusted() {
@@ -388,6 +419,8 @@ impl Store for CachingStore {
 
     async fn put_tenant(&self, tenant: &Tenant, audit: &AuditRecord) -> Result<Tenant> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Tenant(tenant.id.clone())]);
         let stored = self.inner.put_tenant(tenant, audit).await;
         self.settle(echo, Invalidation::Tenant(tenant.id.clone()))
             .await;
@@ -409,6 +442,14 @@ impl Store for CachingStore {
 
     async fn put_role(&self, role: &Role, audit: &AuditRecord) -> Result<()> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(
+            &self.cache,
+            vec![Invalidation::Role(
+                role.tenant_id.clone(),
+                role.name.clone(),
+            )],
+        );
         let result = self.inner.put_role(role, audit).await;
         self.settle(
             echo,
@@ -425,6 +466,11 @@ impl Store for CachingStore {
         audit: &AuditRecord,
     ) -> Result<bool> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(
+            &self.cache,
+            vec![Invalidation::Role(tenant.clone(), name.clone())],
+        );
         let result = self.inner.delete_role(tenant, name, audit).await;
         self.settle(echo, Invalidation::Role(tenant.clone(), name.clone()))
             .await;
@@ -441,6 +487,20 @@ impl Store for CachingStore {
 
     async fn put_members(&self, members: &[(Member, AuditRecord)]) -> Result<()> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(
+            &self.cache,
+            members
+                .iter()
+                .flat_map(|(m, _)| {
+                    [
+                        Invalidation::Member(m.tenant_id.clone(), m.user_id.clone()),
+                        Invalidation::User(m.user_id.clone()),
+                    ]
+                })
+                .collect(),
+        );
+        // Evicts even if this call is cancelled after the commit (a client deadline).
         let result = self.inner.put_members(members).await;
         for (member, _) in members {
             self.evict(Invalidation::User(member.user_id.clone()));
@@ -464,6 +524,11 @@ impl Store for CachingStore {
         audit: &AuditRecord,
     ) -> Result<bool> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(
+            &self.cache,
+            vec![Invalidation::Member(tenant.clone(), user.clone())],
+        );
         let result = self.inner.remove_member(tenant, user, audit).await;
         self.settle(echo, Invalidation::Member(tenant.clone(), user.clone()))
             .await;
@@ -485,6 +550,8 @@ impl Store for CachingStore {
 
     async fn put_user(&self, user: &User, audit: &AuditRecord) -> Result<User> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(&self.cache, vec![Invalidation::User(user.id.clone())]);
         let result = self.inner.put_user(user, audit).await;
         self.settle(echo, Invalidation::User(user.id.clone())).await;
         result
@@ -516,6 +583,8 @@ impl Store for CachingStore {
         audit: &AuditRecord,
     ) -> Result<Option<Token>> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.revoke_token(tenant, id, revocation, audit).await;
         self.settle(echo, Invalidation::Token(id.to_owned())).await;
         result
@@ -528,6 +597,8 @@ impl Store for CachingStore {
         audit: &[AuditRecord],
     ) -> Result<bool> {
         let echo = self.cache.expect_echo();
+        // Evicts even if this call is cancelled after the commit (a client deadline).
+        let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.delete_token(tenant, id, audit).await;
         self.settle(echo, Invalidation::Token(id.to_owned())).await;
         result
@@ -600,7 +671,7 @@ mod tests {
         cache.fill(
             "AAAAAAAAAAAA",
             Some(&s),
-            cache.generation.load(Ordering::Acquire),
+            cache.generation.load(Ordering::SeqCst),
         );
         assert_eq!(cache.lookup("AAAAAAAAAAAA"), Some(Some(s.clone())));
         cache.invalidate(&Invalidation::Role(
@@ -619,12 +690,12 @@ mod tests {
         let cache = LiveCache::new(&CacheSettings::default(), false);
         let s = state("BBBBBBBBBBBB");
         // The fill read the database, then a revocation invalidated, then the fill lands.
-        let generation = cache.generation.load(Ordering::Acquire);
+        let generation = cache.generation.load(Ordering::SeqCst);
         cache.invalidate(&Invalidation::Token("BBBBBBBBBBBB".into()));
         cache.fill("BBBBBBBBBBBB", Some(&s), generation);
         assert_eq!(cache.lookup("BBBBBBBBBBBB"), None);
         // The same holds for "no such token".
-        let generation = cache.generation.load(Ordering::Acquire);
+        let generation = cache.generation.load(Ordering::SeqCst);
         cache.invalidate(&Invalidation::Token("CCCCCCCCCCCC".into()));
         cache.fill("CCCCCCCCCCCC", None, generation);
         assert_eq!(cache.lookup("CCCCCCCCCCCC"), None);
@@ -637,13 +708,33 @@ mod tests {
         cache.fill(
             "DDDDDDDDDDDD",
             Some(&s),
-            cache.generation.load(Ordering::Acquire),
+            cache.generation.load(Ordering::SeqCst),
         );
         cache.set_trusted(false);
         assert!(!cache.is_trusted());
         assert!(!cache.within_staleness_bound());
         cache.set_trusted(true);
         assert_eq!(cache.lookup("DDDDDDDDDDDD"), None);
+    }
+
+    #[test]
+    fn trust_is_a_lease_on_the_feed_proving_alive() {
+        let settings = CacheSettings {
+            feed_timeout_ms: 30,
+            ..CacheSettings::default()
+        };
+        let cache = LiveCache::new(&settings, true);
+        assert!(!cache.is_trusted(), "a feed-backed cache starts untrusted");
+        cache.set_trusted(true);
+        cache.heard();
+        assert!(cache.is_trusted());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(
+            !cache.is_trusted(),
+            "a quiet feed stops the cache being served"
+        );
+        cache.heard();
+        assert!(cache.is_trusted());
     }
 
     #[test]

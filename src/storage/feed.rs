@@ -104,7 +104,7 @@ impl SeaStore {
 async fn run(pool: PgPool, sink: Arc<dyn InvalidationSink>, timing: FeedTiming) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match listen_until_lost(&pool, sink.as_ref(), timing).await {
+        match listen_until_lost(&pool, &sink, timing).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(err) => tracing::warn!(error = %err, "change feed: cannot listen"),
         }
@@ -115,10 +115,17 @@ async fn run(pool: PgPool, sink: Arc<dyn InvalidationSink>, timing: FeedTiming) 
     }
 }
 
+/// Change-log sequence numbers already applied, so the poll does not evict them again.
+type Applied = Arc<std::sync::Mutex<HashMap<i64, Instant>>>;
+
 /// One listener connection's life: returns when it is lost.
+///
+/// The loop that applies notifications never waits on the database: the heartbeat sender
+/// and the change-log poll run in their own tasks, so a slow or unreachable database cannot
+/// hold back an eviction or hide a silent connection.
 async fn listen_until_lost(
     pool: &PgPool,
-    sink: &dyn InvalidationSink,
+    sink: &Arc<dyn InvalidationSink>,
     timing: FeedTiming,
 ) -> Result<(), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
@@ -126,12 +133,13 @@ async fn listen_until_lost(
     listener.listen_all([CHANGES, HEARTBEAT]).await?;
     // Everything committed from here on will be notified: start trusting, from empty.
     sink.set_trusted(true);
+    sink.heard();
     tracing::info!("change feed: listening; caches trusted");
 
     // The receiver owns the listener in its own task, so it is never cancelled mid-message;
     // it is dropped (closing the connection) when this function returns.
     let (tx, mut rx) = mpsc::channel::<Option<(String, String)>>(4096);
-    let receiver = tokio::spawn(async move {
+    let _receiver = AbortOnDrop(tokio::spawn(async move {
         loop {
             let message = match listener.try_recv().await {
                 Ok(Some(n)) => Some((n.channel().to_owned(), n.payload().to_owned())),
@@ -142,24 +150,52 @@ async fn listen_until_lost(
                 break;
             }
         }
-    });
-    let _abort = AbortOnDrop(receiver);
+    }));
+    // Any replica's heartbeat proves our connection alive; send ours so there always is one.
+    let _heartbeat = AbortOnDrop(tokio::spawn({
+        let pool = pool.clone();
+        async move {
+            let mut tick = tokio::time::interval(timing.heartbeat);
+            loop {
+                tick.tick().await;
+                let send = sqlx::query("SELECT pg_notify($1, '')")
+                    .bind(HEARTBEAT)
+                    .execute(&pool);
+                let _ = tokio::time::timeout(timing.timeout, send).await;
+            }
+        }
+    }));
+    let applied: Applied = Arc::default();
+    let _poll = AbortOnDrop(tokio::spawn({
+        let (pool, sink, applied) = (pool.clone(), Arc::clone(sink), Arc::clone(&applied));
+        async move {
+            let mut tick = tokio::time::interval(timing.poll);
+            let mut polled_until: Option<i64> = None;
+            loop {
+                tick.tick().await;
+                let poll =
+                    poll_change_log(&pool, sink.as_ref(), &mut polled_until, &applied, timing);
+                match tokio::time::timeout(timing.poll * 4, poll).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(err)) => tracing::debug!(error = %err, "change feed: poll failed"),
+                    Err(_) => tracing::debug!("change feed: poll timed out"),
+                }
+            }
+        }
+    }));
 
-    let mut heartbeat = tokio::time::interval(timing.heartbeat);
-    let mut poll = tokio::time::interval(timing.poll);
     let mut last_heard = Instant::now();
-    let mut polled_until: Option<i64> = None;
-    // Changes already applied, by sequence number, so the poll does not evict them again.
-    let mut applied: HashMap<i64, Instant> = HashMap::new();
     loop {
+        let silence = tokio::time::sleep_until((last_heard + timing.timeout).into());
         tokio::select! {
             message = rx.recv() => match message {
                 Some(Some((channel, payload))) => {
                     last_heard = Instant::now();
+                    sink.heard();
                     if channel == CHANGES {
                         let (seq, change) = split_notification(&payload);
                         if let Some(seq) = seq {
-                            applied.insert(seq, Instant::now());
+                            lock(&applied).insert(seq, Instant::now());
                         }
                         sink.invalidate(&change);
                         sink.echo(&change);
@@ -170,23 +206,18 @@ async fn listen_until_lost(
                     return Ok(());
                 }
             },
-            _ = heartbeat.tick() => {
-                if last_heard.elapsed() > timing.timeout {
-                    tracing::warn!("change feed: no heartbeat back in time; caches untrusted");
-                    return Ok(());
-                }
-                // Any replica's heartbeat proves our connection alive; send ours so there
-                // always is one.
-                let _ = sqlx::query("SELECT pg_notify($1, '')").bind(HEARTBEAT).execute(pool).await;
-            },
-            _ = poll.tick() => {
-                applied.retain(|_, at| at.elapsed() < timing.poll * 8);
-                if let Err(err) = poll_change_log(pool, sink, &mut polled_until, &mut applied, timing).await {
-                    tracing::debug!(error = %err, "change feed: poll failed");
-                }
+            () = silence => {
+                tracing::warn!("change feed: no heartbeat back in time; caches untrusted");
+                return Ok(());
             },
         }
     }
+}
+
+fn lock(applied: &Applied) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
+    applied
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Applies every change logged since the last poll, with a margin for transactions that
@@ -195,7 +226,7 @@ async fn poll_change_log(
     pool: &PgPool,
     sink: &dyn InvalidationSink,
     polled_until: &mut Option<i64>,
-    applied: &mut HashMap<i64, Instant>,
+    applied: &Applied,
     timing: FeedTiming,
 ) -> Result<(), sqlx::Error> {
     // The database's clock, in microseconds, on both sides of the comparison.
@@ -214,22 +245,25 @@ async fn poll_change_log(
     .bind(since.saturating_sub(margin))
     .fetch_all(pool)
     .await?;
-    for row in &rows {
-        let seq: i64 = row.try_get("seq")?;
-        if applied.contains_key(&seq) {
-            continue;
+    let mut missed = Vec::new();
+    {
+        let mut applied = lock(applied);
+        applied.retain(|_, at| at.elapsed() < timing.poll * 8);
+        for row in &rows {
+            let seq: i64 = row.try_get("seq")?;
+            if applied.insert(seq, Instant::now()).is_some() || first {
+                // Applied already; or, on the first poll, visible now and so committed
+                // before it: after LISTEN it was notified, before LISTEN it predates the
+                // (empty) cache. Either way nothing to evict.
+                continue;
+            }
+            missed.push(parse_payload(&row.try_get::<String, _>("payload")?));
         }
-        if first {
-            // Visible now, so committed before this poll: after LISTEN it was notified,
-            // before LISTEN it predates the (empty) cache. Either way nothing to evict.
-            applied.insert(seq, Instant::now());
-            continue;
-        }
-        let payload: String = row.try_get("payload")?;
+    }
+    for change in missed {
         // Found by the poll, not the listener: a notification went missing.
         metrics::counter!("tokend_change_feed_backstop_total").increment(1);
-        applied.insert(seq, Instant::now());
-        sink.invalidate(&parse_payload(&payload));
+        sink.invalidate(&change);
     }
     *polled_until = Some(now);
     // Keep the log short; any replica may prune.

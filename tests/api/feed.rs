@@ -34,6 +34,15 @@ async fn sql(app: &TestApp, statement: &str) {
     db.close().await.unwrap();
 }
 
+/// Revokes a token the way a DBA would: plain SQL, behind tokend's back.
+async fn revoke_by_hand(app: &TestApp, id: &str) {
+    sql(
+        app,
+        &format!("UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{id}'"),
+    )
+    .await;
+}
+
 /// Polls Introspect until the token is inactive; returns how long that took.
 async fn until_inactive(app: &TestApp, token: &str, bound: Duration) -> Duration {
     let start = Instant::now();
@@ -60,14 +69,7 @@ async fn a_manual_sql_fix_is_seen_through_the_triggers() {
         return;
     };
     let (token, info) = acme(&app).await;
-    sql(
-        &app,
-        &format!(
-            "UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{}'",
-            info.id
-        ),
-    )
-    .await;
+    revoke_by_hand(&app, &info.id).await;
     let took = until_inactive(&app, &token, Duration::from_secs(1)).await;
     eprintln!("manual SQL revocation seen after {took:?}");
 
@@ -106,14 +108,7 @@ async fn a_killed_listener_is_noticed_and_revocations_still_hold() {
         ),
     )
     .await;
-    sql(
-        &app,
-        &format!(
-            "UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{}'",
-            info.id
-        ),
-    )
-    .await;
+    revoke_by_hand(&app, &info.id).await;
     let took = until_inactive(&app, &token, Duration::from_secs(5)).await;
     eprintln!("revocation during listener loss enforced after {took:?}");
 
@@ -240,14 +235,7 @@ async fn a_half_open_listener_is_caught_by_the_heartbeat() {
     let (token, info) = acme(&app).await;
     // Packets vanish but no socket closes: only the heartbeat can tell.
     proxy.set(BLACKHOLE);
-    sql(
-        &app,
-        &format!(
-            "UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{}'",
-            info.id
-        ),
-    )
-    .await;
+    revoke_by_hand(&app, &info.id).await;
     until_ready(&app, false, Duration::from_secs(5)).await;
     assert_eq!(
         health(&app).await,
