@@ -24,6 +24,8 @@ use super::SeaStore;
 
 const CHANGES: &str = "tokend_changes";
 const HEARTBEAT: &str = "tokend_heartbeat";
+/// Change-log rows one poll reads.
+const POLL_LIMIT: i64 = 10_000;
 
 /// Timing of the feed.
 #[derive(Clone, Copy, Debug)]
@@ -115,8 +117,10 @@ async fn run(pool: PgPool, sink: Arc<dyn InvalidationSink>, timing: FeedTiming) 
     }
 }
 
-/// Change-log sequence numbers already applied, so the poll does not evict them again.
-type Applied = Arc<std::sync::Mutex<HashMap<i64, Instant>>>;
+/// Change-log entries already applied (sequence number → payload, when), so the poll does
+/// not evict them again. The payload is kept because the number comes from a notification,
+/// which any database user can forge: only a matching payload counts as applied.
+type Applied = Arc<std::sync::Mutex<HashMap<i64, (String, Instant)>>>;
 
 /// One listener connection's life: returns when it is lost.
 ///
@@ -194,8 +198,8 @@ async fn listen_until_lost(
                     sink.heard();
                     if channel == CHANGES {
                         let (seq, change) = split_notification(&payload);
-                        if let Some(seq) = seq {
-                            lock(&applied).insert(seq, Instant::now());
+                        if let (Some(seq), Some((_, body))) = (seq, payload.split_once(' ')) {
+                            lock(&applied).insert(seq, (body.to_owned(), Instant::now()));
                         }
                         sink.invalidate(&change);
                         sink.echo(&change);
@@ -214,7 +218,7 @@ async fn listen_until_lost(
     }
 }
 
-fn lock(applied: &Applied) -> std::sync::MutexGuard<'_, HashMap<i64, Instant>> {
+fn lock(applied: &Applied) -> std::sync::MutexGuard<'_, HashMap<i64, (String, Instant)>> {
     applied
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -240,24 +244,32 @@ async fn poll_change_log(
     let since = polled_until.unwrap_or(now);
     let rows = sqlx::query(
         "SELECT seq, payload FROM change_log
-         WHERE at > to_timestamp($1::float8 / 1000000) ORDER BY seq LIMIT 10000",
+         WHERE at > to_timestamp($1::float8 / 1000000) ORDER BY seq LIMIT $2",
     )
     .bind(since.saturating_sub(margin))
+    .bind(POLL_LIMIT)
     .fetch_all(pool)
     .await?;
     let mut missed = Vec::new();
     {
         let mut applied = lock(applied);
-        applied.retain(|_, at| at.elapsed() < timing.poll * 8);
+        applied.retain(|_, (_, at)| at.elapsed() < timing.poll * 8);
         for row in &rows {
             let seq: i64 = row.try_get("seq")?;
-            if applied.insert(seq, Instant::now()).is_some() || first {
+            let payload: String = row.try_get("payload")?;
+            let seen = applied.get(&seq).is_some_and(|(body, _)| *body == payload);
+            applied.insert(seq, (payload.clone(), Instant::now()));
+            if seen || first {
                 // Applied already; or, on the first poll, visible now and so committed
                 // before it: after LISTEN it was notified, before LISTEN it predates the
                 // (empty) cache. Either way nothing to evict.
                 continue;
             }
-            missed.push(parse_payload(&row.try_get::<String, _>("payload")?));
+            missed.push(parse_payload(&payload));
+        }
+        if rows.len() == POLL_LIMIT as usize && !first {
+            // More than one page changed: evict everything rather than page through.
+            missed.push(Invalidation::All);
         }
     }
     for change in missed {
