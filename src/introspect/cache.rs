@@ -138,6 +138,11 @@ impl LiveCache {
         }
     }
 
+    /// Drops a token row without bumping the generation: for brand-new tokens only.
+    fn forget_token(&self, id: &str) {
+        self.tokens.invalidate(id);
+    }
+
     /// Bumped by every invalidation; anything computed from the cache at an older value is
     /// void.
     pub fn generation(&self) -> u64 {
@@ -563,7 +568,11 @@ impl Store for CachingStore {
 
     async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {
         let result = self.inner.insert_token(token, audit).await;
-        self.evict(Invalidation::Token(token.id.clone()));
+        // A new token changes nothing anyone holds; only a cached "no such id" (which needs
+        // someone to have guessed a fresh 72-bit id) could be stale. Evict that key alone,
+        // without voiding every remembered verdict: issuing at a high rate must not cost
+        // the warm path. A guessed id's stale miss would fail closed (inactive) until TTL.
+        self.cache.forget_token(&token.id);
         result
     }
 
