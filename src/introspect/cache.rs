@@ -427,6 +427,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Tenant(tenant.id.clone())]);
         let stored = self.inner.put_tenant(tenant, audit).await;
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| stored.is_ok());
         self.settle(echo, Invalidation::Tenant(tenant.id.clone()))
             .await;
         stored
@@ -456,6 +458,8 @@ impl Store for CachingStore {
             )],
         );
         let result = self.inner.put_role(role, audit).await;
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| result.is_ok());
         self.settle(
             echo,
             Invalidation::Role(role.tenant_id.clone(), role.name.clone()),
@@ -477,6 +481,8 @@ impl Store for CachingStore {
             vec![Invalidation::Role(tenant.clone(), name.clone())],
         );
         let result = self.inner.delete_role(tenant, name, audit).await;
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| matches!(result, Ok(true)));
         self.settle(echo, Invalidation::Role(tenant.clone(), name.clone()))
             .await;
         result
@@ -517,6 +523,8 @@ impl Store for CachingStore {
         // The feed delivers in commit order: the last membership's echo covers the batch.
         if let Some((member, _)) = members.last() {
             let last = Invalidation::Member(member.tenant_id.clone(), member.user_id.clone());
+            // Nothing changed, nothing to wait for: no notification will come.
+            let echo = echo.filter(|_| result.is_ok());
             self.settle(echo, last).await;
         }
         result
@@ -535,6 +543,8 @@ impl Store for CachingStore {
             vec![Invalidation::Member(tenant.clone(), user.clone())],
         );
         let result = self.inner.remove_member(tenant, user, audit).await;
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| matches!(result, Ok(true)));
         self.settle(echo, Invalidation::Member(tenant.clone(), user.clone()))
             .await;
         result
@@ -558,6 +568,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::User(user.id.clone())]);
         let result = self.inner.put_user(user, audit).await;
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| result.is_ok());
         self.settle(echo, Invalidation::User(user.id.clone())).await;
         result
     }
@@ -595,6 +607,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.revoke_token(tenant, id, revocation, audit).await;
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| matches!(result, Ok(Some(_))));
         self.settle(echo, Invalidation::Token(id.to_owned())).await;
         result
     }
@@ -609,6 +623,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.delete_token(tenant, id, audit).await;
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| matches!(result, Ok(true)));
         self.settle(echo, Invalidation::Token(id.to_owned())).await;
         result
     }
