@@ -8,6 +8,12 @@
 //! contract asks for a PHC string, the parameters stay configurable for deployments whose
 //! policy insists on more, and a server-side pepper (argon2's secret input) makes a stolen
 //! database useless on its own.
+//!
+//! The hashes run on argon2's own threads at a lower scheduling priority (`nice`) than the
+//! async runtime's. A hash takes milliseconds of CPU; at equal priority the kernel lets it
+//! run out its time slice while a runtime thread with Introspect calls queued waits, and
+//! every IssueToken (or a burst of wrong secrets) shows up in Introspect's p99. At a lower
+//! priority the runtime preempts it; when the machine is idle the hashes run at full speed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +39,8 @@ pub struct Argon2Settings {
     pub parallelism: u32,
     /// Hashes computed at once; 0 = one per CPU core. Each holds `memory_kib` of memory.
     pub max_concurrent: usize,
+    /// The hashing threads' nice value (0–19; higher yields more readily to the runtime).
+    pub nice: i32,
 }
 
 impl Default for Argon2Settings {
@@ -42,6 +50,7 @@ impl Default for Argon2Settings {
             iterations: 1,
             parallelism: 1,
             max_concurrent: 0,
+            nice: 10,
         }
     }
 }
@@ -70,12 +79,24 @@ impl Inner {
     }
 }
 
-/// argon2id on tokio's blocking pool, at most `max_concurrent` at a time.
+/// argon2id on its own low-priority threads, at most `max_concurrent` at a time.
 #[derive(Clone)]
 pub struct Argon2Hasher {
     inner: Arc<Inner>,
+    pool: Arc<rayon::ThreadPool>,
+    /// Bounds the work handed to the pool, so a burst queues here (async, cancellable)
+    /// rather than in the pool.
     permits: Arc<Semaphore>,
     verifications: Arc<AtomicU64>,
+}
+
+/// Gives the calling thread the nice value `nice`. On Linux `setpriority` on a thread id
+/// affects that thread only, which is what lets the runtime's threads keep theirs.
+fn lower_priority(nice: i32) {
+    let tid = rustix::thread::gettid();
+    if let Err(err) = rustix::process::setpriority_process(Some(tid), nice) {
+        tracing::warn!(nice, error = %err, "could not lower the hashing thread's priority");
+    }
 }
 
 impl std::fmt::Debug for Argon2Hasher {
@@ -110,8 +131,19 @@ impl Argon2Hasher {
         {
             return Err(Error::invalid("pepper", "must not be empty when set"));
         }
+        if !(0..=19).contains(&settings.nice) {
+            return Err(Error::invalid("argon2.nice", "must be between 0 and 19"));
+        }
+        let nice = settings.nice;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(concurrency)
+            .thread_name(|i| format!("tokend-argon2-{i}"))
+            .start_handler(move |_| lower_priority(nice))
+            .build()
+            .map_err(|e| Error::internal(format!("could not start the hashing threads: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner { params, pepper }),
+            pool: Arc::new(pool),
             permits: Arc::new(Semaphore::new(concurrency)),
             verifications: Arc::new(AtomicU64::new(0)),
         })
@@ -132,9 +164,14 @@ impl Argon2Hasher {
             .await
             .map_err(|_| Error::internal("hashing pool closed"))?;
         let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || work(&inner))
+        let (done, result) = tokio::sync::oneshot::channel();
+        self.pool.spawn(move || {
+            // The caller may have gone (a cancelled request); the work is simply dropped.
+            let _ = done.send(work(&inner));
+        });
+        result
             .await
-            .map_err(|e| Error::internal(format!("hashing task failed: {e}")))?
+            .map_err(|_| Error::internal("hashing task failed"))?
     }
 }
 
@@ -189,7 +226,40 @@ mod tests {
             iterations: 1,
             parallelism: 1,
             max_concurrent: 2,
+            nice: 10,
         }
+    }
+
+    #[tokio::test]
+    async fn hashes_run_at_the_configured_lower_priority() {
+        let hasher = Argon2Hasher::new(&Argon2Settings { nice: 7, ..cheap() }, None).unwrap();
+        let (nice, name) = hasher
+            .run(|_| {
+                let tid = rustix::thread::gettid();
+                let nice = rustix::process::getpriority_process(Some(tid))
+                    .map_err(|e| Error::internal(e.to_string()))?;
+                Ok((nice, std::thread::current().name().map(str::to_owned)))
+            })
+            .await
+            .unwrap();
+        assert_eq!(nice, 7);
+        assert!(name.unwrap().starts_with("tokend-argon2-"));
+        // The runtime's own thread keeps its priority.
+        let here = rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap();
+        assert_ne!(here, 7);
+    }
+
+    #[test]
+    fn a_nice_value_outside_0_to_19_is_refused() {
+        let err = Argon2Hasher::new(
+            &Argon2Settings {
+                nice: 20,
+                ..cheap()
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("argon2.nice"), "{err}");
     }
 
     #[tokio::test]
