@@ -2,6 +2,7 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
+use std::sync::Arc;
 
 use super::names::{Group, Permission, RoleName, TenantId, TokenName, UserId};
 use super::token_format::TokenKind;
@@ -188,8 +189,8 @@ impl Token {
 /// Everything Introspect needs about one token, read in one query.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenState {
-    /// The token row.
-    pub token: Token,
+    /// The token row, shared with the cache that holds it.
+    pub token: Arc<Token>,
     /// Its tenant's status.
     pub tenant_status: TenantStatus,
     /// The owner's status (personal tokens); `None` if the user is unknown.

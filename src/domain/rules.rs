@@ -208,6 +208,7 @@ mod tests {
     use crate::domain::model::{Membership, Revocation, SecretHash};
     use crate::domain::names::{Group, RoleName, TokenName};
     use chrono::{TimeDelta, TimeZone, Utc};
+    use std::sync::Arc;
 
     fn perms(list: &[&str]) -> PermissionSet {
         list.iter()
@@ -241,7 +242,7 @@ mod tests {
 
     fn live_state(kind: TokenKind) -> TokenState {
         TokenState {
-            token: token(kind),
+            token: Arc::new(token(kind)),
             tenant_status: TenantStatus::Active,
             owner_status: (kind == TokenKind::Personal).then_some(UserStatus::Active),
             membership: (kind == TokenKind::Personal).then(|| Membership {
@@ -272,7 +273,7 @@ mod tests {
     #[test]
     fn every_inactive_reason_is_detected() {
         let mut s = live_state(TokenKind::Personal);
-        s.token.revocation = Some(Revocation {
+        Arc::make_mut(&mut s.token).revocation = Some(Revocation {
             at: now(),
             by: "x".into(),
             reason: String::new(),
@@ -280,9 +281,9 @@ mod tests {
         assert_eq!(evaluate(&s, now()), Err(InactiveReason::Revoked));
 
         let mut s = live_state(TokenKind::Personal);
-        s.token.expires_at = Some(now());
+        Arc::make_mut(&mut s.token).expires_at = Some(now());
         assert_eq!(evaluate(&s, now()), Err(InactiveReason::Expired));
-        s.token.expires_at = Some(now() + TimeDelta::seconds(1));
+        Arc::make_mut(&mut s.token).expires_at = Some(now() + TimeDelta::seconds(1));
         assert!(evaluate(&s, now()).is_ok());
 
         let mut s = live_state(TokenKind::ApiKey);

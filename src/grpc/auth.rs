@@ -79,7 +79,7 @@ where
             match core.authenticate(header).await {
                 Ok(caller) => {
                     let span = tracing::Span::current();
-                    span.record("caller", caller.display_id.as_str());
+                    span.record("caller", caller.display_id());
                     request.extensions_mut().insert::<Caller>(caller);
                     inner.call(request).await
                 }

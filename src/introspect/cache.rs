@@ -229,7 +229,7 @@ impl LiveCache {
             None => None,
         };
         Some(Some(TokenState {
-            token: (*token).clone(),
+            token,
             tenant_status,
             owner_status,
             membership,
@@ -248,8 +248,7 @@ impl LiveCache {
         };
         let token = &state.token;
         let tenant = token.tenant_id.clone();
-        self.tokens
-            .insert(id.to_owned(), Some(Arc::new(token.clone())));
+        self.tokens.insert(id.to_owned(), Some(Arc::clone(token)));
         self.tenants.insert(tenant.clone(), state.tenant_status);
         let role = match (&token.kind, &token.owner_user_id) {
             (TokenKind::Personal, Some(owner)) => {
@@ -666,7 +665,7 @@ mod tests {
 
     fn state(id: &str) -> TokenState {
         TokenState {
-            token: Token {
+            token: Arc::new(Token {
                 id: id.into(),
                 display_id: format!("tkd_key_{id}"),
                 tenant_id: TenantId::parse("t", "acme").unwrap(),
@@ -681,7 +680,7 @@ mod tests {
                 expires_at: None,
                 last_used_at: None,
                 revocation: None,
-            },
+            }),
             tenant_status: TenantStatus::Active,
             owner_status: None,
             membership: None,

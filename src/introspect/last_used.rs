@@ -3,6 +3,7 @@
 //! warm Introspect path never writes to the database.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -11,6 +12,8 @@ use moka::sync::Cache;
 use crate::domain::Result;
 use crate::domain::model::{Timestamp, Token};
 use crate::domain::ports::Store;
+
+use super::ActiveToken;
 
 /// `last_used_at` is kept to the minute.
 const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
@@ -37,17 +40,34 @@ impl LastUsed {
         }
     }
 
-    /// Notes that `token` was used at `now`. Costs a map lookup; never waits on I/O.
-    pub fn record(&self, token: &Token, now: Timestamp) {
+    /// Notes that `token` was used at `now`, and returns the use time now on record (`now`,
+    /// or a time less than a minute before it). Costs a map lookup; never waits on I/O.
+    pub fn record(&self, token: &Token, now: Timestamp) -> Timestamp {
         let last = self.noted.get(&token.id).or(token.last_used_at);
-        if last.is_some_and(|last| now - last < RESOLUTION) {
-            return;
+        if let Some(last) = last
+            && now - last < RESOLUTION
+        {
+            return last;
         }
         self.noted.insert(token.id.clone(), now);
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .insert(token.id.clone(), now);
+        now
+    }
+
+    /// [`record`](Self::record) for a remembered verdict: while the use time it carries is
+    /// less than a minute old this is one atomic load, so the warm path touches no map.
+    pub fn touch(&self, active: &ActiveToken, now: Timestamp) {
+        let millis = now.timestamp_millis();
+        if millis - active.last_noted.load(Ordering::Relaxed) < RESOLUTION.num_milliseconds() {
+            return;
+        }
+        let noted = self.record(&active.token, now);
+        active
+            .last_noted
+            .store(noted.timestamp_millis(), Ordering::Relaxed);
     }
 
     /// Writes every noted use; returns how many tokens were written.

@@ -12,11 +12,11 @@ pub mod cache;
 pub mod last_used;
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
 use moka::future::Cache;
 use secrecy::SecretString;
-use sha2::{Digest as _, Sha256};
 
 use crate::domain::model::{InactiveReason, LiveGrant, Token};
 use crate::domain::ports::{Clock, SecretHasher, Store, Verification};
@@ -28,12 +28,14 @@ use cache::LiveCache;
 use last_used::LastUsed;
 
 /// A live token and what it may do now.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct ActiveToken {
-    /// The token's record.
-    pub token: Token,
+    /// The token's record (shared with the live-state cache).
+    pub token: Arc<Token>,
     /// Its effective permissions and groups.
     pub grant: LiveGrant,
+    /// The last use on record (Unix ms), so a remembered verdict notes uses cheaply.
+    last_noted: AtomicI64,
 }
 
 /// The verdict on a token string.
@@ -47,8 +49,12 @@ pub enum Outcome {
 
 type Digest = [u8; 32];
 
+/// What the caches key secrets by: a cryptographic hash, so no plaintext secret is kept in
+/// memory and no string but the token itself finds its entry. BLAKE3 rather than SHA-256
+/// because it is computed twice on every call, and without SHA instructions in the CPU
+/// SHA-256 cost more than the rest of a warm Introspect's own work.
 fn digest(bytes: &[u8]) -> Digest {
-    Sha256::digest(bytes).into()
+    *blake3::hash(bytes).as_bytes()
 }
 
 /// Whether a remembered verdict still holds at `now` as far as time goes (expiry is the one
@@ -74,13 +80,13 @@ pub struct Introspector {
     hasher: Arc<dyn SecretHasher>,
     clock: Arc<dyn Clock>,
     format: TokenFormat,
-    /// SHA-256 of a full token string → SHA-256 of the PHC hash argon2 accepted it against.
+    /// Digest of a full token string → digest of the PHC hash argon2 accepted it against.
     /// Keyed by the whole string, so a hit means this exact secret was verified on this
     /// replica; tied to the hash, so a rehash or a different row never matches.
     verified: Cache<Digest, Digest>,
     /// The same for strings argon2 rejected: repeated wrong secrets cost no CPU.
     rejected: moka::sync::Cache<Digest, Digest>,
-    /// Recent verdicts by SHA-256 of the token string, each stamped with the live-state
+    /// Recent verdicts by digest of the token string, each stamped with the live-state
     /// cache's generation when its computation began: any invalidation since makes it void,
     /// so a hot token costs one lookup instead of five plus a verification.
     answers: moka::sync::Cache<Digest, Remembered>,
@@ -149,11 +155,11 @@ impl Introspector {
             && still_valid(&known.outcome, now)
         {
             if let Outcome::Active(active) = &known.outcome {
-                self.last_used.record(&active.token, now);
+                self.last_used.touch(active, now);
             }
             return Ok(known.outcome);
         }
-        let outcome = self.decide(candidate, &parsed, now).await?;
+        let outcome = self.decide(key, &parsed, now).await?;
         if let Some(generation) = generation {
             self.answers.insert(
                 key,
@@ -169,7 +175,7 @@ impl Introspector {
     /// The full decision, from live state and the secret.
     async fn decide(
         &self,
-        candidate: &str,
+        key: Digest,
         parsed: &crate::domain::token_format::ParsedToken<'_>,
         now: crate::domain::model::Timestamp,
     ) -> Result<Outcome> {
@@ -182,17 +188,18 @@ impl Introspector {
             return Ok(Outcome::Inactive(InactiveReason::Unknown));
         }
         if !self
-            .secret_matches(candidate, parsed.secret, &state.token)
+            .secret_matches(key, parsed.secret, &state.token)
             .await?
         {
             return Ok(Outcome::Inactive(InactiveReason::Unknown));
         }
         match rules::evaluate(&state, now) {
             Ok(grant) => {
-                self.last_used.record(&state.token, now);
+                let noted = self.last_used.record(&state.token, now);
                 Ok(Outcome::Active(Arc::new(ActiveToken {
                     token: state.token,
                     grant,
+                    last_noted: AtomicI64::new(noted.timestamp_millis()),
                 })))
             }
             Err(reason) => Ok(Outcome::Inactive(reason)),
@@ -201,8 +208,7 @@ impl Introspector {
 
     /// Whether `secret` is the token's, by cache or by argon2 (once per token and replica;
     /// concurrent first sights of the same string share one verification).
-    async fn secret_matches(&self, candidate: &str, secret: &str, token: &Token) -> Result<bool> {
-        let key = digest(candidate.as_bytes());
+    async fn secret_matches(&self, key: Digest, secret: &str, token: &Token) -> Result<bool> {
         let hash = digest(token.secret_hash.0.as_bytes());
         match self.verified.get(&key).await {
             Some(known) if known == hash => {

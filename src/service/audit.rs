@@ -31,12 +31,12 @@ impl Tokend {
         req: ListAudit,
     ) -> Result<(Vec<AuditEvent>, String)> {
         let tenant_id = match req.tenant_id {
-            Some(tenant) if !caller.is_system() && tenant != caller.tenant_id => {
+            Some(tenant) if !caller.is_system() && tenant != *caller.tenant_id() => {
                 return Err(Error::NotFound(format!("tenant {tenant}")));
             }
             Some(tenant) => Some(tenant),
             None if caller.is_system() => None,
-            None => Some(caller.tenant_id.clone()),
+            None => Some(caller.tenant_id().clone()),
         };
         caller.require(rules::AUDIT_READ)?;
         let before_id = req

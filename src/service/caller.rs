@@ -1,11 +1,13 @@
 //! Who is calling (the credential) and on whose behalf (the actor).
 
+use std::sync::Arc;
+
 use crate::domain::model::{PermissionSet, TenantStatus, UserStatus};
 use crate::domain::names::{BuiltinPermission, TenantId, UserId};
 use crate::domain::rules::{self, Visibility};
 use crate::domain::token_format::TokenKind;
 use crate::domain::{Error, Result};
-use crate::introspect::Outcome;
+use crate::introspect::{ActiveToken, Outcome};
 
 use super::Tokend;
 
@@ -45,40 +47,64 @@ fn require(
 }
 
 /// The authenticated credential of a request, with its rights right now.
+///
+/// A handle on the verdict the credential's own introspection produced (usually the
+/// remembered one), so authenticating a warm credential copies nothing.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    /// The credential's token id.
-    pub token_id: String,
-    /// The credential's display id, for logs and audit.
-    pub display_id: String,
-    /// The tenant the credential is bound to.
-    pub tenant_id: TenantId,
-    /// Personal token or API key.
-    pub kind: TokenKind,
-    /// Whom it speaks for.
-    pub subject: Subject,
-    /// Its effective permissions.
-    pub permissions: PermissionSet,
-    /// Whether the credential is narrowed by scopes.
-    pub scoped: bool,
+    active: Arc<ActiveToken>,
 }
 
 impl Caller {
+    /// The credential's token id.
+    pub fn token_id(&self) -> &str {
+        &self.active.token.id
+    }
+
+    /// The credential's display id, for logs and audit.
+    pub fn display_id(&self) -> &str {
+        &self.active.token.display_id
+    }
+
+    /// The tenant the credential is bound to.
+    pub fn tenant_id(&self) -> &TenantId {
+        &self.active.token.tenant_id
+    }
+
+    /// Whom it speaks for.
+    pub fn subject(&self) -> Subject {
+        let token = &self.active.token;
+        match (&token.kind, &token.owner_user_id) {
+            (TokenKind::Personal, Some(owner)) => Subject::User(owner.clone()),
+            _ => Subject::ApiKey(token.display_id.clone()),
+        }
+    }
+
+    /// Its effective permissions.
+    pub fn permissions(&self) -> &PermissionSet {
+        &self.active.grant.permissions
+    }
+
+    /// Whether the credential is narrowed by scopes.
+    pub fn scoped(&self) -> bool {
+        self.active.token.scopes.is_some()
+    }
+
     /// Whether the credential holds `permission`.
     pub fn has(&self, permission: BuiltinPermission) -> bool {
-        rules::holds(&self.permissions, permission)
+        rules::holds(self.permissions(), permission)
     }
 
     /// Refuses unless the credential holds `permission`.
     pub fn require(&self, permission: BuiltinPermission) -> Result<()> {
-        require(&self.permissions, permission, || {
-            format!("the credential {}", self.display_id)
+        require(self.permissions(), permission, || {
+            format!("the credential {}", self.display_id())
         })
     }
 
     /// Whether the credential belongs to tokend's own tenant.
     pub fn is_system(&self) -> bool {
-        self.tenant_id.is_system()
+        self.tenant_id().is_system()
     }
 }
 
@@ -146,22 +172,7 @@ impl Tokend {
             })?
             .trim();
         match self.introspector.introspect(token).await? {
-            Outcome::Active(active) => {
-                let token = &active.token;
-                let subject = match (&token.kind, &token.owner_user_id) {
-                    (TokenKind::Personal, Some(owner)) => Subject::User(owner.clone()),
-                    _ => Subject::ApiKey(token.display_id.clone()),
-                };
-                Ok(Caller {
-                    subject,
-                    scoped: token.scopes.is_some(),
-                    token_id: token.id.clone(),
-                    display_id: token.display_id.clone(),
-                    tenant_id: token.tenant_id.clone(),
-                    kind: token.kind,
-                    permissions: active.grant.permissions.clone(),
-                })
-            }
+            Outcome::Active(active) => Ok(Caller { active }),
             Outcome::Inactive(reason) => {
                 tracing::info!(reason = reason.as_str(), "refused an inactive credential");
                 Err(Error::Unauthenticated(
@@ -182,29 +193,30 @@ impl Tokend {
         tenant_id: Option<TenantId>,
         actor_user_id: Option<UserId>,
     ) -> Result<Actor> {
-        let names_itself = match (&actor_user_id, &caller.subject) {
+        let subject = caller.subject();
+        let names_itself = match (&actor_user_id, &subject) {
             (None, _) => true,
             (Some(named), Subject::User(own)) => named == own,
             (Some(_), Subject::ApiKey(_)) => false,
         };
-        let same_tenant = tenant_id.as_ref().is_none_or(|t| *t == caller.tenant_id);
+        let same_tenant = tenant_id.as_ref().is_none_or(|t| t == caller.tenant_id());
         let may_act_as = caller.is_system() && caller.has(rules::ACT_AS);
         let acting_as_self = names_itself && (same_tenant || !may_act_as);
         if acting_as_self {
             if let Some(tenant) = &tenant_id
-                && *tenant != caller.tenant_id
+                && tenant != caller.tenant_id()
             {
                 return Err(Error::PermissionDenied(format!(
                     "tenant_id: the credential is bound to tenant {}; it cannot act in {tenant}",
-                    caller.tenant_id
+                    caller.tenant_id()
                 )));
             }
             return Ok(Actor {
-                tenant_id: caller.tenant_id.clone(),
-                subject: caller.subject.clone(),
-                permissions: caller.permissions.clone(),
-                scoped: caller.scoped,
-                itself: Some(caller.token_id.clone()),
+                tenant_id: caller.tenant_id().clone(),
+                subject,
+                permissions: caller.permissions().clone(),
+                scoped: caller.scoped(),
+                itself: Some(caller.token_id().to_owned()),
             });
         }
 

@@ -53,7 +53,7 @@ impl Tokend {
         tenant: &TenantId,
         permission: BuiltinPermission,
     ) -> Result<()> {
-        if !caller.is_system() && *tenant != caller.tenant_id {
+        if !caller.is_system() && tenant != caller.tenant_id() {
             return Err(Error::NotFound(format!("tenant {tenant}")));
         }
         caller.require(permission)
@@ -88,7 +88,7 @@ impl Tokend {
             .filter(|p| p.is_reserved())
             .cloned()
             .collect();
-        rules::require_subset(field, &reserved, &caller.permissions, "the caller")
+        rules::require_subset(field, &reserved, caller.permissions(), "the caller")
     }
 
     /// Taking a member out of a role strips its `tokend.*` rights: only someone who holds
@@ -132,7 +132,7 @@ impl Tokend {
             created_at: now,
             updated_at: now,
         };
-        let mut audit = self.audit(&tenant.id, caller.subject.label(), caller, "tenant.put");
+        let mut audit = self.audit(&tenant.id, caller.subject().label(), caller, "tenant.put");
         audit.detail = BTreeMap::from([
             (
                 "status".to_owned(),
@@ -169,7 +169,7 @@ impl Tokend {
             .cursor(TENANTS_LIST)?
             .map(|c| TenantId::parse("page_token", &c))
             .transpose()?;
-        let only = (!caller.is_system()).then_some(&caller.tenant_id);
+        let only = (!caller.is_system()).then_some(caller.tenant_id());
         let rows = self
             .store
             .list_tenants(only, after.as_ref(), page.size + 1)
@@ -196,7 +196,12 @@ impl Tokend {
             permissions: req.permissions,
             updated_at: self.clock.now(),
         };
-        let mut audit = self.audit(&role.tenant_id, caller.subject.label(), caller, "role.put");
+        let mut audit = self.audit(
+            &role.tenant_id,
+            caller.subject().label(),
+            caller,
+            "role.put",
+        );
         let list: Vec<&str> = role.permissions.iter().map(|p| p.as_str()).collect();
         audit.detail = BTreeMap::from([
             ("role".to_owned(), role.name.to_string()),
@@ -223,7 +228,7 @@ impl Tokend {
         if let Some(existing) = self.store.get_role(tenant, name).await? {
             self.check_reserved_grants(caller, tenant, "name", &existing.permissions)?;
         }
-        let mut audit = self.audit(tenant, caller.subject.label(), caller, "role.deleted");
+        let mut audit = self.audit(tenant, caller.subject().label(), caller, "role.deleted");
         audit.detail = BTreeMap::from([("role".to_owned(), name.to_string())]);
         if !self.store.delete_role(tenant, name, &audit).await? {
             return Err(Error::NotFound(format!("role {name} in tenant {tenant}")));
@@ -291,7 +296,7 @@ impl Tokend {
                 groups: req.groups,
                 updated_at: now,
             };
-            let mut audit = self.audit(tenant, caller.subject.label(), caller, "member.put");
+            let mut audit = self.audit(tenant, caller.subject().label(), caller, "member.put");
             let groups: Vec<&str> = member.groups.iter().map(|g| g.as_str()).collect();
             audit.detail = BTreeMap::from([
                 ("user".to_owned(), member.user_id.to_string()),
@@ -313,7 +318,7 @@ impl Tokend {
     ) -> Result<()> {
         self.directory_access(caller, tenant, rules::DIRECTORY_WRITE)?;
         self.check_demotion(caller, tenant, user).await?;
-        let mut audit = self.audit(tenant, caller.subject.label(), caller, "member.removed");
+        let mut audit = self.audit(tenant, caller.subject().label(), caller, "member.removed");
         audit.detail = BTreeMap::from([("user".to_owned(), user.to_string())]);
         if !self.store.remove_member(tenant, user, &audit).await? {
             return Err(Error::NotFound(format!("member {user} of tenant {tenant}")));
@@ -360,7 +365,7 @@ impl Tokend {
         };
         let mut audit = self.audit(
             &TenantId::system(),
-            caller.subject.label(),
+            caller.subject().label(),
             caller,
             "user.status_set",
         );

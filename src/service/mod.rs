@@ -82,7 +82,7 @@ impl Tokend {
             at: self.clock.now(),
             tenant_id: tenant.clone(),
             actor,
-            caller: caller.display_id.clone(),
+            caller: caller.display_id().to_owned(),
             action: action.to_owned(),
             token_id: None,
             detail: Default::default(),

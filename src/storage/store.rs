@@ -1,5 +1,6 @@
 //! [`SeaStore`]: the one store adapter, over a SeaORM connection to SQLite or PostgreSQL.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -523,7 +524,7 @@ impl Store for SeaStore {
             None => None,
         };
         Ok(Some(TokenState {
-            token,
+            token: Arc::new(token),
             tenant_status,
             owner_status,
             membership,
