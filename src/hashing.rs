@@ -1,6 +1,6 @@
 //! argon2id for token secrets, off the async runtime and bounded.
 //!
-//! Default parameters (m = 4 MiB, t = 1, p = 1) are chosen for 256-bit random secrets, not
+//! Default parameters (m = 1 MiB, t = 1, p = 1) are chosen for 256-bit random secrets, not
 //! for passwords. Password guidance (OWASP: m = 19 MiB, t = 2) exists to slow guessing of
 //! low-entropy human secrets; with 2^256 candidates no amount of hashing speed makes offline
 //! guessing feasible, so extra cost buys no security and would only spend CPU and memory on
@@ -13,7 +13,9 @@
 //! async runtime's. A hash takes milliseconds of CPU; at equal priority the kernel lets it
 //! run out its time slice while a runtime thread with Introspect calls queued waits, and
 //! every IssueToken (or a burst of wrong secrets) shows up in Introspect's p99. At a lower
-//! priority the runtime preempts it; when the machine is idle the hashes run at full speed.
+//! priority the runtime gets the larger share; when the machine is idle the hashes run at
+//! full speed. The kernel still lets a running hash finish its slice, which is why the
+//! default memory cost is small: one hash then holds a core for well under a millisecond.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,7 +48,7 @@ pub struct Argon2Settings {
 impl Default for Argon2Settings {
     fn default() -> Self {
         Self {
-            memory_kib: 4096,
+            memory_kib: 256,
             iterations: 1,
             parallelism: 1,
             max_concurrent: 0,

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use moka::sync::Cache;
+use quick_cache::sync::Cache;
 
 use crate::domain::Result;
 use crate::domain::model::{Timestamp, Token};
@@ -23,7 +23,9 @@ const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 pub struct LastUsed {
     store: Arc<dyn Store>,
     pending: Mutex<HashMap<String, Timestamp>>,
-    /// The last time noted per token, so a token used every second is written once a minute.
+    /// The last time noted per token, so a token used every second is written once a minute
+    /// even when its verdict is recomputed. Entries older than a minute are worthless, so
+    /// eviction by capacity alone is enough.
     noted: Cache<String, Timestamp>,
 }
 
@@ -33,10 +35,7 @@ impl LastUsed {
         Self {
             store,
             pending: Mutex::new(HashMap::new()),
-            noted: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(Duration::from_secs(120))
-                .build(),
+            noted: Cache::new(1_000_000),
         }
     }
 

@@ -74,7 +74,7 @@ enum NoMatch {
 }
 
 /// Answers "is this token string live, and with which rights?".
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Introspector {
     store: Arc<dyn Store>,
     hasher: Arc<dyn SecretHasher>,
@@ -85,11 +85,11 @@ pub struct Introspector {
     /// replica; tied to the hash, so a rehash or a different row never matches.
     verified: Cache<Digest, Digest>,
     /// The same for strings argon2 rejected: repeated wrong secrets cost no CPU.
-    rejected: moka::sync::Cache<Digest, Digest>,
+    rejected: quick_cache::sync::Cache<Digest, Digest>,
     /// Recent verdicts by digest of the token string, each stamped with the live-state
     /// cache's generation when its computation began: any invalidation since makes it void,
     /// so a hot token costs one lookup instead of five plus a verification.
-    answers: moka::sync::Cache<Digest, Remembered>,
+    answers: quick_cache::sync::Cache<Digest, Remembered>,
     /// The live-state cache whose generation and trust the verdicts follow.
     live: Option<Arc<LiveCache>>,
     last_used: Arc<LastUsed>,
@@ -121,14 +121,8 @@ impl Introspector {
                 .max_capacity(1_000_000)
                 .time_to_live(Duration::from_secs(3600))
                 .build(),
-            rejected: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(600))
-                .build(),
-            answers: moka::sync::Cache::builder()
-                .max_capacity(100_000)
-                .time_to_live(Duration::from_secs(60))
-                .build(),
+            rejected: quick_cache::sync::Cache::new(100_000),
+            answers: quick_cache::sync::Cache::new(100_000),
             live,
             last_used,
         }

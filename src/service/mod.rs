@@ -27,7 +27,7 @@ use crate::introspect::cache::LiveCache;
 use crate::introspect::last_used::LastUsed;
 
 /// The service core every gRPC service delegates to.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Tokend {
     store: Arc<dyn Store>,
     hasher: Arc<dyn SecretHasher>,
