@@ -9,7 +9,8 @@
 //! Environment: `BENCH_REQUESTS` (per h2load run, default 200000), `BENCH_CONCURRENCY`
 //! (in-flight calls, default 64), `BENCH_ROUNDS` (rounds of (a), (b) and (d), each beside
 //! its own ceiling run, default 3), `BENCH_COLD` (cold tokens, default 300),
-//! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults).
+//! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults),
+//! `BENCH_POSTGRES_URL` (run (a)–(d) on a fresh PostgreSQL database instead of SQLite).
 
 // A benchmark that cannot set itself up should stop loudly, not limp on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -436,9 +437,42 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
+/// With `BENCH_POSTGRES_URL` (a server URL ending in a database name), scenarios (a)–(d)
+/// run against a fresh PostgreSQL database created beside it, so the database's work happens
+/// in its own processes, as in a deployment, rather than on the server's core.
+async fn database_for_run(
+    dir: &std::path::Path,
+) -> anyhow::Result<(Settings, &'static str, Option<(String, String)>)> {
+    use sea_orm::ConnectionTrait as _;
+    let mut settings = settings(dir);
+    let Ok(admin_url) = std::env::var("BENCH_POSTGRES_URL") else {
+        return Ok((
+            settings,
+            "SQLite (embedded; its worker thread shares the server's core)",
+            None,
+        ));
+    };
+    let name = format!("tokend_bench_{}", uuid::Uuid::new_v4().simple());
+    let admin = sea_orm::Database::connect(&admin_url).await?;
+    admin
+        .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+        .await?;
+    admin.close().await?;
+    let (server, _) = admin_url
+        .rsplit_once('/')
+        .context("BENCH_POSTGRES_URL: postgres://user@host:port/database")?;
+    settings.database_url = format!("{server}/{name}").into();
+    Ok((
+        settings,
+        "PostgreSQL (its processes not pinned)",
+        Some((admin_url, name)),
+    ))
+}
+
 async fn run() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let tokend = start_tokend(settings(dir.path()))?;
+    let (run_settings, database, postgres) = database_for_run(dir.path()).await?;
+    let tokend = start_tokend(run_settings)?;
     let root = tokend.root.clone();
     let mut api = client(tokend.server.addr).await?;
 
@@ -511,6 +545,7 @@ async fn run() -> anyhow::Result<()> {
     assert!(answer.active);
 
     println!("Introspect over gRPC, servers on core 0 (current-thread runtime), h2load on core 1,");
+    println!("database: {database},");
     println!(
         "{} in-flight calls, {} requests per run. Ceiling: a no-op tonic server with the same answer.\n",
         env_or("BENCH_CONCURRENCY", 64),
@@ -615,6 +650,14 @@ async fn run() -> anyhow::Result<()> {
     drop(noop_active);
     drop(noop_inactive);
     drop(tokend);
+    if let Some((admin_url, name)) = postgres {
+        use sea_orm::ConnectionTrait as _;
+        let admin = sea_orm::Database::connect(&admin_url).await?;
+        admin
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await?;
+        admin.close().await?;
+    }
 
     memory().await
 }

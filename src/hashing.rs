@@ -1,6 +1,6 @@
 //! argon2id for token secrets, off the async runtime and bounded.
 //!
-//! Default parameters (m = 1 MiB, t = 1, p = 1) are chosen for 256-bit random secrets, not
+//! Default parameters (m = 256 KiB, t = 1, p = 1) are chosen for 256-bit random secrets, not
 //! for passwords. Password guidance (OWASP: m = 19 MiB, t = 2) exists to slow guessing of
 //! low-entropy human secrets; with 2^256 candidates no amount of hashing speed makes offline
 //! guessing feasible, so extra cost buys no security and would only spend CPU and memory on
@@ -10,8 +10,8 @@
 //! database useless on its own.
 //!
 //! The hashes run on argon2's own threads at a lower scheduling priority (`nice`) than the
-//! async runtime's. A hash takes milliseconds of CPU; at equal priority the kernel lets it
-//! run out its time slice while a runtime thread with Introspect calls queued waits, and
+//! async runtime's. A hash is a contiguous stretch of CPU; at equal priority the kernel lets
+//! it run out its time slice while a runtime thread with Introspect calls queued waits, and
 //! every IssueToken (or a burst of wrong secrets) shows up in Introspect's p99. At a lower
 //! priority the runtime gets the larger share; when the machine is idle the hashes run at
 //! full speed. The kernel still lets a running hash finish its slice, which is why the
@@ -85,11 +85,34 @@ impl Inner {
 #[derive(Clone)]
 pub struct Argon2Hasher {
     inner: Arc<Inner>,
-    pool: Arc<rayon::ThreadPool>,
-    /// Bounds the work handed to the pool, so a burst queues here (async, cancellable)
-    /// rather than in the pool.
+    jobs: crossbeam_channel::Sender<Job>,
+    /// Bounds the work handed to the threads, so a burst queues here (async, cancellable)
+    /// rather than in their queue.
     permits: Arc<Semaphore>,
     verifications: Arc<AtomicU64>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Starts `threads` hashing threads at nice value `nice`. They block on the queue when idle
+/// (no spinning that would compete with the runtime) and end when the last sender is gone.
+fn start_threads(threads: usize, nice: i32) -> Result<crossbeam_channel::Sender<Job>> {
+    let (jobs, queue) = crossbeam_channel::unbounded::<Job>();
+    for i in 0..threads {
+        let queue = queue.clone();
+        std::thread::Builder::new()
+            .name(format!("tokend-argon2-{i}"))
+            .spawn(move || {
+                lower_priority(nice);
+                while let Ok(job) = queue.recv() {
+                    // A panicking hash must not shrink the pool; its caller sees the
+                    // dropped reply as a failed task.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(job));
+                }
+            })
+            .map_err(|e| Error::internal(format!("could not start a hashing thread: {e}")))?;
+    }
+    Ok(jobs)
 }
 
 /// Gives the calling thread the nice value `nice`. On Linux `setpriority` on a thread id
@@ -136,16 +159,9 @@ impl Argon2Hasher {
         if !(0..=19).contains(&settings.nice) {
             return Err(Error::invalid("argon2.nice", "must be between 0 and 19"));
         }
-        let nice = settings.nice;
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(concurrency)
-            .thread_name(|i| format!("tokend-argon2-{i}"))
-            .start_handler(move |_| lower_priority(nice))
-            .build()
-            .map_err(|e| Error::internal(format!("could not start the hashing threads: {e}")))?;
         Ok(Self {
             inner: Arc::new(Inner { params, pepper }),
-            pool: Arc::new(pool),
+            jobs: start_threads(concurrency, settings.nice)?,
             permits: Arc::new(Semaphore::new(concurrency)),
             verifications: Arc::new(AtomicU64::new(0)),
         })
@@ -160,17 +176,23 @@ impl Argon2Hasher {
         &self,
         work: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let _permit = self
-            .permits
-            .acquire()
+        // The permit travels with the job, so it bounds work queued or running, even for
+        // callers that gave up waiting.
+        let permit = Arc::clone(&self.permits)
+            .acquire_owned()
             .await
             .map_err(|_| Error::internal("hashing pool closed"))?;
         let inner = Arc::clone(&self.inner);
         let (done, result) = tokio::sync::oneshot::channel();
-        self.pool.spawn(move || {
-            // The caller may have gone (a cancelled request); the work is simply dropped.
-            let _ = done.send(work(&inner));
-        });
+        self.jobs
+            .send(Box::new(move || {
+                let _permit = permit;
+                // A caller that went away (a cancelled request) needs no hash.
+                if !done.is_closed() {
+                    let _ = done.send(work(&inner));
+                }
+            }))
+            .map_err(|_| Error::internal("hashing threads stopped"))?;
         result
             .await
             .map_err(|_| Error::internal("hashing task failed"))?

@@ -636,7 +636,12 @@ impl Store for CachingStore {
 
     async fn replace_hash(&self, id: &str, old: &str, new: &str) -> Result<bool> {
         let result = self.inner.replace_hash(id, old, new).await;
-        self.evict(Invalidation::Token(id.to_owned()));
+        // Another replica winning the upgrade changed nothing here (its own notification
+        // evicts); evicting anyway would void every remembered verdict on each first sight
+        // after a parameter change.
+        if !matches!(result, Ok(false)) {
+            self.evict(Invalidation::Token(id.to_owned()));
+        }
         result
     }
 

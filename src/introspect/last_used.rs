@@ -43,8 +43,9 @@ impl LastUsed {
     /// or a time less than a minute before it). Costs a map lookup; never waits on I/O.
     pub fn record(&self, token: &Token, now: Timestamp) -> Timestamp {
         let last = self.noted.get(&token.id).or(token.last_used_at);
+        // A clock stepped back makes `last` look recent forever; record anew instead.
         if let Some(last) = last
-            && now - last < RESOLUTION
+            && (chrono::TimeDelta::zero()..RESOLUTION).contains(&(now - last))
         {
             return last;
         }
@@ -60,7 +61,8 @@ impl LastUsed {
     /// less than a minute old this is one atomic load, so the warm path touches no map.
     pub fn touch(&self, active: &ActiveToken, now: Timestamp) {
         let millis = now.timestamp_millis();
-        if millis - active.last_noted.load(Ordering::Relaxed) < RESOLUTION.num_milliseconds() {
+        let since = millis - active.last_noted.load(Ordering::Relaxed);
+        if (0..RESOLUTION.num_milliseconds()).contains(&since) {
             return;
         }
         let noted = self.record(&active.token, now);

@@ -99,7 +99,25 @@ pub struct Introspector {
 #[derive(Clone, Debug)]
 struct Remembered {
     generation: u64,
+    /// When it was computed: a backstop age for a verdict, should an invalidation ever be
+    /// missed (a trigger bypassed by a restore, say).
+    at: crate::domain::model::Timestamp,
     outcome: Outcome,
+}
+
+/// The oldest remembered verdict served, whatever the generation says.
+const MAX_VERDICT_AGE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+impl Remembered {
+    /// Still servable at `now`: same generation, young enough (a clock stepped back
+    /// counts as too old), and not past the token's expiry.
+    fn holds(&self, generation: u64, now: crate::domain::model::Timestamp) -> bool {
+        let age = now - self.at;
+        self.generation == generation
+            && age >= chrono::TimeDelta::zero()
+            && age < MAX_VERDICT_AGE
+            && still_valid(&self.outcome, now)
+    }
 }
 
 impl Introspector {
@@ -145,8 +163,7 @@ impl Introspector {
             .map(|live| live.generation());
         if let Some(generation) = generation
             && let Some(known) = self.answers.get(&key)
-            && known.generation == generation
-            && still_valid(&known.outcome, now)
+            && known.holds(generation, now)
         {
             if let Outcome::Active(active) = &known.outcome {
                 self.last_used.touch(active, now);
@@ -159,6 +176,7 @@ impl Introspector {
                 key,
                 Remembered {
                     generation,
+                    at: now,
                     outcome: outcome.clone(),
                 },
             );
@@ -262,5 +280,34 @@ impl Introspector {
                 Err(err) => tracing::warn!(token_id = %id, error = %err, "hash upgrade failed"),
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeDelta, TimeZone as _, Utc};
+
+    use super::*;
+
+    fn remembered(generation: u64, at: crate::domain::model::Timestamp) -> Remembered {
+        Remembered {
+            generation,
+            at,
+            outcome: Outcome::Inactive(InactiveReason::Unknown),
+        }
+    }
+
+    #[test]
+    fn a_remembered_verdict_holds_only_in_its_generation_and_for_a_minute() {
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let verdict = remembered(7, at);
+        assert!(verdict.holds(7, at));
+        assert!(verdict.holds(7, at + TimeDelta::seconds(59)));
+        // Any invalidation since voids it.
+        assert!(!verdict.holds(8, at + TimeDelta::seconds(1)));
+        // Even with no invalidation heard, it ages out.
+        assert!(!verdict.holds(7, at + MAX_VERDICT_AGE));
+        // A clock stepped back does not make it young forever.
+        assert!(!verdict.holds(7, at - TimeDelta::seconds(1)));
     }
 }
