@@ -200,7 +200,7 @@ pub struct TokenState {
     pub membership: Option<Membership>,
     /// The permissions of the role in force: the owner's current role for a personal token,
     /// the bound role for an API key; `None` if that role no longer exists.
-    pub role_permissions: Option<PermissionSet>,
+    pub role_permissions: Option<Arc<PermissionSet>>,
 }
 
 /// A member's standing in one tenant, as liveness needs it.
@@ -274,8 +274,9 @@ impl InactiveReason {
 /// A live token's rights right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LiveGrant {
-    /// The role's permissions narrowed to the token's scopes.
-    pub permissions: PermissionSet,
+    /// The role's permissions narrowed to the token's scopes (the role's own set, shared,
+    /// when it has none).
+    pub permissions: Arc<PermissionSet>,
     /// The owner's groups in the tenant (empty for API keys).
     pub groups: BTreeSet<Group>,
 }

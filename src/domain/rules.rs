@@ -2,6 +2,7 @@
 //! "no token may grant more than its issuer holds", expiry policy, who sees which token.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use super::error::{Error, Result};
 use super::model::{
@@ -50,12 +51,12 @@ pub fn holds(set: &PermissionSet, permission: BuiltinPermission) -> bool {
 
 /// A token's permissions: its role's, narrowed to its scopes if it has any.
 pub fn effective_permissions(
-    role: &PermissionSet,
+    role: &Arc<PermissionSet>,
     scopes: Option<&PermissionSet>,
-) -> PermissionSet {
+) -> Arc<PermissionSet> {
     match scopes {
-        Some(scopes) => role.intersection(scopes).cloned().collect(),
-        None => role.clone(),
+        Some(scopes) => Arc::new(role.intersection(scopes).cloned().collect()),
+        None => Arc::clone(role),
     }
 }
 
@@ -208,7 +209,6 @@ mod tests {
     use crate::domain::model::{Membership, Revocation, SecretHash};
     use crate::domain::names::{Group, RoleName, TokenName};
     use chrono::{TimeDelta, TimeZone, Utc};
-    use std::sync::Arc;
 
     fn perms(list: &[&str]) -> PermissionSet {
         list.iter()
@@ -249,16 +249,17 @@ mod tests {
                 role: RoleName::parse("r", "dev").unwrap(),
                 groups: [Group::parse("g", "eng").unwrap()].into(),
             }),
-            role_permissions: Some(perms(&["a:read", "a:write"])),
+            role_permissions: Some(Arc::new(perms(&["a:read", "a:write"]))),
         }
     }
 
     #[test]
     fn scopes_narrow_the_role() {
-        let role = perms(&["a:read", "a:write"]);
-        assert_eq!(effective_permissions(&role, None), role);
+        let role = Arc::new(perms(&["a:read", "a:write"]));
+        // Unscoped: the role's own set, shared rather than copied.
+        assert!(Arc::ptr_eq(&effective_permissions(&role, None), &role));
         assert_eq!(
-            effective_permissions(&role, Some(&perms(&["a:read", "b:read"]))),
+            *effective_permissions(&role, Some(&perms(&["a:read", "b:read"]))),
             perms(&["a:read"])
         );
     }
@@ -266,7 +267,7 @@ mod tests {
     #[test]
     fn a_live_personal_token_carries_role_and_groups() {
         let grant = evaluate(&live_state(TokenKind::Personal), now()).unwrap();
-        assert_eq!(grant.permissions, perms(&["a:read", "a:write"]));
+        assert_eq!(*grant.permissions, perms(&["a:read", "a:write"]));
         assert_eq!(grant.groups.len(), 1);
     }
 

@@ -222,10 +222,7 @@ impl LiveCache {
             _ => (None, None, token.role.clone()),
         };
         let role_permissions = match role_name {
-            Some(role) => self
-                .roles
-                .get(&(token.tenant_id.clone(), role))?
-                .map(|p| (*p).clone()),
+            Some(role) => self.roles.get(&(token.tenant_id.clone(), role))?,
             None => None,
         };
         Some(Some(TokenState {
@@ -264,7 +261,7 @@ impl LiveCache {
         if let Some(role) = &role {
             self.roles.insert(
                 (tenant.clone(), role.clone()),
-                state.role_permissions.clone().map(Arc::new),
+                state.role_permissions.clone(),
             );
         }
         // Insert first, check after: an invalidation that bumped the generation before our
@@ -689,7 +686,7 @@ mod tests {
             tenant_status: TenantStatus::Active,
             owner_status: None,
             membership: None,
-            role_permissions: Some(PermissionSet::new()),
+            role_permissions: Some(Arc::new(PermissionSet::new())),
         }
     }
 

@@ -13,16 +13,14 @@ pub mod last_used;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
-use std::time::Duration;
 
-use moka::future::Cache;
 use secrecy::SecretString;
 
+use crate::domain::Result;
 use crate::domain::model::{InactiveReason, LiveGrant, Token};
 use crate::domain::ports::{Clock, SecretHasher, Store, Verification};
 use crate::domain::rules;
 use crate::domain::token_format::TokenFormat;
-use crate::domain::{Error, Result};
 
 use cache::LiveCache;
 use last_used::LastUsed;
@@ -66,13 +64,6 @@ fn still_valid(outcome: &Outcome, now: crate::domain::model::Timestamp) -> bool 
     }
 }
 
-/// Why a single-flight verification did not produce a match.
-#[derive(Debug)]
-enum NoMatch {
-    Mismatch,
-    Failed(Error),
-}
-
 /// Answers "is this token string live, and with which rights?".
 #[derive(Debug)]
 pub struct Introspector {
@@ -83,7 +74,7 @@ pub struct Introspector {
     /// Digest of a full token string → digest of the PHC hash argon2 accepted it against.
     /// Keyed by the whole string, so a hit means this exact secret was verified on this
     /// replica; tied to the hash, so a rehash or a different row never matches.
-    verified: Cache<Digest, Digest>,
+    verified: quick_cache::sync::Cache<Digest, Digest>,
     /// The same for strings argon2 rejected: repeated wrong secrets cost no CPU.
     rejected: quick_cache::sync::Cache<Digest, Digest>,
     /// Recent verdicts by digest of the token string, each stamped with the live-state
@@ -135,10 +126,7 @@ impl Introspector {
             hasher,
             clock,
             format,
-            verified: Cache::builder()
-                .max_capacity(1_000_000)
-                .time_to_live(Duration::from_secs(3600))
-                .build(),
+            verified: quick_cache::sync::Cache::new(1_000_000),
             rejected: quick_cache::sync::Cache::new(100_000),
             answers: quick_cache::sync::Cache::new(100_000),
             live,
@@ -222,13 +210,15 @@ impl Introspector {
     /// concurrent first sights of the same string share one verification).
     async fn secret_matches(&self, key: Digest, secret: &str, token: &Token) -> Result<bool> {
         let hash = digest(token.secret_hash.0.as_bytes());
-        match self.verified.get(&key).await {
+        match self.verified.get(&key) {
             Some(known) if known == hash => {
                 metrics::counter!("tokend_verified_cache_total", "result" => "hit").increment(1);
                 return Ok(true);
             }
             // Verified against another hash (rehashed since): verify afresh.
-            Some(_) => self.verified.invalidate(&key).await,
+            Some(_) => {
+                self.verified.remove(&key);
+            }
             None => {}
         }
         if self.rejected.get(&key) == Some(hash) {
@@ -236,28 +226,36 @@ impl Introspector {
             return Ok(false);
         }
         metrics::counter!("tokend_verified_cache_total", "result" => "miss").increment(1);
-        let verification = self.verified.try_get_with(key, async {
-            let phc = token.secret_hash.0.clone();
-            match self.hasher.verify(SecretString::from(secret), phc).await {
-                Ok(Verification::Match { needs_rehash }) => {
-                    if needs_rehash {
-                        self.upgrade_hash(&token.id, &token.secret_hash.0, secret);
+        // One caller per string verifies; the others wait for its answer. A caller whose
+        // verification did not match leaves no value, and the next waiter in line takes over
+        // (and finds the string in `rejected`, which is written before the guard is dropped).
+        let guard = match self.verified.get_value_or_guard_async(&key).await {
+            Ok(known) if known == hash => return Ok(true),
+            Ok(_) => None,
+            Err(guard) => Some(guard),
+        };
+        if self.rejected.get(&key) == Some(hash) {
+            return Ok(false);
+        }
+        let phc = token.secret_hash.0.clone();
+        match self.hasher.verify(SecretString::from(secret), phc).await? {
+            Verification::Match { needs_rehash } => {
+                if needs_rehash {
+                    self.upgrade_hash(&token.id, &token.secret_hash.0, secret);
+                }
+                match guard {
+                    Some(guard) => {
+                        let _ = guard.insert(hash);
                     }
-                    Ok(hash)
+                    None => self.verified.insert(key, hash),
                 }
-                Ok(Verification::Mismatch) => Err(NoMatch::Mismatch),
-                Err(err) => Err(NoMatch::Failed(err)),
+                Ok(true)
             }
-        });
-        match verification.await {
-            Ok(_) => Ok(true),
-            Err(no) => match &*no {
-                NoMatch::Mismatch => {
-                    self.rejected.insert(key, hash);
-                    Ok(false)
-                }
-                NoMatch::Failed(err) => Err(Error::internal(err.to_string())),
-            },
+            Verification::Mismatch => {
+                self.rejected.insert(key, hash);
+                drop(guard);
+                Ok(false)
+            }
         }
     }
 

@@ -528,7 +528,7 @@ impl Store for SeaStore {
             tenant_status,
             owner_status,
             membership,
-            role_permissions,
+            role_permissions: role_permissions.map(Arc::new),
         }))
     }
 

@@ -193,17 +193,39 @@ async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret
         "one verification for sixteen first sights"
     );
 
-    // The right id with a wrong secret: argon2 once, then remembered.
+    // The right id with a wrong secret, sixteen at once and then again one by one: argon2
+    // once (the waiters behind a failed verification find it rejected), then remembered.
     let (other, _) = app.pat("acme", "alice", "phone", &[]).await;
     let forged = crate::introspect::forge(&token, &other);
     let before = app.hasher.verifications();
+    let calls = (0..16).map(|_| {
+        let mut client = app.tokens(&app.root);
+        let forged = forged.clone();
+        async move {
+            client
+                .introspect(pb::IntrospectRequest {
+                    token: forged,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .active
+        }
+    });
+    assert!(
+        futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .all(|active| !active)
+    );
     for _ in 0..5 {
         assert!(!app.introspect(&forged).await.active);
     }
     assert_eq!(
         app.hasher.verifications() - before,
         1,
-        "a repeated wrong secret is not re-hashed"
+        "a wrong secret, concurrent or repeated, is hashed once"
     );
     assert!(
         app.introspect(&token).await.active,
