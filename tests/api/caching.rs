@@ -159,16 +159,11 @@ async fn last_use_is_recorded_in_batches(app: TestApp) {
     );
 }
 
-async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret_none(
-    app: TestApp,
-) {
-    acme(&app).await;
-    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
-    app.introspect("warm up the caller").await;
-    let before = app.hasher.verifications();
-    let calls = (0..16).map(|_| {
+/// `n` concurrent Introspects of `token`, each on its own client; their `active` answers.
+async fn at_once(app: &TestApp, token: &str, n: usize) -> Vec<bool> {
+    let calls = (0..n).map(|_| {
         let mut client = app.tokens(&app.root);
-        let token = token.clone();
+        let token = token.to_owned();
         async move {
             client
                 .introspect(pb::IntrospectRequest {
@@ -181,8 +176,18 @@ async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret
                 .active
         }
     });
+    futures::future::join_all(calls).await
+}
+
+async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret_none(
+    app: TestApp,
+) {
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    app.introspect("warm up the caller").await;
+    let before = app.hasher.verifications();
     assert!(
-        futures::future::join_all(calls)
+        at_once(&app, &token, 16)
             .await
             .into_iter()
             .all(|active| active)
@@ -198,23 +203,8 @@ async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret
     let (other, _) = app.pat("acme", "alice", "phone", &[]).await;
     let forged = crate::introspect::forge(&token, &other);
     let before = app.hasher.verifications();
-    let calls = (0..16).map(|_| {
-        let mut client = app.tokens(&app.root);
-        let forged = forged.clone();
-        async move {
-            client
-                .introspect(pb::IntrospectRequest {
-                    token: forged,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .active
-        }
-    });
     assert!(
-        futures::future::join_all(calls)
+        at_once(&app, &forged, 16)
             .await
             .into_iter()
             .all(|active| !active)
