@@ -748,9 +748,16 @@ async fn memory() -> anyhow::Result<()> {
     txn.commit().await?;
     db.close().await?;
 
+    // RSS is read before, half-way and after: the second half's growth is the marginal cost
+    // of a cached token, without the one-time costs (allocator arenas, cache tables, the
+    // database's page cache, connection buffers) that the first calls pay.
     let before = rss_kib();
+    let mut halfway = None;
     let api = client(addr).await?;
-    for chunk in strings.chunks(64) {
+    for (i, chunk) in strings.chunks(64).enumerate() {
+        if halfway.is_none() && i * 64 >= TOKENS / 2 {
+            halfway = Some((rss_kib(), (tokend.cached_tokens)()));
+        }
         let calls = chunk.iter().map(|token| {
             let mut api = api.clone();
             let request = authed(
@@ -770,11 +777,20 @@ async fn memory() -> anyhow::Result<()> {
     }
     let after = rss_kib();
     let cached = (tokend.cached_tokens)();
+    let per_token = |kib: u64, tokens: u64| (kib as f64 * 1024.0) / tokens.max(1) as f64;
     println!(
         "memory: RSS grew by {} KiB for {cached} cached tokens: {:.0} bytes per cached token (live state + verified secret)",
         after.saturating_sub(before),
-        (after.saturating_sub(before) as f64 * 1024.0) / cached.max(1) as f64
+        per_token(after.saturating_sub(before), cached)
     );
+    if let Some((rss, tokens)) = halfway {
+        println!(
+            "memory, second half only: {:.0} bytes per cached token ({} KiB for {} more tokens)",
+            per_token(after.saturating_sub(rss), cached - tokens),
+            after.saturating_sub(rss),
+            cached - tokens
+        );
+    }
     Ok(())
 }
 
