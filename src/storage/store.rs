@@ -27,6 +27,9 @@ use crate::domain::ports::{AuditQuery, Store, TokenQuery};
 use crate::domain::token_format::{TokenFormat, TokenKind};
 use crate::domain::{Error, Result};
 
+/// Tokens per `last_used_at` UPDATE statement (three bound values each).
+const LAST_USED_CHUNK: usize = 1000;
+
 /// How to reach the database.
 #[derive(Clone, Debug)]
 pub struct DatabaseOptions {
@@ -659,21 +662,23 @@ impl Store for SeaStore {
     }
 
     async fn touch_last_used(&self, used: &[(String, Timestamp)]) -> Result<()> {
-        if used.is_empty() {
-            return Ok(());
+        // One UPDATE per chunk: SET last_used_at = CASE id WHEN … THEN … END. Chunked because
+        // a statement binds three values per token, and both databases cap the values of
+        // one statement (SQLite 32 766, PostgreSQL 65 535); a busy replica's batch can be
+        // larger, and one giant statement would also sit in the prepared-statement cache.
+        for chunk in used.chunks(LAST_USED_CHUNK) {
+            let mut case = sea_orm::sea_query::CaseStatement::new();
+            for (id, at) in chunk {
+                case = case.case(tokens::Column::Id.eq(id.as_str()), Expr::value(micros(*at)));
+            }
+            let case = case.finally(Expr::col(tokens::Column::LastUsedAt));
+            tokens::Entity::update_many()
+                .col_expr(tokens::Column::LastUsedAt, case.into())
+                .filter(tokens::Column::Id.is_in(chunk.iter().map(|(id, _)| id.as_str())))
+                .exec(&self.db)
+                .await
+                .map_err(db_err)?;
         }
-        // One UPDATE for the whole batch: SET last_used_at = CASE id WHEN … THEN … END.
-        let mut case = sea_orm::sea_query::CaseStatement::new();
-        for (id, at) in used {
-            case = case.case(tokens::Column::Id.eq(id.as_str()), Expr::value(micros(*at)));
-        }
-        let case = case.finally(Expr::col(tokens::Column::LastUsedAt));
-        tokens::Entity::update_many()
-            .col_expr(tokens::Column::LastUsedAt, case.into())
-            .filter(tokens::Column::Id.is_in(used.iter().map(|(id, _)| id.as_str())))
-            .exec(&self.db)
-            .await
-            .map_err(db_err)?;
         Ok(())
     }
 
