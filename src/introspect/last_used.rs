@@ -7,8 +7,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quick_cache::sync::Cache;
-
 use crate::domain::Result;
 use crate::domain::model::{Timestamp, Token};
 use crate::domain::ports::Store;
@@ -23,10 +21,6 @@ const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 pub struct LastUsed {
     store: Arc<dyn Store>,
     pending: Mutex<HashMap<String, Timestamp>>,
-    /// The last time noted per token, so a token used every second is written once a minute
-    /// even when its verdict is recomputed. Entries older than a minute are worthless, so
-    /// eviction by capacity alone is enough.
-    noted: Cache<String, Timestamp>,
 }
 
 impl LastUsed {
@@ -35,21 +29,23 @@ impl LastUsed {
         Self {
             store,
             pending: Mutex::new(HashMap::new()),
-            noted: Cache::new(1_000_000),
         }
     }
 
     /// Notes that `token` was used at `now`, and returns the use time now on record (`now`,
-    /// or a time less than a minute before it). Costs a map lookup; never waits on I/O.
-    pub fn record(&self, token: &Token, now: Timestamp) -> Timestamp {
-        let last = self.noted.get(&token.id).or(token.last_used_at);
+    /// or a time less than a minute before it). `noted` is the use time the token's previous
+    /// verdict carried (Unix ms), which is newer than the row's while a write is pending: a
+    /// token used every second is then written once a minute, however often its verdict is
+    /// recomputed. Never waits on I/O.
+    pub fn record(&self, token: &Token, now: Timestamp, noted: Option<i64>) -> Timestamp {
+        let noted = noted.and_then(chrono::DateTime::from_timestamp_millis);
+        let last = noted.max(token.last_used_at);
         // A clock stepped back makes `last` look recent forever; record anew instead.
         if let Some(last) = last
             && (chrono::TimeDelta::zero()..RESOLUTION).contains(&(now - last))
         {
             return last;
         }
-        self.noted.insert(token.id.clone(), now);
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -65,7 +61,7 @@ impl LastUsed {
         if (0..RESOLUTION.num_milliseconds()).contains(&since) {
             return;
         }
-        let noted = self.record(&active.token, now);
+        let noted = self.record(&active.token, now, None);
         active
             .last_noted
             .store(noted.timestamp_millis(), Ordering::Relaxed);

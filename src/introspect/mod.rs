@@ -12,7 +12,7 @@ pub mod cache;
 pub mod last_used;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, Ordering};
 
 use secrecy::SecretString;
 
@@ -158,7 +158,15 @@ impl Introspector {
             }
             return Ok(known.outcome);
         }
-        let outcome = self.decide(key, &parsed, now).await?;
+        // A verdict voided by an invalidation still knows when its token was last noted.
+        let noted = self
+            .answers
+            .get(&key)
+            .and_then(|known| match &known.outcome {
+                Outcome::Active(active) => Some(active.last_noted.load(Ordering::Relaxed)),
+                Outcome::Inactive(_) => None,
+            });
+        let outcome = self.decide(key, &parsed, now, noted).await?;
         if let Some(generation) = generation {
             self.answers.insert(
                 key,
@@ -178,6 +186,7 @@ impl Introspector {
         key: Digest,
         parsed: &crate::domain::token_format::ParsedToken<'_>,
         now: crate::domain::model::Timestamp,
+        noted: Option<i64>,
     ) -> Result<Outcome> {
         // Public ids are not secret, so answering an unknown one without running argon2
         // reveals nothing, and spends no CPU on the attacker's behalf.
@@ -195,7 +204,7 @@ impl Introspector {
         }
         match rules::evaluate(&state, now) {
             Ok(grant) => {
-                let noted = self.last_used.record(&state.token, now);
+                let noted = self.last_used.record(&state.token, now, noted);
                 Ok(Outcome::Active(Arc::new(ActiveToken {
                     token: state.token,
                     grant,
