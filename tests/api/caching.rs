@@ -136,17 +136,7 @@ async fn last_use_is_recorded_in_batches(app: TestApp) {
     }
     let mut last_used = None;
     for _ in 0..100 {
-        let listed = app
-            .tokens(&app.root)
-            .list_tokens(pb::ListTokensRequest {
-                tenant_id: "acme".into(),
-                actor_user_id: "alice".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .tokens;
+        let listed = app.list_as("acme", "alice").await;
         last_used = listed[0].last_used_at;
         if last_used.is_some() {
             break;
@@ -235,17 +225,7 @@ async fn a_last_use_batch_larger_than_a_statement_can_bind_is_written(app: TestA
     let mut batch: Vec<_> = (0..30_000).map(|i| (format!("{i:012}"), now)).collect();
     batch.push((info.id.clone(), now));
     app.store.touch_last_used(&batch).await.unwrap();
-    let listed = app
-        .tokens(&app.root)
-        .list_tokens(pb::ListTokensRequest {
-            tenant_id: "acme".into(),
-            actor_user_id: "alice".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens;
+    let listed = app.list_as("acme", "alice").await;
     let seen = listed
         .iter()
         .find(|t| t.id == info.id)

@@ -367,6 +367,20 @@ impl TestApp {
         (issued.secret, issued.token.expect("token info"))
     }
 
+    /// `user`'s tokens in `tenant`, listed through the root key's act_as.
+    pub async fn list_as(&self, tenant: &str, user: &str) -> Vec<pb::TokenInfo> {
+        self.tokens(&self.root)
+            .list_tokens(pb::ListTokensRequest {
+                tenant_id: tenant.into(),
+                actor_user_id: user.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("list tokens")
+            .into_inner()
+            .tokens
+    }
+
     /// Issues an API key in `tenant` bound to `role`, as `user` (who needs
     /// tokend.api_keys.manage there) through the root key's act_as.
     pub async fn api_key(

@@ -257,17 +257,8 @@ async fn expired_tokens_are_inactive(app: TestApp) {
     assert!(!answer.active);
     assert_eq!(answer.reason, pb::InactiveReason::Expired as i32);
 
-    let listed = app
-        .tokens(&app.root)
-        .list_tokens(pb::ListTokensRequest {
-            tenant_id: "acme".into(),
-            actor_user_id: "alice".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(listed.tokens[0].status, pb::TokenStatus::Expired as i32);
+    let listed = app.list_as("acme", "alice").await;
+    assert_eq!(listed[0].status, pb::TokenStatus::Expired as i32);
 }
 
 async fn revoked_tokens_are_inactive_at_once(app: TestApp) {
