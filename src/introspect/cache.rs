@@ -231,7 +231,8 @@ impl LiveCache {
     fn lookup(&self, id: &str) -> Option<Option<TokenState>> {
         let entry = self.tokens.get(id)?;
         if self.age_secs().saturating_sub(entry.filled) >= self.ttl.as_secs() as u32 {
-            self.tokens.remove(id);
+            // Only this expired entry: a fresh fill may have replaced it meanwhile.
+            self.tokens.remove_if(id, |e| e.filled == entry.filled);
             return None;
         }
         let Some(token) = entry.token else {

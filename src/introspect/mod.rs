@@ -128,7 +128,9 @@ impl Introspector {
             format,
             verified: quick_cache::sync::Cache::new(1_000_000),
             rejected: quick_cache::sync::Cache::new(100_000),
-            answers: quick_cache::sync::Cache::new(100_000),
+            // As many as verified secrets: a verdict also carries its token's last use, and
+            // losing it to eviction would mean a write per recomputation.
+            answers: quick_cache::sync::Cache::new(1_000_000),
             live,
             last_used,
         }

@@ -669,7 +669,18 @@ impl Store for SeaStore {
         for chunk in used.chunks(LAST_USED_CHUNK) {
             let mut case = sea_orm::sea_query::CaseStatement::new();
             for (id, at) in chunk {
-                case = case.case(tokens::Column::Id.eq(id.as_str()), Expr::value(micros(*at)));
+                // Never backwards: another replica (or a retried chunk) may already have
+                // written a later use.
+                let at = micros(*at);
+                let later = sea_orm::sea_query::CaseStatement::new()
+                    .case(
+                        Condition::any()
+                            .add(tokens::Column::LastUsedAt.is_null())
+                            .add(tokens::Column::LastUsedAt.lt(at)),
+                        Expr::value(at),
+                    )
+                    .finally(Expr::col(tokens::Column::LastUsedAt));
+                case = case.case(tokens::Column::Id.eq(id.as_str()), later);
             }
             let case = case.finally(Expr::col(tokens::Column::LastUsedAt));
             tokens::Entity::update_many()

@@ -16,7 +16,7 @@ crate::both_backends!(
     a_revocation_beats_a_warm_cache_on_the_very_next_call,
     no_introspect_after_a_revocation_returned_answers_active_under_concurrent_load,
     last_use_is_recorded_in_batches,
-    a_last_use_batch_larger_than_a_statement_can_bind_is_written,
+    a_last_use_batch_larger_than_a_statement_can_bind_is_written_and_never_moves_back,
 );
 
 async fn acme(app: &TestApp) {
@@ -217,7 +217,9 @@ async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret
 
 /// A busy replica's batch can hold more tokens than one statement may bind values (three per
 /// token; SQLite allows 32 766, PostgreSQL 65 535): it is written, not refused.
-async fn a_last_use_batch_larger_than_a_statement_can_bind_is_written(app: TestApp) {
+async fn a_last_use_batch_larger_than_a_statement_can_bind_is_written_and_never_moves_back(
+    app: TestApp,
+) {
     acme(&app).await;
     // Never introspected, so only this batch can give it a last use.
     let (_, info) = app.pat("acme", "alice", "laptop", &[]).await;
@@ -225,11 +227,22 @@ async fn a_last_use_batch_larger_than_a_statement_can_bind_is_written(app: TestA
     let mut batch: Vec<_> = (0..30_000).map(|i| (format!("{i:012}"), now)).collect();
     batch.push((info.id.clone(), now));
     app.store.touch_last_used(&batch).await.unwrap();
-    let listed = app.list_as("acme", "alice").await;
-    let seen = listed
-        .iter()
-        .find(|t| t.id == info.id)
-        .and_then(|t| t.last_used_at)
-        .expect("the real token in the batch got its last use");
-    assert!((now.timestamp() - seen.seconds).abs() <= 60);
+    let last_use = || async {
+        app.list_as("acme", "alice")
+            .await
+            .iter()
+            .find(|t| t.id == info.id)
+            .and_then(|t| t.last_used_at)
+            .expect("the real token in the batch got its last use")
+    };
+    assert!((now.timestamp() - last_use().await.seconds).abs() <= 60);
+
+    // An older use arriving later (another replica's flush, a retried chunk) does not move
+    // it back.
+    let earlier = now - chrono::TimeDelta::minutes(10);
+    app.store
+        .touch_last_used(&[(info.id.clone(), earlier)])
+        .await
+        .unwrap();
+    assert!((now.timestamp() - last_use().await.seconds).abs() <= 60);
 }
