@@ -151,23 +151,21 @@ impl Introspector {
             .as_ref()
             .filter(|live| live.is_trusted())
             .map(|live| live.generation());
+        let known = self.answers.get(&key);
         if let Some(generation) = generation
-            && let Some(known) = self.answers.get(&key)
+            && let Some(known) = &known
             && known.holds(generation, now)
         {
             if let Outcome::Active(active) = &known.outcome {
                 self.last_used.touch(active, now);
             }
-            return Ok(known.outcome);
+            return Ok(known.outcome.clone());
         }
         // A verdict voided by an invalidation still knows when its token was last noted.
-        let noted = self
-            .answers
-            .get(&key)
-            .and_then(|known| match &known.outcome {
-                Outcome::Active(active) => Some(active.last_noted.load(Ordering::Relaxed)),
-                Outcome::Inactive(_) => None,
-            });
+        let noted = known.and_then(|known| match &known.outcome {
+            Outcome::Active(active) => Some(active.last_noted.load(Ordering::Relaxed)),
+            Outcome::Inactive(_) => None,
+        });
         let outcome = self.decide(key, &parsed, now, noted).await?;
         if let Some(generation) = generation {
             self.answers.insert(

@@ -16,6 +16,7 @@ crate::both_backends!(
     a_revocation_beats_a_warm_cache_on_the_very_next_call,
     no_introspect_after_a_revocation_returned_answers_active_under_concurrent_load,
     last_use_is_recorded_in_batches,
+    a_recomputed_verdict_does_not_record_a_use_again_within_the_minute,
     a_last_use_batch_larger_than_a_statement_can_bind_is_written_and_never_moves_back,
 );
 
@@ -63,15 +64,7 @@ async fn a_revocation_beats_a_warm_cache_on_the_very_next_call(app: TestApp) {
         app.introspect(&token).await.permissions,
         vec!["a:read".to_owned()]
     );
-    app.tokens(&app.root)
-        .revoke_token(pb::RevokeTokenRequest {
-            tenant_id: "acme".into(),
-            actor_user_id: "alice".into(),
-            token_id: info.id,
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    app.revoke_as("acme", "alice", &info.id).await;
     assert!(!app.introspect(&token).await.active);
 }
 
@@ -111,15 +104,7 @@ async fn no_introspect_after_a_revocation_returned_answers_active_under_concurre
             }));
         }
         tokio::time::sleep(std::time::Duration::from_millis(5 * round)).await;
-        app.tokens(&app.root)
-            .revoke_token(pb::RevokeTokenRequest {
-                tenant_id: "acme".into(),
-                actor_user_id: "alice".into(),
-                token_id: info.id,
-                reason: String::new(),
-            })
-            .await
-            .unwrap();
+        app.revoke_as("acme", "alice", &info.id).await;
         revoked.store(true, Ordering::SeqCst);
         for worker in workers {
             worker.await.unwrap();
@@ -215,6 +200,16 @@ async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret
     );
 }
 
+/// Alice's token `id`'s last use on record, in Unix seconds, as ListTokens shows it.
+async fn last_use_of(app: &TestApp, id: &str) -> Option<i64> {
+    app.list_as("acme", "alice")
+        .await
+        .iter()
+        .find(|t| t.id == id)
+        .and_then(|t| t.last_used_at)
+        .map(|at| at.seconds)
+}
+
 /// A busy replica's batch can hold more tokens than one statement may bind values (three per
 /// token; SQLite allows 32 766, PostgreSQL 65 535): it is written, not refused.
 async fn a_last_use_batch_larger_than_a_statement_can_bind_is_written_and_never_moves_back(
@@ -227,15 +222,11 @@ async fn a_last_use_batch_larger_than_a_statement_can_bind_is_written_and_never_
     let mut batch: Vec<_> = (0..30_000).map(|i| (format!("{i:012}"), now)).collect();
     batch.push((info.id.clone(), now));
     app.store.touch_last_used(&batch).await.unwrap();
-    let last_use = || async {
-        app.list_as("acme", "alice")
-            .await
-            .iter()
-            .find(|t| t.id == info.id)
-            .and_then(|t| t.last_used_at)
-            .expect("the real token in the batch got its last use")
-    };
-    assert!((now.timestamp() - last_use().await.seconds).abs() <= 60);
+    let last_use = || last_use_of(&app, &info.id);
+    let seen = last_use()
+        .await
+        .expect("the real token in the batch got its last use");
+    assert!((now.timestamp() - seen).abs() <= 60);
 
     // An older use arriving later (another replica's flush, a retried chunk) does not move
     // it back.
@@ -244,5 +235,31 @@ async fn a_last_use_batch_larger_than_a_statement_can_bind_is_written_and_never_
         .touch_last_used(&[(info.id.clone(), earlier)])
         .await
         .unwrap();
-    assert!((now.timestamp() - last_use().await.seconds).abs() <= 60);
+    assert_eq!(last_use().await, Some(seen));
+}
+
+/// A hot token whose verdict is recomputed (any write anywhere voids remembered verdicts) is
+/// not written again within the minute: the new verdict carries the old one's last use.
+async fn a_recomputed_verdict_does_not_record_a_use_again_within_the_minute(app: TestApp) {
+    acme(&app).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    assert!(app.introspect(&token).await.active);
+    let first = app.clock.now().timestamp();
+    let last_use = || last_use_of(&app, &info.id);
+    for _ in 0..100 {
+        if last_use().await.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(last_use().await, Some(first));
+
+    // Void every remembered verdict, then use the token again 10 s later.
+    app.tenant("other", &[("viewer", &["a:read"])]).await;
+    app.advance(chrono::TimeDelta::seconds(10));
+    assert!(app.introspect(&token).await.active);
+    // Several flush intervals (50 ms in tests) later, the first use is still the one on
+    // record: the row the cache holds predates the flush, and only the carried use knows.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(last_use().await, Some(first));
 }

@@ -367,6 +367,19 @@ impl TestApp {
         (issued.secret, issued.token.expect("token info"))
     }
 
+    /// Revokes `user`'s token `id` in `tenant` through the root key's act_as.
+    pub async fn revoke_as(&self, tenant: &str, user: &str, id: &str) {
+        self.tokens(&self.root)
+            .revoke_token(pb::RevokeTokenRequest {
+                tenant_id: tenant.into(),
+                actor_user_id: user.into(),
+                token_id: id.into(),
+                reason: String::new(),
+            })
+            .await
+            .expect("revoke token");
+    }
+
     /// `user`'s tokens in `tenant`, listed through the root key's act_as.
     pub async fn list_as(&self, tenant: &str, user: &str) -> Vec<pb::TokenInfo> {
         self.tokens(&self.root)
