@@ -10,7 +10,8 @@
 //! (in-flight calls, default 64), `BENCH_ROUNDS` (rounds of (a), (b) and (d), each beside
 //! its own ceiling run, default 3), `BENCH_COLD` (cold tokens, default 300),
 //! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults),
-//! `BENCH_POSTGRES_URL` (run (a)–(d) on a fresh PostgreSQL database instead of SQLite).
+//! `BENCH_POSTGRES_URL` (run (a)–(d) on a fresh PostgreSQL database instead of SQLite),
+//! `BENCH_MEMORY_ONLY` (only the memory figure, e.g. under a heap profiler).
 
 // A benchmark that cannot set itself up should stop loudly, not limp on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -470,6 +471,9 @@ async fn database_for_run(
 }
 
 async fn run() -> anyhow::Result<()> {
+    if std::env::var_os("BENCH_MEMORY_ONLY").is_some() {
+        return memory().await;
+    }
     let dir = tempfile::tempdir()?;
     let (run_settings, database, postgres) = database_for_run(dir.path()).await?;
     let tokend = start_tokend(run_settings)?;

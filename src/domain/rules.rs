@@ -199,7 +199,7 @@ impl Visibility {
             || (token.kind == TokenKind::Personal
                 && self.owner.is_some()
                 && token.owner_user_id == self.owner)
-            || self.itself.as_deref() == Some(token.id.as_str())
+            || self.itself.as_deref() == Some(token.id())
     }
 }
 
@@ -222,7 +222,6 @@ mod tests {
 
     fn token(kind: TokenKind) -> Token {
         Token {
-            id: "AAAAAAAAAAAA".into(),
             display_id: "tkd_pat_AAAAAAAAAAAA".into(),
             tenant_id: TenantId::parse("t", "acme").unwrap(),
             kind,
@@ -238,6 +237,14 @@ mod tests {
             last_used_at: None,
             revocation: None,
         }
+    }
+
+    #[test]
+    fn the_public_id_is_the_display_ids_last_part() {
+        let mut t = token(TokenKind::Personal);
+        assert_eq!(t.id(), "AAAAAAAAAAAA");
+        t.display_id = "acme2_key_0123456789ab".into();
+        assert_eq!(t.id(), "0123456789ab");
     }
 
     fn live_state(kind: TokenKind) -> TokenState {
@@ -274,11 +281,11 @@ mod tests {
     #[test]
     fn every_inactive_reason_is_detected() {
         let mut s = live_state(TokenKind::Personal);
-        Arc::make_mut(&mut s.token).revocation = Some(Revocation {
+        Arc::make_mut(&mut s.token).revocation = Some(Box::new(Revocation {
             at: now(),
             by: "x".into(),
             reason: String::new(),
-        });
+        }));
         assert_eq!(evaluate(&s, now()), Err(InactiveReason::Revoked));
 
         let mut s = live_state(TokenKind::Personal);
@@ -420,7 +427,7 @@ mod tests {
             all: false,
             api_keys: false,
             owner: None,
-            itself: Some(key.id.clone()),
+            itself: Some(key.id().to_owned()),
         };
         assert!(key_itself.sees(&key));
         let nobody = Visibility {

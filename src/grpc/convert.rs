@@ -232,7 +232,7 @@ pub fn token_info(token: &Token, now: Timestamp) -> pb::TokenInfo {
         TokenStatus::Revoked => pb::TokenStatus::Revoked,
     };
     pb::TokenInfo {
-        id: token.id.clone(),
+        id: token.id().to_owned(),
         display_id: token.display_id.clone(),
         tenant_id: token.tenant_id.to_string(),
         kind: kind_to_pb(token.kind).into(),
@@ -293,7 +293,7 @@ pub fn introspect_response(answer: IntrospectAnswer) -> pb::IntrospectResponse {
             pb::IntrospectResponse {
                 active: true,
                 allowed: answer.allowed,
-                token_id: token.id.clone(),
+                token_id: token.id().to_owned(),
                 display_id: token.display_id.clone(),
                 kind: kind_to_pb(token.kind).into(),
                 tenant_id: token.tenant_id.to_string(),

@@ -49,7 +49,7 @@ impl LastUsed {
         self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(token.id.clone(), now);
+            .insert(token.id().to_owned(), now);
         now
     }
 

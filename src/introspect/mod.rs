@@ -45,14 +45,24 @@ pub enum Outcome {
     Inactive(InactiveReason),
 }
 
-type Digest = [u8; 32];
+/// 128 bits of BLAKE3. The caches only need second-preimage resistance: to reach a
+/// verified entry one must produce a string with the digest of a token string someone else
+/// holds, 2^128 work; a birthday collision (2^64) between two strings of one's own choosing
+/// gains nothing, as neither was verified. Half of a full digest is 32 bytes less in each of
+/// the three caches a cached token has entries in.
+type Digest = [u8; 16];
 
 /// What the caches key secrets by: a cryptographic hash, so no plaintext secret is kept in
 /// memory and no string but the token itself finds its entry. BLAKE3 rather than SHA-256
 /// because it is computed twice on every call, and without SHA instructions in the CPU
 /// SHA-256 cost more than the rest of a warm Introspect's own work.
 fn digest(bytes: &[u8]) -> Digest {
-    *blake3::hash(bytes).as_bytes()
+    let mut out = [0; 16];
+    blake3::Hasher::new()
+        .update(bytes)
+        .finalize_xof()
+        .fill(&mut out);
+    out
 }
 
 /// Whether a remembered verdict still holds at `now` as far as time goes (expiry is the one
@@ -250,7 +260,7 @@ impl Introspector {
         match self.hasher.verify(SecretString::from(secret), phc).await? {
             Verification::Match { needs_rehash } => {
                 if needs_rehash {
-                    self.upgrade_hash(&token.id, &token.secret_hash.0, secret);
+                    self.upgrade_hash(token.id(), &token.secret_hash.0, secret);
                 }
                 match guard {
                     Some(guard) => {

@@ -45,7 +45,6 @@ pub async fn bootstrap(core: &Tokend) -> Result<SecretString> {
         .hash(SecretString::from(generated.secret()))
         .await?;
     let token = Token {
-        id: generated.public_id.clone(),
         display_id: generated.display_id.clone(),
         tenant_id: tenant.id.clone(),
         kind: TokenKind::ApiKey,
@@ -66,7 +65,7 @@ pub async fn bootstrap(core: &Tokend) -> Result<SecretString> {
         actor: "bootstrap".to_owned(),
         caller: "bootstrap".to_owned(),
         action: "tokend.bootstrapped".to_owned(),
-        token_id: Some(token.id.clone()),
+        token_id: Some(token.id().to_owned()),
         detail: BTreeMap::from([("root_key".to_owned(), token.display_id.clone())]),
     };
     core.store.bootstrap(&tenant, &role, &token, &audit).await?;

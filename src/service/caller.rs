@@ -58,7 +58,7 @@ pub struct Caller {
 impl Caller {
     /// The credential's token id.
     pub fn token_id(&self) -> &str {
-        &self.active.token.id
+        self.active.token.id()
     }
 
     /// The credential's display id, for logs and audit.

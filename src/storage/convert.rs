@@ -172,7 +172,7 @@ pub(super) fn member(m: memberships::Model) -> Result<Member> {
 
 pub(super) fn token_row(t: &Token) -> tokens::ActiveModel {
     tokens::ActiveModel {
-        id: Set(t.id.clone()),
+        id: Set(t.id().to_owned()),
         tenant_id: Set(t.tenant_id.to_string()),
         kind: Set(t.kind.marker().to_owned()),
         name: Set(t.name.to_string()),
@@ -202,16 +202,15 @@ pub(super) fn token(
 ) -> Result<Token> {
     let kind = kind(&m.kind)?;
     let revocation = match m.revoked_at {
-        Some(at) => Some(Revocation {
+        Some(at) => Some(Box::new(Revocation {
             at: time(at)?,
             by: m.revoked_by.unwrap_or_default(),
             reason: m.revoke_reason.unwrap_or_default(),
-        }),
+        })),
         None => None,
     };
     Ok(Token {
         display_id: display(kind, &m.id),
-        id: m.id,
         tenant_id: TenantId::from_trusted(m.tenant_id),
         kind,
         name: TokenName::from_trusted(m.name),
