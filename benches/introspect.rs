@@ -69,6 +69,8 @@ fn main() -> anyhow::Result<()> {
 /// `runtime.flavor = "current_thread"`.
 struct ServerThread {
     addr: SocketAddr,
+    /// The thread's id, whose CPU time is the server's cost.
+    tid: i32,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -84,6 +86,38 @@ impl Drop for ServerThread {
     }
 }
 
+/// Where h2load aims and whose CPU time it reads.
+#[derive(Clone, Copy, Debug)]
+struct Target {
+    addr: SocketAddr,
+    tid: i32,
+}
+
+impl ServerThread {
+    fn target(&self) -> Target {
+        Target {
+            addr: self.addr,
+            tid: self.tid,
+        }
+    }
+}
+
+/// The CPU time a thread of this process has used (nanoseconds, from the scheduler's own
+/// accounting): unlike requests per second, it hardly moves when the shared machine's other
+/// tenants take the core away, so the cost ratio to the ceiling is the steadier figure.
+fn cpu_ns(tid: i32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat"))?;
+    Ok(stat
+        .split_whitespace()
+        .next()
+        .context("empty schedstat")?
+        .parse()?)
+}
+
+fn this_tid() -> i32 {
+    rustix::thread::gettid().as_raw_nonzero().get()
+}
+
 /// What a running tokend exposes to the bench.
 struct Tokend {
     server: ServerThread,
@@ -96,41 +130,47 @@ struct Tokend {
 fn start_tokend(settings: Settings) -> anyhow::Result<Tokend> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let app = App::build(&settings).await.unwrap();
-            let root = tokend::service::bootstrap(&app.core())
-                .await
-                .unwrap()
-                .expose_secret()
-                .to_owned();
-            let (store, hasher, cache) = (app.store(), app.hasher(), app.cache());
-            ready_tx
-                .send((
-                    app.local_addr(),
-                    root,
-                    Box::new(move || store.token_lookups()) as Box<dyn Fn() -> u64 + Send>,
-                    Box::new(move || hasher.verifications()) as Box<dyn Fn() -> u64 + Send>,
-                    Box::new(move || cache.token_entries()) as Box<dyn Fn() -> u64 + Send>,
-                ))
+    // Named, so a profiler (`perf report --sort comm`) tells the servers apart.
+    let thread = std::thread::Builder::new()
+        .name("tokend".into())
+        .spawn(move || {
+            let tid = this_tid();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
                 .unwrap();
-            app.run_until(async {
-                let _ = stop_rx.await;
-            })
-            .await
-            .unwrap();
+            runtime.block_on(async move {
+                let app = App::build(&settings).await.unwrap();
+                let root = tokend::service::bootstrap(&app.core())
+                    .await
+                    .unwrap()
+                    .expose_secret()
+                    .to_owned();
+                let (store, hasher, cache) = (app.store(), app.hasher(), app.cache());
+                ready_tx
+                    .send((
+                        app.local_addr(),
+                        tid,
+                        root,
+                        Box::new(move || store.token_lookups()) as Box<dyn Fn() -> u64 + Send>,
+                        Box::new(move || hasher.verifications()) as Box<dyn Fn() -> u64 + Send>,
+                        Box::new(move || cache.token_entries()) as Box<dyn Fn() -> u64 + Send>,
+                    ))
+                    .unwrap();
+                app.run_until(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap();
+            });
         });
-    });
-    let (addr, root, lookups, verifications, cached_tokens) = ready_rx.recv()?;
+    let (addr, tid, root, lookups, verifications, cached_tokens) = ready_rx.recv()?;
     Ok(Tokend {
         server: ServerThread {
             addr,
+            tid,
             stop: Some(stop_tx),
-            thread: Some(thread),
+            thread: Some(thread?),
         },
         lookups,
         verifications,
@@ -179,31 +219,43 @@ impl TokenService for Noop {
 fn start_noop(answer: pb::IntrospectResponse) -> anyhow::Result<ServerThread> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            ready_tx.send(listener.local_addr().unwrap()).unwrap();
-            Server::builder()
-                .add_service(TokenServiceServer::new(Noop(answer)))
-                .serve_with_incoming_shutdown(
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async {
-                        let _ = stop_rx.await;
-                    },
-                )
-                .await
+    let name = if answer.active {
+        "ceiling-active"
+    } else {
+        "ceiling-inactive"
+    };
+    let thread = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            let tid = this_tid();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
                 .unwrap();
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                ready_tx
+                    .send((listener.local_addr().unwrap(), tid))
+                    .unwrap();
+                Server::builder()
+                    .add_service(TokenServiceServer::new(Noop(answer)))
+                    .serve_with_incoming_shutdown(
+                        tonic::transport::server::TcpIncoming::from(listener)
+                            .with_nodelay(Some(true)),
+                        async {
+                            let _ = stop_rx.await;
+                        },
+                    )
+                    .await
+                    .unwrap();
+            });
         });
-    });
-    let addr = ready_rx.recv()?;
+    let (addr, tid) = ready_rx.recv()?;
     Ok(ServerThread {
         addr,
+        tid,
         stop: Some(stop_tx),
-        thread: Some(thread),
+        thread: Some(thread?),
     })
 }
 
@@ -229,9 +281,12 @@ struct Figures {
     p50: Duration,
     p99: Duration,
     p999: Duration,
+    /// The server thread's CPU time per call.
+    cpu: Duration,
 }
 
-fn figures(mut latencies: Vec<Duration>, wall: Duration) -> Figures {
+fn figures(mut latencies: Vec<Duration>, wall: Duration, cpu: Duration) -> Figures {
+    let cpu = cpu / latencies.len().max(1) as u32;
     latencies.sort();
     let at = |p: f64| latencies[((latencies.len() as f64 - 1.0) * p).round() as usize];
     Figures {
@@ -239,12 +294,13 @@ fn figures(mut latencies: Vec<Duration>, wall: Duration) -> Figures {
         p50: at(0.50),
         p99: at(0.99),
         p999: at(0.999),
+        cpu,
     }
 }
 
 /// Runs h2load (on core 1) against Introspect with a fixed body; checks every response
 /// was HTTP 200 and, through `check`, that the answers are right.
-fn h2load(addr: SocketAddr, key: &str, token: &str) -> anyhow::Result<Figures> {
+fn h2load(target: Target, key: &str, token: &str) -> anyhow::Result<Figures> {
     let requests = env_or("BENCH_REQUESTS", 200_000);
     let concurrency = env_or("BENCH_CONCURRENCY", 64);
     let dir = tempfile::tempdir()?;
@@ -260,6 +316,7 @@ fn h2load(addr: SocketAddr, key: &str, token: &str) -> anyhow::Result<Figures> {
     framed.extend_from_slice(&message);
     std::fs::write(&body_path, framed)?;
     let streams = 8.min(concurrency);
+    let cpu_before = cpu_ns(target.tid)?;
     let output = Command::new("taskset")
         .args(["-c", "1", "h2load"])
         .arg(format!("-n{requests}"))
@@ -270,8 +327,12 @@ fn h2load(addr: SocketAddr, key: &str, token: &str) -> anyhow::Result<Figures> {
         .arg(format!("-d{}", body_path.display()))
         .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
         .args(["-H", &format!("authorization: Bearer {key}")])
-        .arg(format!("http://{addr}/tokend.v1.TokenService/Introspect"))
+        .arg(format!(
+            "http://{}/tokend.v1.TokenService/Introspect",
+            target.addr
+        ))
         .output()?;
+    let cpu = Duration::from_nanos(cpu_ns(target.tid)? - cpu_before);
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!("h2load failed: {stdout}");
@@ -305,19 +366,20 @@ fn h2load(addr: SocketAddr, key: &str, token: &str) -> anyhow::Result<Figures> {
     if latencies.len() != requests {
         bail!("{} of {requests} requests completed", latencies.len());
     }
-    Ok(figures(latencies, Duration::from_secs_f64(wall)))
+    Ok(figures(latencies, Duration::from_secs_f64(wall), cpu))
 }
 
 /// One tonic call at a time over `tokens`, each introspected once (cold): the latency of a
 /// first sight, argon2 included.
 async fn cold(
-    addr: SocketAddr,
+    target: Target,
     key: &str,
     tokens: &[String],
     expect_active: bool,
 ) -> anyhow::Result<Figures> {
-    let client = client(addr).await?;
+    let client = client(target.addr).await?;
     let start = Instant::now();
+    let cpu_before = cpu_ns(target.tid)?;
     let mut latencies = Vec::with_capacity(tokens.len());
     for chunk in tokens.chunks(1) {
         let calls = chunk.iter().map(|token| {
@@ -343,7 +405,8 @@ async fn cold(
             latencies.push(took);
         }
     }
-    Ok(figures(latencies, start.elapsed()))
+    let cpu = Duration::from_nanos(cpu_ns(target.tid)? - cpu_before);
+    Ok(figures(latencies, start.elapsed(), cpu))
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -388,10 +451,10 @@ async fn while_issuing(
         })
     };
     let loaded = tokio::task::spawn_blocking({
-        let addr = tokend.server.addr;
+        let target = tokend.server.target();
         let root = root.to_owned();
         let warm = warm.to_owned();
-        move || h2load(addr, &root, &warm)
+        move || h2load(target, &root, &warm)
     })
     .await??;
     running.store(false, Ordering::Relaxed);
@@ -400,7 +463,7 @@ async fn while_issuing(
 
 fn print_row(name: &str, tokend: Figures, ceiling: Figures) {
     println!(
-        "| {name} | {:.0} | {:.0} | {:.2}× | {:?} / {:?} / {:?} | {:?} / {:?} / {:?} | {:.2}× |",
+        "| {name} | {:.0} | {:.0} | {:.2}× | {:?} / {:?} / {:?} | {:?} / {:?} / {:?} | {:.2}× | {:.1} / {:.1} µs | {:.2}× |",
         tokend.rps,
         ceiling.rps,
         tokend.rps / ceiling.rps,
@@ -411,6 +474,9 @@ fn print_row(name: &str, tokend: Figures, ceiling: Figures) {
         ceiling.p99,
         ceiling.p999,
         tokend.p99.as_secs_f64() / ceiling.p99.as_secs_f64(),
+        tokend.cpu.as_secs_f64() * 1e6,
+        ceiling.cpu.as_secs_f64() * 1e6,
+        tokend.cpu.as_secs_f64() / ceiling.cpu.as_secs_f64(),
     );
 }
 
@@ -556,9 +622,9 @@ async fn run() -> anyhow::Result<()> {
         env_or("BENCH_REQUESTS", 200_000)
     );
     println!(
-        "| scenario | tokend rps | ceiling rps | rps ratio | tokend p50 / p99 / p99.9 | ceiling p50 / p99 / p99.9 | p99 ratio |"
+        "| scenario | tokend rps | ceiling rps | rps ratio | tokend p50 / p99 / p99.9 | ceiling p50 / p99 / p99.9 | p99 ratio | server CPU per call, tokend / ceiling | CPU ratio |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
 
     let noop_active = start_noop(answer.clone())?;
     let noop_inactive = start_noop(pb::IntrospectResponse::default())?;
@@ -572,17 +638,17 @@ async fn run() -> anyhow::Result<()> {
     let (mut lookups, mut verifications, mut issued) = (0, 0, 0);
     for round in 1..=rounds {
         // (a) warm valid token; queries and argon2 calls counted over the tokend run.
-        let ceiling = h2load(noop_active.server_addr(), &root, &warm)?;
+        let ceiling = h2load(noop_active.target(), &root, &warm)?;
         let (l0, v0) = ((tokend.lookups)(), (tokend.verifications)());
-        let run = h2load(tokend.server.addr, &root, &warm)?;
+        let run = h2load(tokend.server.target(), &root, &warm)?;
         lookups += (tokend.lookups)() - l0;
         verifications += (tokend.verifications)() - v0;
         print_row(&format!("(a) warm valid, round {round}"), run, ceiling);
         warm_runs.push((run, ceiling));
 
         // (b) garbage.
-        let ceiling = h2load(noop_inactive.server_addr(), &root, "garbage")?;
-        let run = h2load(tokend.server.addr, &root, "garbage")?;
+        let ceiling = h2load(noop_inactive.target(), &root, "garbage")?;
+        let run = h2load(tokend.server.target(), &root, "garbage")?;
         print_row(&format!("(b) garbage, round {round}"), run, ceiling);
         garbage_runs.push((run, ceiling));
 
@@ -608,8 +674,8 @@ async fn run() -> anyhow::Result<()> {
                 .secret,
         );
     }
-    let ceiling_cold = cold(noop_active.server_addr(), &root, &cold_tokens, true).await?;
-    let cold_run = cold(tokend.server.addr, &root, &cold_tokens, true).await?;
+    let ceiling_cold = cold(noop_active.target(), &root, &cold_tokens, true).await?;
+    let cold_run = cold(tokend.server.target(), &root, &cold_tokens, true).await?;
     print_row(
         "(c) cold valid (tonic client, 1 in flight)",
         cold_run,
@@ -619,6 +685,13 @@ async fn run() -> anyhow::Result<()> {
     println!();
     println!("Medians over {rounds} rounds:");
     let rps = |pairs: &[(Figures, Figures)]| median(pairs.iter().map(|(a, b)| a.rps / b.rps));
+    let cpu = |pairs: &[(Figures, Figures)]| {
+        median(
+            pairs
+                .iter()
+                .map(|(a, b)| a.cpu.as_secs_f64() / b.cpu.as_secs_f64()),
+        )
+    };
     let p99 = |pairs: &[(Figures, Figures)]| {
         median(
             pairs
@@ -627,14 +700,16 @@ async fn run() -> anyhow::Result<()> {
         )
     };
     println!(
-        "- (a) warm: {:.2}× ceiling rps, {:.2}× ceiling p99",
+        "- (a) warm: {:.2}× ceiling rps, {:.2}× ceiling p99, {:.2}× ceiling CPU per call",
         rps(&warm_runs),
-        p99(&warm_runs)
+        p99(&warm_runs),
+        cpu(&warm_runs)
     );
     println!(
-        "- (b) garbage: {:.2}× ceiling rps, {:.2}× ceiling p99",
+        "- (b) garbage: {:.2}× ceiling rps, {:.2}× ceiling p99, {:.2}× ceiling CPU per call",
         rps(&garbage_runs),
-        p99(&garbage_runs)
+        p99(&garbage_runs),
+        cpu(&garbage_runs)
     );
     println!(
         "- (d) p99 / (a) p99 of the same round: {:.2}× ({issued} tokens issued during the (d) runs)",
@@ -664,12 +739,6 @@ async fn run() -> anyhow::Result<()> {
     }
 
     memory().await
-}
-
-impl ServerThread {
-    fn server_addr(&self) -> SocketAddr {
-        self.addr
-    }
 }
 
 /// RSS growth from caching 100k tokens (live state and verified secret), per token.

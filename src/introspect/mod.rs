@@ -57,11 +57,10 @@ type Digest = [u8; 16];
 /// because it is computed twice on every call, and without SHA instructions in the CPU
 /// SHA-256 cost more than the rest of a warm Introspect's own work.
 fn digest(bytes: &[u8]) -> Digest {
+    // The one-shot `hash` is the fast path for short inputs; its first 16 bytes are the
+    // 128-bit output.
     let mut out = [0; 16];
-    blake3::Hasher::new()
-        .update(bytes)
-        .finalize_xof()
-        .fill(&mut out);
+    out.copy_from_slice(&blake3::hash(bytes).as_bytes()[..16]);
     out
 }
 
