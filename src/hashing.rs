@@ -336,6 +336,73 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn a_panicking_hash_fails_its_caller_and_keeps_its_thread() {
+        let hasher = Argon2Hasher::new(
+            &Argon2Settings {
+                max_concurrent: 1,
+                ..cheap()
+            },
+            None,
+        )
+        .unwrap();
+        let failed = hasher
+            .run(|_| -> Result<()> { panic!("a hash that panics") })
+            .await
+            .unwrap_err();
+        let cause = std::error::Error::source(&failed).map(ToString::to_string);
+        assert_eq!(cause.as_deref(), Some("hashing task failed"), "{failed:?}");
+        // The pool's only thread is still there to hash.
+        let phc = hasher.hash("s3cret".into()).await.unwrap();
+        assert!(phc.starts_with("$argon2id$"));
+    }
+
+    #[tokio::test]
+    async fn a_job_whose_caller_went_away_is_skipped() {
+        // One thread and two permits, so a second job can wait in the queue.
+        let hasher = Argon2Hasher {
+            permits: Arc::new(Semaphore::new(2)),
+            jobs: start_threads(1, 10).unwrap(),
+            ..Argon2Hasher::new(&cheap(), None).unwrap()
+        };
+        let (open_gate, gate) = std::sync::mpsc::channel::<()>();
+        let busy = tokio::spawn({
+            let hasher = hasher.clone();
+            async move {
+                hasher
+                    .run(move |_| {
+                        let _ = gate.recv();
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abandoned = tokio::spawn({
+            let (hasher, ran) = (hasher.clone(), Arc::clone(&ran));
+            async move {
+                hasher
+                    .run(move |_| {
+                        ran.store(true, Ordering::SeqCst);
+                        Ok(())
+                    })
+                    .await
+            }
+        });
+        // Both permits taken means both jobs are queued (a job is sent in the same poll
+        // that takes its permit).
+        while hasher.permits.available_permits() > 0 {
+            tokio::task::yield_now().await;
+        }
+        abandoned.abort();
+        let _ = abandoned.await;
+        open_gate.send(()).unwrap();
+        busy.await.unwrap().unwrap();
+        // A job queued after the abandoned one has run, so the abandoned one was reached.
+        hasher.run(|_| Ok(())).await.unwrap();
+        assert!(!ran.load(Ordering::SeqCst));
+    }
+
     #[test]
     fn debug_never_shows_the_pepper() {
         let hasher = Argon2Hasher::new(&cheap(), Some("hunter2-pepper".into())).unwrap();
