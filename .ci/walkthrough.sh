@@ -204,6 +204,18 @@ check "the audit log records token.issued and token.revoked" \
   "[(e['action'], e.get('tokenId')) for e in d.get('events', []) if e['action'].startswith('token.')] == [('token.revoked', '$TOKEN_ID'), ('token.issued', '$TOKEN_ID')]" \
   "$WORK/audit.json"
 
+# A leak report (README "A token found in public"): any credential may report.
+call leakpat tokend.v1.TokenService/IssueToken '{"tenantId":"acme","actorUserId":"alice","kind":"TOKEN_KIND_PERSONAL","name":"ci-job"}' "$ROOT"
+LEAKED=$(secret_of "$WORK/leakpat.json")
+call report tokend.v1.TokenService/ReportLeakedToken "{\"tokens\":[\"$LEAKED\",\"tkd_pat_notarealtoken\"],\"source\":\"https://paste.example/abc\"}" "$GW"
+check "ReportLeakedToken answers {} whatever the strings were" 'd == {}' "$WORK/report.json"
+call leakwhy tokend.v1.TokenService/Introspect "{\"token\":\"$LEAKED\"}" "$ROOT"
+check "a reported token is revoked" 'd == {"reason": "INACTIVE_REASON_REVOKED"}' "$WORK/leakwhy.json"
+call leaklist tokend.v1.TokenService/ListTokens '{"tenantId":"acme","actorUserId":"alice","includeRevoked":true,"nameContains":"ci-job"}' "$ROOT"
+check "ListTokens shows it revoked as leaked by the reporting key" \
+  "[(t['revokeReason'], t['revokedBy']) for t in d.get('tokens', [])] == [('leaked', 'tkd_key_' + '$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"]["id"])' "$WORK/gwkey.json")')]" \
+  "$WORK/leaklist.json"
+
 echo "+ grpcurl -plaintext -d '{\"token\":\"…\"}' \$ADDR tokend.v1.TokenService/Introspect   # no credential"
 if "$GRPCURL" -plaintext -d "{\"token\":\"$PAT\"}" "$ADDR" tokend.v1.TokenService/Introspect >noauth.out 2>&1; then
   fail "a call without a credential is UNAUTHENTICATED"

@@ -214,6 +214,12 @@ impl TokenService for Noop {
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
         Ok(Response::new(self.0.clone()))
     }
+    async fn report_leaked_token(
+        &self,
+        _: Request<pb::ReportLeakedTokenRequest>,
+    ) -> Result<Response<pb::ReportLeakedTokenResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
 }
 
 fn start_noop(answer: pb::IntrospectResponse) -> anyhow::Result<ServerThread> {

@@ -16,7 +16,8 @@ use crate::domain::{Error, Result};
 use crate::introspect::Outcome;
 use crate::proto::v1 as pb;
 use crate::service::{
-    IntrospectAnswer, IssueToken, ListAudit, ListTokens, Page, PutMember, PutRole, TokenRef,
+    IntrospectAnswer, IssueToken, ListAudit, ListTokens, MAX_LEAK_REPORT, Page, PutMember, PutRole,
+    TokenRef,
 };
 
 /// Longest list a request may carry in one repeated field.
@@ -211,6 +212,25 @@ pub fn delete_request(format: &TokenFormat, req: pb::DeleteTokenRequest) -> Resu
         actor_user_id: actor_opt(&req.actor_user_id)?,
         token_id: token_id(format, &req.token_id)?,
     })
+}
+
+/// A leak report's strings and source. The strings themselves are never judged here: a
+/// report answers the same whatever they are.
+pub fn leak_report(req: pb::ReportLeakedTokenRequest) -> Result<(Vec<String>, String)> {
+    if req.tokens.is_empty() {
+        return Err(Error::invalid(
+            "tokens",
+            "must name at least one token string",
+        ));
+    }
+    if req.tokens.len() > MAX_LEAK_REPORT {
+        return Err(Error::invalid(
+            "tokens",
+            format!("at most {MAX_LEAK_REPORT} per call"),
+        ));
+    }
+    let source = free_text("source", &req.source)?;
+    Ok((req.tokens, source))
 }
 
 /// The permissions Introspect should check. The token string itself is never rejected

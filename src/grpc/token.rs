@@ -88,4 +88,14 @@ impl TokenService for TokenApi {
         let answer = self.core.introspect(&caller, &req.token, &required).await?;
         Ok(Response::new(convert::introspect_response(answer)))
     }
+
+    async fn report_leaked_token(
+        &self,
+        request: Request<pb::ReportLeakedTokenRequest>,
+    ) -> Result<Response<pb::ReportLeakedTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let (tokens, source) = convert::leak_report(request.into_inner())?;
+        self.core.report_leaked(&caller, &tokens, &source).await?;
+        Ok(Response::new(pb::ReportLeakedTokenResponse {}))
+    }
 }

@@ -197,20 +197,9 @@ impl Introspector {
         now: crate::domain::model::Timestamp,
         noted: Option<i64>,
     ) -> Result<Outcome> {
-        // Public ids are not secret, so answering an unknown one without running argon2
-        // reveals nothing, and spends no CPU on the attacker's behalf.
-        let Some(state) = self.store.token_state(parsed.public_id).await? else {
+        let Some(state) = self.held_state(key, parsed).await? else {
             return Ok(Outcome::Inactive(InactiveReason::Unknown));
         };
-        if state.token.kind != parsed.kind {
-            return Ok(Outcome::Inactive(InactiveReason::Unknown));
-        }
-        if !self
-            .secret_matches(key, parsed.secret, &state.token)
-            .await?
-        {
-            return Ok(Outcome::Inactive(InactiveReason::Unknown));
-        }
         match rules::evaluate(&state, now) {
             Ok(grant) => {
                 let noted = self.last_used.record(&state.token, now, noted);
@@ -222,6 +211,42 @@ impl Introspector {
             }
             Err(reason) => Ok(Outcome::Inactive(reason)),
         }
+    }
+
+    /// The state of the token whose secret `parsed` holds, whatever that state is; `None`
+    /// for an unknown id or a wrong secret.
+    async fn held_state(
+        &self,
+        key: Digest,
+        parsed: &crate::domain::token_format::ParsedToken<'_>,
+    ) -> Result<Option<crate::domain::model::TokenState>> {
+        // Public ids are not secret, so answering an unknown one without running argon2
+        // reveals nothing, and spends no CPU on the attacker's behalf.
+        let Some(state) = self.store.token_state(parsed.public_id).await? else {
+            return Ok(None);
+        };
+        if state.token.kind != parsed.kind
+            || !self
+                .secret_matches(key, parsed.secret, &state.token)
+                .await?
+        {
+            return Ok(None);
+        }
+        Ok(Some(state))
+    }
+
+    /// The token `candidate` is the full string of, live or not: proof of holding its
+    /// secret, which is what a leak report needs (a report naming only an id could revoke
+    /// anybody's token).
+    pub async fn held_token(&self, candidate: &str) -> Result<Option<Arc<Token>>> {
+        let Some(parsed) = self.format.parse(candidate) else {
+            return Ok(None);
+        };
+        let key = digest(candidate.as_bytes());
+        Ok(self
+            .held_state(key, &parsed)
+            .await?
+            .map(|state| state.token))
     }
 
     /// Whether `secret` is the token's, by cache or by argon2 (once per token and replica;

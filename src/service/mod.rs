@@ -16,7 +16,9 @@ pub use bootstrap::bootstrap;
 pub use caller::{Actor, Caller, Subject};
 pub use directory::{PutMember, PutRole};
 pub use paging::Page;
-pub use tokens::{IntrospectAnswer, IssueToken, Issued, ListTokens, TokenRef};
+pub use tokens::{
+    IntrospectAnswer, IssueToken, Issued, LEAKED, ListTokens, MAX_LEAK_REPORT, TokenRef,
+};
 
 use crate::domain::model::AuditRecord;
 use crate::domain::names::TenantId;

@@ -89,6 +89,12 @@ pub struct IntrospectAnswer {
 
 const TOKENS_LIST: &str = "tokens";
 
+/// The revocation reason of a token reported as leaked.
+pub const LEAKED: &str = "leaked";
+
+/// The most token strings one leak report may carry.
+pub const MAX_LEAK_REPORT: usize = 1000;
+
 impl Tokend {
     /// Issues a token (SPEC §2).
     pub async fn issue_token(&self, caller: &Caller, req: IssueToken) -> Result<Issued> {
@@ -326,6 +332,50 @@ impl Tokend {
             return Err(Error::NotFound(format!("token {}", req.token_id)));
         }
         tracing::info!(display_id = %token.display_id, tenant = %token.tenant_id, "deleted a token");
+        Ok(())
+    }
+
+    /// Revokes every string of `strings` that is a real token, with reason `leaked`, and
+    /// records the report in the token's tenant. Any authenticated caller may report: only
+    /// someone holding a token's full string can name it here. The result does not depend on
+    /// whether any string was a token. (How long the call takes can: a real token costs a
+    /// revocation. That tells the reporter only that a token it holds is now dead.)
+    pub async fn report_leaked(
+        &self,
+        caller: &Caller,
+        strings: &[String],
+        source: &str,
+    ) -> Result<()> {
+        let reporter = caller.subject().label();
+        let mut seen = std::collections::HashSet::new();
+        for candidate in strings {
+            if !seen.insert(candidate.as_str()) {
+                continue;
+            }
+            let Some(token) = self.introspector.held_token(candidate).await? else {
+                continue;
+            };
+            if token.revocation.is_some() {
+                continue;
+            }
+            let revocation = Revocation {
+                at: self.clock.now(),
+                by: reporter.clone(),
+                reason: LEAKED.to_owned(),
+            };
+            let mut audit = self.audit(&token.tenant_id, reporter.clone(), caller, "token.revoked");
+            audit.token_id = Some(token.id().to_owned());
+            audit.detail = BTreeMap::from([
+                ("name".to_owned(), token.name.to_string()),
+                ("reason".to_owned(), LEAKED.to_owned()),
+                ("source".to_owned(), source.to_owned()),
+            ]);
+            self.store
+                .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
+                .await?;
+            metrics::counter!("tokend_leaked_tokens_revoked_total").increment(1);
+            tracing::warn!(display_id = %token.display_id, tenant = %token.tenant_id, reporter = %caller.display_id(), "revoked a token reported as leaked");
+        }
         Ok(())
     }
 

@@ -14,5 +14,6 @@ mod cli;
 mod directory;
 mod feed;
 mod introspect;
+mod leaks;
 mod replicas;
 mod tokens;
