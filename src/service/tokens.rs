@@ -340,42 +340,76 @@ impl Tokend {
     /// someone holding a token's full string can name it here. The result does not depend on
     /// whether any string was a token. (How long the call takes can: a real token costs a
     /// revocation. That tells the reporter only that a token it holds is now dead.)
+    ///
+    /// One string per public id is considered: a token has one secret, so a second string
+    /// for the same id is either a duplicate or a guess, and guesses would each cost an
+    /// argon2 verification. A failure (database unreachable) does not stop the rest of the
+    /// batch; the first one is returned at the end, and reporting again is safe.
     pub async fn report_leaked(
         &self,
         caller: &Caller,
         strings: &[String],
         source: &str,
     ) -> Result<()> {
-        let reporter = caller.subject().label();
-        let mut seen = std::collections::HashSet::new();
+        // The credential's display id names the reporter in the token's tenant: unlike a
+        // user id it cannot be mistaken for a member of that tenant.
+        let reporter = caller.display_id().to_owned();
+        let mut tried = std::collections::HashSet::new();
+        let mut failure = None;
         for candidate in strings {
-            if !seen.insert(candidate.as_str()) {
-                continue;
-            }
-            let Some(token) = self.introspector.held_token(candidate).await? else {
+            let Some(parsed) = self.format().parse(candidate) else {
                 continue;
             };
-            if token.revocation.is_some() {
+            if !tried.insert(parsed.public_id) {
                 continue;
             }
-            let revocation = Revocation {
-                at: self.clock.now(),
-                by: reporter.clone(),
-                reason: LEAKED.to_owned(),
-            };
-            let mut audit = self.audit(&token.tenant_id, reporter.clone(), caller, "token.revoked");
-            audit.token_id = Some(token.id().to_owned());
-            audit.detail = BTreeMap::from([
-                ("name".to_owned(), token.name.to_string()),
-                ("reason".to_owned(), LEAKED.to_owned()),
-                ("source".to_owned(), source.to_owned()),
-            ]);
-            self.store
-                .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
-                .await?;
-            metrics::counter!("tokend_leaked_tokens_revoked_total").increment(1);
-            tracing::warn!(display_id = %token.display_id, tenant = %token.tenant_id, reporter = %caller.display_id(), "revoked a token reported as leaked");
+            if let Err(err) = self
+                .revoke_leaked(caller, &reporter, candidate, source)
+                .await
+            {
+                tracing::warn!(error = %err, "could not act on a leak report; the reporter may retry");
+                failure.get_or_insert(err);
+            }
         }
+        failure.map_or(Ok(()), Err)
+    }
+
+    async fn revoke_leaked(
+        &self,
+        caller: &Caller,
+        reporter: &str,
+        candidate: &str,
+        source: &str,
+    ) -> Result<()> {
+        let Some(token) = self.introspector.held_token(candidate).await? else {
+            return Ok(());
+        };
+        if token.revocation.is_some() {
+            return Ok(());
+        }
+        let revocation = Revocation {
+            at: self.clock.now(),
+            by: reporter.to_owned(),
+            reason: LEAKED.to_owned(),
+        };
+        let mut audit = self.audit(
+            &token.tenant_id,
+            reporter.to_owned(),
+            caller,
+            "token.revoked",
+        );
+        audit.token_id = Some(token.id().to_owned());
+        audit.detail = BTreeMap::from([
+            ("name".to_owned(), token.name.to_string()),
+            ("reason".to_owned(), LEAKED.to_owned()),
+            ("source".to_owned(), source.to_owned()),
+            ("reporter_tenant".to_owned(), caller.tenant_id().to_string()),
+        ]);
+        self.store
+            .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
+            .await?;
+        metrics::counter!("tokend_leaked_tokens_revoked_total").increment(1);
+        tracing::warn!(display_id = %token.display_id, tenant = %token.tenant_id, reporter, "revoked a token reported as leaked");
         Ok(())
     }
 

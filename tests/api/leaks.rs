@@ -15,6 +15,7 @@ crate::both_backends!(
     a_bad_report_is_named_and_revokes_nothing,
     a_report_of_a_revoked_token_keeps_its_first_revocation,
     a_full_batch_of_a_thousand_strings_is_accepted,
+    a_reported_token_stays_revoked_when_its_owner_is_reactivated,
 );
 
 /// Alice's and bob's tenant; bob holds no tokend permission at all.
@@ -46,7 +47,21 @@ fn wrong_secret(token: &str) -> String {
     let mut body = token.as_bytes()[..token.len() - 6].to_vec();
     let last = body.len() - 1;
     body[last] = if body[last] == b'a' { b'b' } else { b'a' };
-    let body = String::from_utf8(body).unwrap();
+    rechecksummed(String::from_utf8(body).unwrap())
+}
+
+/// `token` claiming the other kind (`pat` ⇄ `key`), checksum made right again.
+fn other_kind(token: &str) -> String {
+    let body = &token[..token.len() - 6];
+    let body = if body.contains("_pat_") {
+        body.replacen("_pat_", "_key_", 1)
+    } else {
+        body.replacen("_key_", "_pat_", 1)
+    };
+    rechecksummed(body)
+}
+
+fn rechecksummed(body: String) -> String {
     let forged = format!(
         "{body}{}",
         base62_checksum(crc32fast::hash(body.as_bytes()))
@@ -89,11 +104,15 @@ async fn a_reported_token_is_revoked_as_leaked_and_its_tenant_audits_the_report(
     acme(&app).await;
     let (alices, info) = app.pat("acme", "alice", "laptop", &[]).await;
     let (key, key_info) = app.api_key("acme", "kim", "ci", "viewer").await;
-    let (bobs, _) = app.pat("acme", "bob", "phone", &[]).await;
+    // The reporter is in another tenant and holds no tokend permission: holding the
+    // strings is what counts.
+    app.tenant("globex", &[("viewer", &["entities:read"])])
+        .await;
+    app.member("globex", "carol", "viewer", &[]).await;
+    let (carols, carols_info) = app.pat("globex", "carol", "scanner", &[]).await;
     assert!(app.introspect(&alices).await.active);
 
-    // Bob holds no tokend permission; holding the strings is what counts.
-    app.tokens(&bobs)
+    app.tokens(&carols)
         .report_leaked_token(report(&[&alices, &key], "https://paste.example/abc"))
         .await
         .unwrap();
@@ -104,7 +123,7 @@ async fn a_reported_token_is_revoked_as_leaked_and_its_tenant_audits_the_report(
         assert_eq!(answer.reason, pb::InactiveReason::Revoked as i32);
     }
     assert!(
-        app.introspect(&bobs).await.active,
+        app.introspect(&carols).await.active,
         "the reporter's own token lives"
     );
 
@@ -112,7 +131,8 @@ async fn a_reported_token_is_revoked_as_leaked_and_its_tenant_audits_the_report(
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0].id, info.id);
     assert_eq!(revoked[0].revoke_reason, "leaked");
-    assert_eq!(revoked[0].revoked_by, "bob");
+    // Named by its credential's display id, which no member of acme can be mistaken for.
+    assert_eq!(revoked[0].revoked_by, carols_info.display_id);
 
     let events = app
         .audit(&app.root)
@@ -130,7 +150,11 @@ async fn a_reported_token_is_revoked_as_leaked_and_its_tenant_audits_the_report(
         .find(|e| e.action == "token.revoked")
         .expect("the report is in the key's audit trail");
     assert_eq!(report.tenant_id, "acme");
-    assert_eq!(report.actor, "bob");
+    assert_eq!(report.actor, carols_info.display_id);
+    assert_eq!(
+        report.detail.get("reporter_tenant").map(String::as_str),
+        Some("globex")
+    );
     assert_eq!(
         report.detail.get("reason").map(String::as_str),
         Some("leaked")
@@ -161,13 +185,17 @@ async fn the_answer_is_the_same_whether_or_not_a_string_was_a_token(app: TestApp
             response.into_inner().encode_to_vec()
         }
     };
-    // A real id with the wrong secret must not revoke anything: ids are not secret.
+    // A real id with the wrong secret, or claiming the other kind, must not revoke
+    // anything: ids are not secret.
     let for_forged = answer(vec![forged]).await;
+    assert!(app.introspect(&alices).await.active);
+    let for_other_kind = answer(vec![other_kind(&alices)]).await;
     assert!(app.introspect(&alices).await.active);
     let for_garbage = answer(vec!["not a token".into()]).await;
     let for_real = answer(vec![alices.clone()]).await;
     assert!(!app.introspect(&alices).await.active);
     assert_eq!(for_real, for_forged);
+    assert_eq!(for_real, for_other_kind);
     assert_eq!(for_real, for_garbage);
 }
 
@@ -225,6 +253,40 @@ async fn a_report_of_a_revoked_token_keeps_its_first_revocation(app: TestApp) {
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0].revoked_by, "alice");
     assert_ne!(revoked[0].revoke_reason, "leaked");
+    let events = app
+        .audit(&app.root)
+        .list_audit_events(pb::ListAuditEventsRequest {
+            tenant_id: "acme".into(),
+            token_id: info.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .events;
+    let revocations = events
+        .iter()
+        .filter(|e| e.action == "token.revoked")
+        .count();
+    assert_eq!(revocations, 1, "the report added no second revocation");
+}
+
+async fn a_reported_token_stays_revoked_when_its_owner_is_reactivated(app: TestApp) {
+    acme(&app).await;
+    let (alices, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (bobs, _) = app.pat("acme", "bob", "phone", &[]).await;
+    app.set_user_status("alice", pb::UserStatus::Suspended)
+        .await;
+    // Inactive (suspended owner), but still a token: the report must kill it for good.
+    assert!(!app.introspect(&alices).await.active);
+    app.tokens(&bobs)
+        .report_leaked_token(report(&[&alices], "found while alice was away"))
+        .await
+        .unwrap();
+    app.set_user_status("alice", pb::UserStatus::Active).await;
+    let answer = app.introspect(&alices).await;
+    assert!(!answer.active);
+    assert_eq!(answer.reason, pb::InactiveReason::Revoked as i32);
 }
 
 async fn a_full_batch_of_a_thousand_strings_is_accepted(app: TestApp) {
