@@ -18,6 +18,7 @@ crate::both_backends!(
     last_use_is_recorded_in_batches,
     a_recomputed_verdict_does_not_record_a_use_again_within_the_minute,
     a_last_use_batch_larger_than_a_statement_can_bind_is_written_and_never_moves_back,
+    a_hash_with_old_parameters_is_upgraded_once_and_the_token_keeps_working,
 );
 
 async fn acme(app: &TestApp) {
@@ -262,4 +263,75 @@ async fn a_recomputed_verdict_does_not_record_a_use_again_within_the_minute(app:
     // record: the row the cache holds predates the flush, and only the carried use knows.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     assert_eq!(last_use().await, Some(first));
+}
+
+/// The stored PHC string of token `id`.
+async fn stored_hash(app: &TestApp, id: &str) -> String {
+    app.store
+        .token_state(id)
+        .await
+        .unwrap()
+        .expect("the token exists")
+        .token
+        .secret_hash
+        .0
+        .clone()
+}
+
+/// A token whose hash was made with older (cheaper) argon2 parameters is rehashed with the
+/// current ones on its next successful verification, once, and keeps working throughout.
+async fn a_hash_with_old_parameters_is_upgraded_once_and_the_token_keeps_working(app: TestApp) {
+    use tokend::domain::ports::SecretHasher as _;
+    use tokend::hashing::{Argon2Hasher, Argon2Settings};
+
+    acme(&app).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let current = stored_hash(&app, &info.id).await;
+    // The secret is what lies between the display id's `_` and the 6-character checksum.
+    let secret = &token[info.display_id.len() + 1..token.len() - 6];
+    let old_settings = Argon2Settings {
+        memory_kib: 32,
+        ..Argon2Settings::default()
+    };
+    let old = Argon2Hasher::new(&old_settings, None)
+        .unwrap()
+        .hash(secret.to_owned().into())
+        .await
+        .unwrap();
+    assert!(old.contains("m=32,"));
+    // Written behind the caches' back before the token was ever introspected, as a row
+    // from an older release would be.
+    assert!(
+        app.store
+            .replace_hash(&info.id, &current, &old)
+            .await
+            .unwrap()
+    );
+
+    assert!(
+        app.introspect(&token).await.active,
+        "the old hash still verifies"
+    );
+    let mut upgraded = stored_hash(&app, &info.id).await;
+    for _ in 0..100 {
+        if upgraded != old {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        upgraded = stored_hash(&app, &info.id).await;
+    }
+    assert_ne!(upgraded, old, "the hash was upgraded");
+    assert!(!upgraded.contains("m=32,"), "{upgraded}");
+    assert!(upgraded.starts_with("$argon2id$"));
+
+    // Keeps working, and is not upgraded again.
+    for _ in 0..5 {
+        assert!(app.introspect(&token).await.active);
+    }
+    let verifications = app.hasher.verifications();
+    for _ in 0..5 {
+        assert!(app.introspect(&token).await.active);
+    }
+    assert_eq!(app.hasher.verifications(), verifications, "warm again");
+    assert_eq!(stored_hash(&app, &info.id).await, upgraded, "upgraded once");
 }
