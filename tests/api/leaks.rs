@@ -16,6 +16,7 @@ crate::both_backends!(
     a_report_of_a_revoked_token_keeps_its_first_revocation,
     a_full_batch_of_a_thousand_strings_is_accepted,
     a_reported_token_stays_revoked_when_its_owner_is_reactivated,
+    only_the_first_well_formed_string_per_token_id_is_considered,
 );
 
 /// Alice's and bob's tenant; bob holds no tokend permission at all.
@@ -309,6 +310,47 @@ async fn a_full_batch_of_a_thousand_strings_is_accepted(app: TestApp) {
             tokens: batch,
             source: "bulk scan".into(),
         })
+        .await
+        .unwrap();
+    assert!(!app.introspect(&alices).await.active);
+}
+
+/// A token has one secret, so a second well-formed string for the same id in one report can
+/// only be a guess; each guess would cost an argon2 verification, so it is not tried.
+async fn only_the_first_well_formed_string_per_token_id_is_considered(app: TestApp) {
+    acme(&app).await;
+    let (alices, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (bobs, _) = app.pat("acme", "bob", "phone", &[]).await;
+    // Alice's id with other secrets (secret: the 43 characters before the 6 of the checksum).
+    let guesses: Vec<String> = (0..20)
+        .map(|_| {
+            let other = TokenFormat::default().generate(TokenKind::Personal).full;
+            let n = other.len();
+            rechecksummed(format!("{}{}", &alices[..n - 49], &other[n - 49..n - 6]))
+        })
+        .chain(std::iter::once(alices.clone()))
+        .collect();
+    // Bob's credential verified once beforehand, so the count below is the report's own.
+    assert!(app.introspect(&bobs).await.active);
+    let verifications = app.hasher.verifications();
+    app.tokens(&bobs)
+        .report_leaked_token(pb::ReportLeakedTokenRequest {
+            tokens: guesses,
+            source: "guesses first".into(),
+        })
+        .await
+        .unwrap();
+    assert!(
+        app.hasher.verifications() - verifications <= 1,
+        "one verification for alice's id, however many strings name it"
+    );
+    assert!(
+        app.introspect(&alices).await.active,
+        "the real string came too late"
+    );
+    // Alone, it is acted on.
+    app.tokens(&bobs)
+        .report_leaked_token(report(&[&alices], "the real one"))
         .await
         .unwrap();
     assert!(!app.introspect(&alices).await.active);
