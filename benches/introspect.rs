@@ -214,6 +214,12 @@ impl TokenService for Noop {
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
         Ok(Response::new(self.0.clone()))
     }
+    async fn revoke_tokens(
+        &self,
+        _: Request<pb::RevokeTokensRequest>,
+    ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
     async fn report_leaked_token(
         &self,
         _: Request<pb::ReportLeakedTokenRequest>,

@@ -17,7 +17,7 @@ use crate::introspect::Outcome;
 use crate::proto::v1 as pb;
 use crate::service::{
     IntrospectAnswer, IssueToken, ListAudit, ListTokens, MAX_LEAK_REPORT, Page, PutMember, PutRole,
-    TokenRef,
+    RevokeMany, TokenRef,
 };
 
 /// Longest list a request may carry in one repeated field.
@@ -211,6 +211,28 @@ pub fn delete_request(format: &TokenFormat, req: pb::DeleteTokenRequest) -> Resu
         tenant_id: tenant_opt(&req.tenant_id)?,
         actor_user_id: actor_opt(&req.actor_user_id)?,
         token_id: token_id(format, &req.token_id)?,
+    })
+}
+
+pub fn revoke_many_request(req: pb::RevokeTokensRequest) -> Result<RevokeMany> {
+    let owner_user_id = optional(&req.owner_user_id, |v| UserId::parse("owner_user_id", v))?;
+    let issued_before = req
+        .issued_before
+        .as_ref()
+        .map(|at| from_timestamp("issued_before", at))
+        .transpose()?;
+    if owner_user_id.is_none() && issued_before.is_none() && !req.all {
+        return Err(Error::invalid(
+            "all",
+            "set owner_user_id, issued_before, or all = true to revoke every token of the tenant",
+        ));
+    }
+    Ok(RevokeMany {
+        tenant_id: tenant_opt(&req.tenant_id)?,
+        actor_user_id: actor_opt(&req.actor_user_id)?,
+        owner_user_id,
+        issued_before,
+        reason: free_text("reason", &req.reason)?,
     })
 }
 

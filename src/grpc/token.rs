@@ -89,6 +89,16 @@ impl TokenService for TokenApi {
         Ok(Response::new(convert::introspect_response(answer)))
     }
 
+    async fn revoke_tokens(
+        &self,
+        request: Request<pb::RevokeTokensRequest>,
+    ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = convert::revoke_many_request(request.into_inner())?;
+        let token_ids = self.core.revoke_tokens(&caller, req).await?;
+        Ok(Response::new(pb::RevokeTokensResponse { token_ids }))
+    }
+
     async fn report_leaked_token(
         &self,
         request: Request<pb::ReportLeakedTokenRequest>,

@@ -17,7 +17,7 @@ pub use caller::{Actor, Caller, Subject};
 pub use directory::{PutMember, PutRole};
 pub use paging::Page;
 pub use tokens::{
-    IntrospectAnswer, IssueToken, Issued, LEAKED, ListTokens, MAX_LEAK_REPORT, TokenRef,
+    IntrospectAnswer, IssueToken, Issued, LEAKED, ListTokens, MAX_LEAK_REPORT, RevokeMany, TokenRef,
 };
 
 use crate::domain::model::AuditRecord;

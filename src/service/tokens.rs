@@ -65,6 +65,21 @@ pub struct ListTokens {
     pub page: Page,
 }
 
+/// A validated bulk revocation (RevokeTokens).
+#[derive(Clone, Debug)]
+pub struct RevokeMany {
+    /// The tenant; `None` = the credential's own.
+    pub tenant_id: Option<TenantId>,
+    /// The user to act as.
+    pub actor_user_id: Option<UserId>,
+    /// Only this owner's tokens.
+    pub owner_user_id: Option<UserId>,
+    /// Only tokens issued before this.
+    pub issued_before: Option<crate::domain::model::Timestamp>,
+    /// Why.
+    pub reason: String,
+}
+
 /// A validated reference to one token (RevokeToken, DeleteToken).
 #[derive(Clone, Debug)]
 pub struct TokenRef {
@@ -411,6 +426,74 @@ impl Tokend {
         metrics::counter!("tokend_leaked_tokens_revoked_total").increment(1);
         tracing::warn!(display_id = %token.display_id, tenant = %token.tenant_id, reporter, "revoked a token reported as leaked");
         Ok(())
+    }
+
+    /// Revokes every live token of a tenant that `req` selects; returns the ids revoked.
+    /// Each token gets its own revocation and audit event, through the same store call as
+    /// RevokeToken, so each is enforced on every replica as it goes; tokens issued while
+    /// this runs are not included (the scan pages by issue time).
+    pub async fn revoke_tokens(&self, caller: &Caller, req: RevokeMany) -> Result<Vec<String>> {
+        const PAGE: u64 = 500;
+        let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
+        actor.require(rules::TOKENS_ADMIN)?;
+        let mut revoked = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .list_tokens(&TokenQuery {
+                    tenant_id: actor.tenant_id.clone(),
+                    visibility: actor.visibility(),
+                    kind: None,
+                    name_contains: None,
+                    owner: req.owner_user_id.clone(),
+                    include_revoked: false,
+                    after: after.clone(),
+                    limit: PAGE,
+                })
+                .await?;
+            let full = page.len() as u64 == PAGE;
+            after = page.last().map(|t| (t.created_at, t.id().to_owned()));
+            for token in page {
+                if req
+                    .issued_before
+                    .is_some_and(|before| token.created_at >= before)
+                {
+                    continue;
+                }
+                let revocation = Revocation {
+                    at: self.clock.now(),
+                    by: actor.subject.label(),
+                    reason: req.reason.clone(),
+                };
+                let mut audit = self.audit(
+                    &token.tenant_id,
+                    actor.subject.label(),
+                    caller,
+                    "token.revoked",
+                );
+                audit.token_id = Some(token.id().to_owned());
+                audit.detail = BTreeMap::from([
+                    ("name".to_owned(), token.name.to_string()),
+                    ("reason".to_owned(), req.reason.clone()),
+                    ("bulk".to_owned(), "true".to_owned()),
+                ]);
+                let after_write = self
+                    .store
+                    .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
+                    .await?;
+                // Someone else's revocation in between keeps its own record.
+                if after_write.is_some_and(|t| t.revocation.as_deref() == Some(&revocation)) {
+                    revoked.push(token.id().to_owned());
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+        metrics::counter!("tokend_bulk_revoked_total").increment(revoked.len() as u64);
+        tracing::warn!(tenant = %actor.tenant_id, count = revoked.len(), "bulk revocation");
+        Ok(revoked)
     }
 
     /// Introspects a token string for a caller holding `tokend.introspect`.

@@ -9,6 +9,7 @@ mod helpers;
 
 mod audit;
 mod auth;
+mod bulk;
 mod caching;
 mod cli;
 mod directory;
