@@ -216,6 +216,14 @@ check "ListTokens shows it revoked as leaked by the reporting key" \
   "[(t['revokeReason'], t['revokedBy']) for t in d.get('tokens', [])] == [('leaked', 'tkd_key_' + '$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"]["id"])' "$WORK/gwkey.json")')]" \
   "$WORK/leaklist.json"
 
+# Incident response (README "RevokeTokens"): ada holds tokend.tokens.admin in acme.
+call adminrole tokend.v1.DirectoryService/PutRole '{"tenantId":"acme","name":"admin","permissions":["tokend.tokens.admin"]}' "$ROOT"
+call ada tokend.v1.DirectoryService/PutMember '{"tenantId":"acme","userId":"ada","role":"admin"}' "$ROOT"
+call spare tokend.v1.TokenService/IssueToken '{"tenantId":"acme","actorUserId":"alice","kind":"TOKEN_KIND_PERSONAL","name":"spare"}' "$ROOT"
+SPARE_ID=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"]["id"])' "$WORK/spare.json")
+call bulk tokend.v1.TokenService/RevokeTokens '{"tenantId":"acme","actorUserId":"ada","ownerUserId":"alice","reason":"incident 42"}' "$ROOT"
+check "RevokeTokens revokes alice's live tokens and lists them" "d == {'tokenIds': ['$SPARE_ID']}" "$WORK/bulk.json"
+
 echo "+ grpcurl -plaintext -d '{\"token\":\"…\"}' \$ADDR tokend.v1.TokenService/Introspect   # no credential"
 if "$GRPCURL" -plaintext -d "{\"token\":\"$PAT\"}" "$ADDR" tokend.v1.TokenService/Introspect >noauth.out 2>&1; then
   fail "a call without a credential is UNAUTHENTICATED"
