@@ -227,6 +227,12 @@ pub fn revoke_many_request(req: pb::RevokeTokensRequest) -> Result<RevokeMany> {
             "set owner_user_id, issued_before, or all = true to revoke every token of the tenant",
         ));
     }
+    if req.all && (owner_user_id.is_some() || issued_before.is_some()) {
+        return Err(Error::invalid(
+            "all",
+            "must not be combined with owner_user_id or issued_before",
+        ));
+    }
     Ok(RevokeMany {
         tenant_id: tenant_opt(&req.tenant_id)?,
         actor_user_id: actor_opt(&req.actor_user_id)?,

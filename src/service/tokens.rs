@@ -433,11 +433,39 @@ impl Tokend {
     /// RevokeToken, so each is enforced on every replica as it goes; tokens issued while
     /// this runs are not included (the scan pages by issue time).
     pub async fn revoke_tokens(&self, caller: &Caller, req: RevokeMany) -> Result<Vec<String>> {
-        const PAGE: u64 = 500;
-        let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
+        let actor = self
+            .actor(caller, req.tenant_id.clone(), req.actor_user_id.clone())
+            .await?;
         actor.require(rules::TOKENS_ADMIN)?;
         let mut revoked = Vec::new();
-        let mut after = None;
+        let outcome = self
+            .revoke_selected(caller, &actor, &req, &mut revoked)
+            .await;
+        metrics::counter!("tokend_bulk_revoked_total").increment(revoked.len() as u64);
+        match outcome {
+            Ok(()) => {
+                tracing::warn!(tenant = %actor.tenant_id, count = revoked.len(), "bulk revocation");
+                Ok(revoked)
+            }
+            Err(err) => {
+                // What was revoked stays revoked; a retry picks up the rest.
+                tracing::warn!(tenant = %actor.tenant_id, count = revoked.len(), error = %err, "bulk revocation stopped partway");
+                Err(err)
+            }
+        }
+    }
+
+    async fn revoke_selected(
+        &self,
+        caller: &Caller,
+        actor: &Actor,
+        req: &RevokeMany,
+        revoked: &mut Vec<String>,
+    ) -> Result<()> {
+        const PAGE: u64 = 500;
+        // The scan is newest first from a (created_at, id) cursor: starting it at the cutoff
+        // skips every token issued at or after it without reading them.
+        let mut after = req.issued_before.map(|before| (before, String::new()));
         loop {
             let page = self
                 .store
@@ -488,12 +516,9 @@ impl Tokend {
                 }
             }
             if !full {
-                break;
+                return Ok(());
             }
         }
-        metrics::counter!("tokend_bulk_revoked_total").increment(revoked.len() as u64);
-        tracing::warn!(tenant = %actor.tenant_id, count = revoked.len(), "bulk revocation");
-        Ok(revoked)
     }
 
     /// Introspects a token string for a caller holding `tokend.introspect`.

@@ -176,6 +176,17 @@ async fn a_bulk_revocation_needs_tokens_admin_and_a_scope(app: TestApp) {
         Code::InvalidArgument,
         "reason",
     );
+    assert_status(
+        app.tokens(&app.root)
+            .revoke_tokens(pb::RevokeTokensRequest {
+                all: true,
+                owner_user_id: "alice".into(),
+                ..by_ada("acme")
+            })
+            .await,
+        Code::InvalidArgument,
+        "all: must not be combined",
+    );
     assert!(app.introspect(&alices).await.active, "nothing was revoked");
 }
 
