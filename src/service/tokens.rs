@@ -262,6 +262,41 @@ impl Tokend {
         }
     }
 
+    /// Revokes `token` as `by` for `reason`, appending its `token.revoked` audit event (with
+    /// `detail` beside its name and reason) in the same transaction. Returns the revocation
+    /// written and the row afterwards (`None` if it is gone); the row keeps an earlier
+    /// revocation if one got there first.
+    async fn write_revocation(
+        &self,
+        caller: &Caller,
+        token: &Token,
+        by: String,
+        reason: String,
+        detail: &[(&str, &str)],
+    ) -> Result<(Revocation, Option<Token>)> {
+        let mut audit = self.audit(&token.tenant_id, by.clone(), caller, "token.revoked");
+        audit.token_id = Some(token.id().to_owned());
+        audit.detail = BTreeMap::from([
+            ("name".to_owned(), token.name.to_string()),
+            ("reason".to_owned(), reason.clone()),
+        ]);
+        audit.detail.extend(
+            detail
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let revocation = Revocation {
+            at: self.clock.now(),
+            by,
+            reason,
+        };
+        let after = self
+            .store
+            .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
+            .await?;
+        Ok((revocation, after))
+    }
+
     /// Revokes a token. Idempotent: a revoked token keeps its first revocation.
     pub async fn revoke_token(
         &self,
@@ -276,27 +311,10 @@ impl Tokend {
         if token.revocation.is_some() {
             return Ok(token);
         }
-        let revocation = Revocation {
-            at: self.clock.now(),
-            by: actor.subject.label(),
-            reason,
-        };
-        let mut audit = self.audit(
-            &token.tenant_id,
-            actor.subject.label(),
-            caller,
-            "token.revoked",
-        );
-        audit.token_id = Some(token.id().to_owned());
-        audit.detail = BTreeMap::from([
-            ("name".to_owned(), token.name.to_string()),
-            ("reason".to_owned(), revocation.reason.clone()),
-        ]);
-        let revoked = self
-            .store
-            .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("token {}", req.token_id)))?;
+        let (_, after) = self
+            .write_revocation(caller, &token, actor.subject.label(), reason, &[])
+            .await?;
+        let revoked = after.ok_or_else(|| Error::NotFound(format!("token {}", req.token_id)))?;
         tracing::info!(display_id = %revoked.display_id, tenant = %revoked.tenant_id, "revoked a token");
         Ok(revoked)
     }
@@ -402,27 +420,20 @@ impl Tokend {
         if token.revocation.is_some() {
             return Ok(());
         }
-        let revocation = Revocation {
-            at: self.clock.now(),
-            by: reporter.to_owned(),
-            reason: LEAKED.to_owned(),
-        };
-        let mut audit = self.audit(
-            &token.tenant_id,
-            reporter.to_owned(),
-            caller,
-            "token.revoked",
-        );
-        audit.token_id = Some(token.id().to_owned());
-        audit.detail = BTreeMap::from([
-            ("name".to_owned(), token.name.to_string()),
-            ("reason".to_owned(), LEAKED.to_owned()),
-            ("source".to_owned(), source.to_owned()),
-            ("reporter_tenant".to_owned(), caller.tenant_id().to_string()),
-        ]);
-        self.store
-            .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
+        let reporter_tenant = caller.tenant_id().to_string();
+        let (revocation, after) = self
+            .write_revocation(
+                caller,
+                &token,
+                reporter.to_owned(),
+                LEAKED.to_owned(),
+                &[("source", source), ("reporter_tenant", &reporter_tenant)],
+            )
             .await?;
+        // Someone else's revocation in between keeps its own record.
+        if after.is_none_or(|t| t.revocation.as_deref() != Some(&revocation)) {
+            return Ok(());
+        }
         metrics::counter!("tokend_leaked_tokens_revoked_total").increment(1);
         tracing::warn!(display_id = %token.display_id, tenant = %token.tenant_id, reporter, "revoked a token reported as leaked");
         Ok(())
@@ -489,26 +500,14 @@ impl Tokend {
                 {
                     continue;
                 }
-                let revocation = Revocation {
-                    at: self.clock.now(),
-                    by: actor.subject.label(),
-                    reason: req.reason.clone(),
-                };
-                let mut audit = self.audit(
-                    &token.tenant_id,
-                    actor.subject.label(),
-                    caller,
-                    "token.revoked",
-                );
-                audit.token_id = Some(token.id().to_owned());
-                audit.detail = BTreeMap::from([
-                    ("name".to_owned(), token.name.to_string()),
-                    ("reason".to_owned(), req.reason.clone()),
-                    ("bulk".to_owned(), "true".to_owned()),
-                ]);
-                let after_write = self
-                    .store
-                    .revoke_token(&token.tenant_id, token.id(), &revocation, &audit)
+                let (revocation, after_write) = self
+                    .write_revocation(
+                        caller,
+                        &token,
+                        actor.subject.label(),
+                        req.reason.clone(),
+                        &[("bulk", "true")],
+                    )
                     .await?;
                 // Someone else's revocation in between keeps its own record.
                 if after_write.is_some_and(|t| t.revocation.as_deref() == Some(&revocation)) {

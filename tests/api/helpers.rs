@@ -440,6 +440,19 @@ impl TestApp {
             .into_inner()
     }
 
+    /// The audit events about token `id`, newest first, read with the root key.
+    pub async fn audit_of(&self, id: &str) -> Vec<pb::AuditEvent> {
+        self.audit(&self.root)
+            .list_audit_events(pb::ListAuditEventsRequest {
+                token_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("list audit events")
+            .into_inner()
+            .events
+    }
+
     pub fn advance(&self, by: TimeDelta) {
         self.clock.advance(by);
     }

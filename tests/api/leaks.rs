@@ -135,17 +135,7 @@ async fn a_reported_token_is_revoked_as_leaked_and_its_tenant_audits_the_report(
     // Named by its credential's display id, which no member of acme can be mistaken for.
     assert_eq!(revoked[0].revoked_by, carols_info.display_id);
 
-    let events = app
-        .audit(&app.root)
-        .list_audit_events(pb::ListAuditEventsRequest {
-            tenant_id: "acme".into(),
-            token_id: key_info.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = app.audit_of(&key_info.id).await;
     let report = events
         .iter()
         .find(|e| e.action == "token.revoked")
@@ -254,17 +244,7 @@ async fn a_report_of_a_revoked_token_keeps_its_first_revocation(app: TestApp) {
     assert_eq!(revoked.len(), 1);
     assert_eq!(revoked[0].revoked_by, "alice");
     assert_ne!(revoked[0].revoke_reason, "leaked");
-    let events = app
-        .audit(&app.root)
-        .list_audit_events(pb::ListAuditEventsRequest {
-            tenant_id: "acme".into(),
-            token_id: info.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = app.audit_of(&info.id).await;
     let revocations = events
         .iter()
         .filter(|e| e.action == "token.revoked")

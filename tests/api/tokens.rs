@@ -452,16 +452,7 @@ async fn revoke_is_idempotent_and_keeps_the_record(app: TestApp) {
         .unwrap();
     assert_eq!(again, first, "a second revocation changes nothing");
 
-    let events = app
-        .audit(&app.root)
-        .list_audit_events(pb::ListAuditEventsRequest {
-            token_id: info.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = app.audit_of(&info.id).await;
     let revocations = events
         .iter()
         .filter(|e| e.action == "token.revoked")
@@ -491,16 +482,7 @@ async fn delete_removes_the_record_and_the_audit_log_keeps_its_events(app: TestA
         .await;
     assert_status(result, Code::NotFound, "token");
 
-    let events = app
-        .audit(&app.root)
-        .list_audit_events(pb::ListAuditEventsRequest {
-            token_id: info.id.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
+    let events = app.audit_of(&info.id).await;
     let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(
         actions,
