@@ -84,7 +84,7 @@ check() {
   if python3 - "$file" "$expr" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
-sys.exit(0 if eval(sys.argv[2], {"d": d}) else 1)
+sys.exit(0 if eval(sys.argv[2], {"d": d, "json": json}) else 1)
 PY
   then pass "$what"; else fail "$what"; echo "       got: $(tr -d '\n' < "$file")" >&2; fi
 }
@@ -223,6 +223,22 @@ call spare tokend.v1.TokenService/IssueToken '{"tenantId":"acme","actorUserId":"
 SPARE_ID=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"]["id"])' "$WORK/spare.json")
 call bulk tokend.v1.TokenService/RevokeTokens '{"tenantId":"acme","actorUserId":"ada","ownerUserId":"alice","reason":"incident 42"}' "$ROOT"
 check "RevokeTokens revokes alice's live tokens and lists them" "d == {'tokenIds': ['$SPARE_ID']}" "$WORK/bulk.json"
+
+# Rotation with a grace period (README "RotateToken").
+call deploy tokend.v1.TokenService/IssueToken '{"tenantId":"acme","actorUserId":"alice","kind":"TOKEN_KIND_PERSONAL","name":"deploy","scopes":["entities:read"],"ttl":"2592000s"}' "$ROOT"
+OLD=$(secret_of "$WORK/deploy.json")
+OLD_ID=$(python3 -c 'import json, sys; print(json.load(open(sys.argv[1]))["token"]["id"])' "$WORK/deploy.json")
+call rotate tokend.v1.TokenService/RotateToken "{\"tenantId\":\"acme\",\"actorUserId\":\"alice\",\"tokenId\":\"$OLD_ID\",\"grace\":\"3600s\"}" "$ROOT"
+check "RotateToken returns a successor of the same name and scopes, the old one revoked in an hour" \
+  "d['token']['name'] == 'deploy' and d['token']['scopes'] == ['entities:read'] and d['token']['id'] != '$OLD_ID' and d['previous']['id'] == '$OLD_ID' and d['previous']['status'] == 'TOKEN_STATUS_ACTIVE' and d['previous']['revokeReason'] == 'rotated' and d['previous']['revokedAt'] > d['token']['createdAt']" \
+  "$WORK/rotate.json"
+NEW=$(secret_of "$WORK/rotate.json")
+call oldlive tokend.v1.TokenService/Introspect "{\"token\":\"$OLD\"}" "$GW"
+check "the old token stays live in its grace, expiresAt the grace's end" \
+  "d['active'] and d['expiresAt'] == json.load(open('$WORK/rotate.json'))['previous']['revokedAt']" \
+  "$WORK/oldlive.json"
+call newlive tokend.v1.TokenService/Introspect "{\"token\":\"$NEW\"}" "$GW"
+check "the successor is live" "d['active'] and d['permissions'] == ['entities:read']" "$WORK/newlive.json"
 
 echo "+ grpcurl -plaintext -d '{\"token\":\"…\"}' \$ADDR tokend.v1.TokenService/Introspect   # no credential"
 if "$GRPCURL" -plaintext -d "{\"token\":\"$PAT\"}" "$ADDR" tokend.v1.TokenService/Introspect >noauth.out 2>&1; then

@@ -220,6 +220,12 @@ impl TokenService for Noop {
     ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
         Err(Status::unimplemented("no-op"))
     }
+    async fn rotate_token(
+        &self,
+        _: Request<pb::RotateTokenRequest>,
+    ) -> Result<Response<pb::RotateTokenResponse>, Status> {
+        Err(Status::unimplemented("no-op"))
+    }
     async fn report_leaked_token(
         &self,
         _: Request<pb::ReportLeakedTokenRequest>,

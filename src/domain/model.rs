@@ -41,6 +41,8 @@ pub struct TokenPolicy {
     pub require_expiry: bool,
     /// The longest lifetime a token may be issued with.
     pub max_lifetime: Option<Duration>,
+    /// The longest a rotated token may stay live beside its successor.
+    pub max_rotation_grace: Option<Duration>,
 }
 
 /// An organisation or subscription.
@@ -148,8 +150,9 @@ pub struct Token {
     pub expires_at: Option<Timestamp>,
     /// Last seen in use, to the minute.
     pub last_used_at: Option<Timestamp>,
-    /// Set once, never cleared. Boxed: most cached tokens are live, and an inline
-    /// revocation would make every one of them 56 bytes bigger.
+    /// Never cleared; its time may lie ahead (a rotation's grace period), and is then only
+    /// ever brought forward. Boxed: most cached tokens are live, and an inline revocation
+    /// would make every one of them 56 bytes bigger.
     pub revocation: Option<Box<Revocation>>,
 }
 
@@ -172,9 +175,25 @@ impl Token {
             .map_or(self.display_id.as_str(), |(_, id)| id)
     }
 
+    /// Whether a revocation is in force at `now`. A rotation with a grace period records
+    /// its revocation ahead of time, and the token stays live until then.
+    pub fn revoked(&self, now: Timestamp) -> bool {
+        self.revocation.as_ref().is_some_and(|r| r.at <= now)
+    }
+
+    /// When the token stops being live by itself: its expiry or a scheduled revocation,
+    /// whichever comes first; `None` = not by itself.
+    pub fn ends_at(&self) -> Option<Timestamp> {
+        let revoked_at = self.revocation.as_ref().map(|r| r.at);
+        match (self.expires_at, revoked_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// The token's status at `now`. Revocation wins over expiry.
     pub fn status(&self, now: Timestamp) -> TokenStatus {
-        if self.revocation.is_some() {
+        if self.revoked(now) {
             TokenStatus::Revoked
         } else if self.expires_at.is_some_and(|at| at <= now) {
             TokenStatus::Expired

@@ -69,8 +69,9 @@ pub struct TokenQuery {
     pub name_contains: Option<String>,
     /// Only tokens of this owner.
     pub owner: Option<UserId>,
-    /// Revoked tokens too.
-    pub include_revoked: bool,
+    /// Leave out tokens revoked at or before this time (one in a rotation's grace period is
+    /// still live and stays); `None` = list revoked tokens too.
+    pub revoked_by_then: Option<Timestamp>,
     /// Start after this (created_at, id), newest first.
     pub after: Option<(Timestamp, String)>,
     /// At most this many.
@@ -154,7 +155,9 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn get_token(&self, tenant: &TenantId, id: &str) -> Result<Option<Token>>;
     /// A page of tokens, newest first.
     async fn list_tokens(&self, query: &TokenQuery) -> Result<Vec<Token>>;
-    /// Revokes a live token (a revoked one keeps its first revocation); returns the row.
+    /// Revokes a live token, or brings forward a revocation scheduled after
+    /// `revocation.at` (a rotation's grace); a token already revoked by then keeps its
+    /// revocation. Returns the row afterwards.
     async fn revoke_token(
         &self,
         tenant: &TenantId,
@@ -162,6 +165,18 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         revocation: &Revocation,
         audit: &AuditRecord,
     ) -> Result<Option<Token>>;
+    /// Rotates a token in one transaction: schedules `revocation` on the live token `id`
+    /// (FailedPrecondition if it was revoked, rotated or expired meanwhile), stores its
+    /// `successor` (AlreadyExists as for [`Store::insert_token`]) and appends `audit`.
+    /// Returns the predecessor's row afterwards.
+    async fn rotate_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        revocation: &Revocation,
+        successor: &Token,
+        audit: &[AuditRecord],
+    ) -> Result<Token>;
     /// Deletes a token's row, appending `audit` (its revocation, if it was live, and its
     /// deletion) in the same transaction; false if there was none.
     async fn delete_token(

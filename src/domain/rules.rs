@@ -71,7 +71,7 @@ pub fn missing<'a>(wanted: &'a PermissionSet, held: &PermissionSet) -> Vec<&'a P
 /// then its tenant, then its owner, then its role.
 pub fn evaluate(state: &TokenState, now: Timestamp) -> Result<LiveGrant, InactiveReason> {
     let token = &state.token;
-    if token.revocation.is_some() {
+    if token.revoked(now) {
         return Err(InactiveReason::Revoked);
     }
     if token.expires_at.is_some_and(|at| at <= now) {
@@ -174,6 +174,53 @@ pub fn resolve_expiry(
             max.num_seconds()
         ))),
         _ => Ok(expires_at),
+    }
+}
+
+/// The longest grace period any rotation may ask for, whatever the tenant's policy: an old
+/// credential kept alive for longer is no longer a switch-over but a second credential.
+pub const MAX_ROTATION_GRACE: chrono::TimeDelta = chrono::TimeDelta::days(30);
+
+/// The expiry of a rotated token's successor: the predecessor's lifetime again, from `now`,
+/// clamped to the tenant's maximum lifetime. A token that never expired gets the maximum
+/// lifetime if the policy has one; with only `require_expiry` there is no lifetime to
+/// recompute, and the rotation is refused (issue a new token with an expiry instead).
+pub fn rotation_expiry(
+    token: &Token,
+    policy: &TokenPolicy,
+    tenant: &TenantId,
+    now: Timestamp,
+) -> Result<Option<Timestamp>> {
+    let lifetime = token.expires_at.map(|at| at - token.created_at);
+    let lifetime = match (lifetime, policy.max_lifetime) {
+        (Some(own), Some(max)) => Some(own.min(max)),
+        (own, max) => own.or(max),
+    };
+    match lifetime {
+        None if policy.require_expiry => Err(Error::FailedPrecondition(format!(
+            "policy require_expiry: tenant {tenant} requires every token to expire and token {} never does; issue a new token with an expiry instead",
+            token.id()
+        ))),
+        None => Ok(None),
+        Some(lifetime) => now
+            .checked_add_signed(lifetime)
+            .map(Some)
+            .ok_or_else(|| Error::invalid("token_id", "the token's lifetime is out of range")),
+    }
+}
+
+/// Refuses a rotation grace period longer than the tenant's policy allows.
+pub fn check_rotation_grace(
+    grace: chrono::TimeDelta,
+    policy: &TokenPolicy,
+    tenant: &TenantId,
+) -> Result<()> {
+    match policy.max_rotation_grace {
+        Some(max) if grace > max => Err(Error::FailedPrecondition(format!(
+            "policy max_rotation_grace: tenant {tenant} allows a rotated token to stay live at most {}s beside its successor; ask for a shorter grace",
+            max.num_seconds()
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -368,6 +415,7 @@ mod tests {
         let strict = TokenPolicy {
             require_expiry: true,
             max_lifetime: Some(TimeDelta::days(30)),
+            ..TokenPolicy::default()
         };
         let err = resolve_expiry(ExpiryRequest::Never, &strict, &acme, now()).unwrap_err();
         assert!(err.to_string().starts_with("policy require_expiry"));
@@ -392,8 +440,88 @@ mod tests {
         let capped = TokenPolicy {
             require_expiry: false,
             max_lifetime: Some(TimeDelta::days(1)),
+            ..TokenPolicy::default()
         };
         assert!(resolve_expiry(ExpiryRequest::Never, &capped, &acme, now()).is_err());
+    }
+
+    #[test]
+    fn a_successor_lives_as_long_as_its_predecessor_within_policy() {
+        let acme = TenantId::parse("t", "acme").unwrap();
+        let later = now() + TimeDelta::days(10);
+        let mut month = token(TokenKind::Personal);
+        month.expires_at = Some(month.created_at + TimeDelta::days(30));
+        let forever = token(TokenKind::Personal);
+        let open = TokenPolicy::default();
+        assert_eq!(
+            rotation_expiry(&month, &open, &acme, later).unwrap(),
+            Some(later + TimeDelta::days(30))
+        );
+        assert_eq!(
+            rotation_expiry(&forever, &open, &acme, later).unwrap(),
+            None
+        );
+
+        let week = TokenPolicy {
+            max_lifetime: Some(TimeDelta::days(7)),
+            ..TokenPolicy::default()
+        };
+        assert_eq!(
+            rotation_expiry(&month, &week, &acme, later).unwrap(),
+            Some(later + TimeDelta::days(7))
+        );
+        assert_eq!(
+            rotation_expiry(&forever, &week, &acme, later).unwrap(),
+            Some(later + TimeDelta::days(7))
+        );
+
+        let must_expire = TokenPolicy {
+            require_expiry: true,
+            ..TokenPolicy::default()
+        };
+        let err = rotation_expiry(&forever, &must_expire, &acme, later).unwrap_err();
+        assert!(
+            err.to_string().starts_with("policy require_expiry"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_rotation_grace_is_bounded_by_policy() {
+        let acme = TenantId::parse("t", "acme").unwrap();
+        let hour = TokenPolicy {
+            max_rotation_grace: Some(TimeDelta::hours(1)),
+            ..TokenPolicy::default()
+        };
+        assert!(check_rotation_grace(TimeDelta::hours(1), &hour, &acme).is_ok());
+        let err = check_rotation_grace(TimeDelta::seconds(3601), &hour, &acme).unwrap_err();
+        assert!(
+            err.to_string().starts_with("policy max_rotation_grace"),
+            "{err}"
+        );
+        assert!(check_rotation_grace(TimeDelta::days(30), &TokenPolicy::default(), &acme).is_ok());
+    }
+
+    #[test]
+    fn a_scheduled_revocation_takes_effect_at_its_time() {
+        let mut s = live_state(TokenKind::ApiKey);
+        Arc::make_mut(&mut s.token).revocation = Some(Box::new(Revocation {
+            at: now() + TimeDelta::minutes(5),
+            by: "alice".to_owned(),
+            reason: "rotated".to_owned(),
+        }));
+        assert!(evaluate(&s, now()).is_ok());
+        assert_eq!(
+            s.token.status(now()),
+            crate::domain::model::TokenStatus::Active
+        );
+        assert_eq!(s.token.ends_at(), Some(now() + TimeDelta::minutes(5)));
+        let then = now() + TimeDelta::minutes(5);
+        assert_eq!(evaluate(&s, then), Err(InactiveReason::Revoked));
+        assert_eq!(
+            s.token.status(then),
+            crate::domain::model::TokenStatus::Revoked
+        );
     }
 
     #[test]

@@ -10,14 +10,14 @@ use crate::domain::model::{
     Token, TokenPolicy, TokenStatus, User, UserStatus,
 };
 use crate::domain::names::{Group, Permission, RoleName, TenantId, TokenName, UserId};
-use crate::domain::rules::ExpiryRequest;
+use crate::domain::rules::{self, ExpiryRequest};
 use crate::domain::token_format::{TokenFormat, TokenKind};
 use crate::domain::{Error, Result};
 use crate::introspect::Outcome;
 use crate::proto::v1 as pb;
 use crate::service::{
     IntrospectAnswer, IssueToken, ListAudit, ListTokens, MAX_LEAK_REPORT, Page, PutMember, PutRole,
-    RevokeMany, TokenRef,
+    RevokeMany, RotateToken, TokenRef,
 };
 
 /// Longest list a request may carry in one repeated field.
@@ -214,6 +214,31 @@ pub fn delete_request(format: &TokenFormat, req: pb::DeleteTokenRequest) -> Resu
     })
 }
 
+pub fn rotate_request(format: &TokenFormat, req: pb::RotateTokenRequest) -> Result<RotateToken> {
+    let grace = match &req.grace {
+        None => chrono::TimeDelta::zero(),
+        Some(d) => from_duration("grace", d)?,
+    };
+    if grace < chrono::TimeDelta::zero() || grace > rules::MAX_ROTATION_GRACE {
+        return Err(Error::invalid(
+            "grace",
+            format!(
+                "must be between 0 and {} days",
+                rules::MAX_ROTATION_GRACE.num_days()
+            ),
+        ));
+    }
+    Ok(RotateToken {
+        target: TokenRef {
+            tenant_id: tenant_opt(&req.tenant_id)?,
+            actor_user_id: actor_opt(&req.actor_user_id)?,
+            token_id: token_id(format, &req.token_id)?,
+        },
+        // Microseconds, as the database stores the revocation time it leads to.
+        grace: chrono::TimeDelta::microseconds(grace.num_microseconds().unwrap_or_default()),
+    })
+}
+
 pub fn revoke_many_request(req: pb::RevokeTokensRequest) -> Result<RevokeMany> {
     let owner_user_id = optional(&req.owner_user_id, |v| UserId::parse("owner_user_id", v))?;
     let issued_before = req
@@ -366,7 +391,9 @@ pub fn introspect_response(answer: IntrospectAnswer) -> pb::IntrospectResponse {
                     .map(ToString::to_string)
                     .collect(),
                 issued_at: Some(timestamp(token.created_at)),
-                expires_at: token.expires_at.map(timestamp),
+                // A token in a rotation's grace period ends with it: a caller caching this
+                // answer until expires_at must not outlive the grace.
+                expires_at: token.ends_at().map(timestamp),
                 reason: pb::InactiveReason::Unspecified.into(),
             }
         }
@@ -422,6 +449,22 @@ pub fn tenant_request(
                     Some(d)
                 }
             },
+            max_rotation_grace: match p.max_rotation_grace {
+                None => None,
+                Some(d) => {
+                    let d = from_duration("tenant.policy.max_rotation_grace", &d)?;
+                    if d < chrono::TimeDelta::zero() || d > rules::MAX_ROTATION_GRACE {
+                        return Err(Error::invalid(
+                            "tenant.policy.max_rotation_grace",
+                            format!(
+                                "must be between 0 and {} days",
+                                rules::MAX_ROTATION_GRACE.num_days()
+                            ),
+                        ));
+                    }
+                    Some(d)
+                }
+            },
         },
     };
     Ok((id, name, status, policy))
@@ -439,6 +482,7 @@ pub fn tenant(t: &Tenant) -> pb::Tenant {
         policy: Some(pb::TokenPolicy {
             require_expiry: t.policy.require_expiry,
             max_lifetime: t.policy.max_lifetime.map(duration),
+            max_rotation_grace: t.policy.max_rotation_grace.map(duration),
         }),
         created_at: Some(timestamp(t.created_at)),
         updated_at: Some(timestamp(t.updated_at)),

@@ -99,6 +99,21 @@ impl TokenService for TokenApi {
         Ok(Response::new(pb::RevokeTokensResponse { token_ids }))
     }
 
+    async fn rotate_token(
+        &self,
+        request: Request<pb::RotateTokenRequest>,
+    ) -> Result<Response<pb::RotateTokenResponse>, Status> {
+        let caller = caller(&request)?;
+        let req = convert::rotate_request(self.core.format(), request.into_inner())?;
+        let rotated = self.core.rotate_token(&caller, req).await?;
+        let now = self.clock.now();
+        Ok(Response::new(pb::RotateTokenResponse {
+            secret: rotated.successor.secret.expose_secret().to_owned(),
+            token: Some(convert::token_info(&rotated.successor.token, now)),
+            previous: Some(convert::token_info(&rotated.previous, now)),
+        }))
+    }
+
     async fn report_leaked_token(
         &self,
         request: Request<pb::ReportLeakedTokenRequest>,

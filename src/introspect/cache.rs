@@ -667,6 +667,29 @@ impl Store for CachingStore {
         result
     }
 
+    async fn rotate_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        revocation: &Revocation,
+        successor: &Token,
+        audit: &[AuditRecord],
+    ) -> Result<Token> {
+        let echo = self.cache.expect_echo();
+        // The predecessor's cached row lacks its revocation (due now or at the end of the
+        // grace): evict it everywhere, as for a revocation.
+        let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
+        let result = self
+            .inner
+            .rotate_token(tenant, id, revocation, successor, audit)
+            .await;
+        self.cache.forget_token(successor.id());
+        // Nothing changed, nothing to wait for: no notification will come.
+        let echo = echo.filter(|_| result.is_ok());
+        self.settle(echo, Invalidation::Token(id.to_owned())).await;
+        result
+    }
+
     async fn delete_token(
         &self,
         tenant: &TenantId,

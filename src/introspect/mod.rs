@@ -64,11 +64,11 @@ fn digest(bytes: &[u8]) -> Digest {
     out
 }
 
-/// Whether a remembered verdict still holds at `now` as far as time goes (expiry is the one
-/// change no invalidation announces).
+/// Whether a remembered verdict still holds at `now` as far as time goes (expiry and the end
+/// of a rotation's grace are the changes no invalidation announces).
 fn still_valid(outcome: &Outcome, now: crate::domain::model::Timestamp) -> bool {
     match outcome {
-        Outcome::Active(active) => active.token.expires_at.is_none_or(|at| at > now),
+        Outcome::Active(active) => active.token.ends_at().is_none_or(|at| at > now),
         Outcome::Inactive(_) => true,
     }
 }

@@ -149,6 +149,13 @@ impl Tokend {
                     .max_lifetime
                     .map_or_else(String::new, |d| d.num_seconds().to_string()),
             ),
+            (
+                "max_rotation_grace_secs".to_owned(),
+                tenant
+                    .policy
+                    .max_rotation_grace
+                    .map_or_else(String::new, |d| d.num_seconds().to_string()),
+            ),
         ]);
         self.store.put_tenant(&tenant, &audit).await
     }

@@ -17,7 +17,8 @@ pub use caller::{Actor, Caller, Subject};
 pub use directory::{PutMember, PutRole};
 pub use paging::Page;
 pub use tokens::{
-    IntrospectAnswer, IssueToken, Issued, LEAKED, ListTokens, MAX_LEAK_REPORT, RevokeMany, TokenRef,
+    IntrospectAnswer, IssueToken, Issued, LEAKED, ListTokens, MAX_LEAK_REPORT, ROTATED, RevokeMany,
+    RotateToken, Rotated, TokenRef,
 };
 
 use crate::domain::model::AuditRecord;

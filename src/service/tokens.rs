@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use secrecy::SecretString;
 
 use crate::domain::model::{
-    InactiveReason, PermissionSet, Revocation, SecretHash, TenantStatus, Token,
+    InactiveReason, PermissionSet, Revocation, SecretHash, Tenant, TenantStatus, Token, TokenStatus,
 };
 use crate::domain::names::{Permission, RoleName, TenantId, TokenName, UserId};
 use crate::domain::ports::TokenQuery;
@@ -91,6 +91,24 @@ pub struct TokenRef {
     pub token_id: String,
 }
 
+/// A validated RotateToken request.
+#[derive(Clone, Debug)]
+pub struct RotateToken {
+    /// The token to rotate.
+    pub target: TokenRef,
+    /// How long the old token stays live beside its successor; zero = revoked at once.
+    pub grace: chrono::TimeDelta,
+}
+
+/// The outcome of a rotation.
+#[derive(Debug)]
+pub struct Rotated {
+    /// The successor, with its secret shown once.
+    pub successor: Issued,
+    /// The old token's row, its revocation at hand or scheduled.
+    pub previous: Token,
+}
+
 /// Introspect's answer, before the transport shapes it.
 #[derive(Clone, Debug)]
 pub struct IntrospectAnswer {
@@ -104,6 +122,9 @@ pub struct IntrospectAnswer {
 
 const TOKENS_LIST: &str = "tokens";
 
+/// The revocation reason of a rotated token.
+pub const ROTATED: &str = "rotated";
+
 /// The revocation reason of a token reported as leaked.
 pub const LEAKED: &str = "leaked";
 
@@ -114,17 +135,7 @@ impl Tokend {
     /// Issues a token (SPEC §2).
     pub async fn issue_token(&self, caller: &Caller, req: IssueToken) -> Result<Issued> {
         let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
-        let tenant = self
-            .store
-            .get_tenant(&actor.tenant_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("tenant {}", actor.tenant_id)))?;
-        if tenant.status != TenantStatus::Active {
-            return Err(Error::FailedPrecondition(format!(
-                "tenant_id: tenant {} is suspended",
-                tenant.id
-            )));
-        }
+        let tenant = self.active_tenant(&actor.tenant_id).await?;
         let scopes = (!req.scopes.is_empty()).then_some(req.scopes);
         let (owner, role) = match req.kind {
             TokenKind::Personal => {
@@ -178,26 +189,23 @@ impl Tokend {
         let now = self.clock.now();
         let expires_at = rules::resolve_expiry(req.expiry, &tenant.policy, &tenant.id, now)?;
 
-        let generated = self.format.generate(req.kind);
-        let secret_hash = self
-            .hasher
-            .hash(SecretString::from(generated.secret()))
+        let (secret, token) = self
+            .mint(Token {
+                display_id: String::new(),
+                tenant_id: actor.tenant_id.clone(),
+                kind: req.kind,
+                name: req.name,
+                owner_user_id: owner,
+                role,
+                scopes,
+                secret_hash: SecretHash(String::new()),
+                created_at: now,
+                created_by: actor.subject.label(),
+                expires_at,
+                last_used_at: None,
+                revocation: None,
+            })
             .await?;
-        let token = Token {
-            display_id: generated.display_id.clone(),
-            tenant_id: actor.tenant_id.clone(),
-            kind: req.kind,
-            name: req.name,
-            owner_user_id: owner,
-            role,
-            scopes,
-            secret_hash: SecretHash(secret_hash),
-            created_at: now,
-            created_by: actor.subject.label(),
-            expires_at,
-            last_used_at: None,
-            revocation: None,
-        };
         let mut audit = self.audit(
             &token.tenant_id,
             actor.subject.label(),
@@ -208,10 +216,188 @@ impl Tokend {
         audit.detail = token_detail(&token);
         self.store.insert_token(&token, &audit).await?;
         tracing::info!(display_id = %token.display_id, tenant = %token.tenant_id, "issued a token");
-        Ok(Issued {
-            secret: SecretString::from(generated.full),
-            token,
+        Ok(Issued { secret, token })
+    }
+
+    /// The tenant `id`, refusing one that is unknown or suspended: no token is issued there.
+    async fn active_tenant(&self, id: &TenantId) -> Result<Tenant> {
+        let tenant = self
+            .store
+            .get_tenant(id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("tenant {id}")))?;
+        if tenant.status != TenantStatus::Active {
+            return Err(Error::FailedPrecondition(format!(
+                "tenant_id: tenant {id} is suspended"
+            )));
+        }
+        Ok(tenant)
+    }
+
+    /// Gives `draft` (of `draft.kind`) a fresh id and secret; returns the full token string
+    /// and the record to store, which holds only the secret's hash.
+    async fn mint(&self, draft: Token) -> Result<(SecretString, Token)> {
+        let generated = self.format.generate(draft.kind);
+        let secret_hash = self
+            .hasher
+            .hash(SecretString::from(generated.secret()))
+            .await?;
+        let token = Token {
+            display_id: generated.display_id.clone(),
+            secret_hash: SecretHash(secret_hash),
+            ..draft
+        };
+        Ok((SecretString::from(generated.full), token))
+    }
+
+    /// Rotates a token (SPEC §2): a successor with the same name, kind, owner, role, scopes
+    /// and lifetime, and the old token revoked at once or when the grace period ends. The
+    /// actor's rights are checked as for issuing the successor now, except that a token
+    /// rotating itself gains nothing and needs nothing.
+    pub async fn rotate_token(&self, caller: &Caller, req: RotateToken) -> Result<Rotated> {
+        let target = req.target;
+        let actor = self
+            .actor(caller, target.tenant_id, target.actor_user_id)
+            .await?;
+        let tenant = self.active_tenant(&actor.tenant_id).await?;
+        // A rotation mints a credential in the owner's name, so tokend.tokens.admin (list and
+        // revoke anyone's) does not reach another user's token: like delete, only the owner,
+        // the token itself, and key managers for API keys.
+        let visibility = Visibility {
+            all: false,
+            ..actor.visibility()
+        };
+        let old = self
+            .visible_token(&actor, &visibility, &target.token_id)
+            .await?;
+        let now = self.clock.now();
+        match (old.status(now), &old.revocation) {
+            (TokenStatus::Active, None) => {}
+            (TokenStatus::Active, Some(scheduled)) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "token_id: token {} was already rotated and stops working at {}; rotate its successor",
+                    old.id(),
+                    scheduled.at.to_rfc3339()
+                )));
+            }
+            (status, _) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "token_id: token {} is {}; issue a new token instead",
+                    old.id(),
+                    if status == TokenStatus::Expired {
+                        "expired"
+                    } else {
+                        "revoked"
+                    }
+                )));
+            }
+        }
+        self.check_rotation_rights(&actor, &old).await?;
+        rules::check_rotation_grace(req.grace, &tenant.policy, &tenant.id)?;
+        let expires_at = rules::rotation_expiry(&old, &tenant.policy, &tenant.id, now)?;
+
+        let (secret, successor) = self
+            .mint(Token {
+                created_at: now,
+                created_by: actor.subject.label(),
+                expires_at,
+                last_used_at: None,
+                revocation: None,
+                ..old.clone()
+            })
+            .await?;
+        let revocation = Revocation {
+            at: now + req.grace,
+            by: actor.subject.label(),
+            reason: ROTATED.to_owned(),
+        };
+        // The two events name each other, so either end of the chain leads to the other.
+        let mut rotated = self.audit(
+            &old.tenant_id,
+            actor.subject.label(),
+            caller,
+            "token.rotated",
+        );
+        rotated.token_id = Some(old.id().to_owned());
+        rotated.detail = BTreeMap::from([
+            ("name".to_owned(), old.name.to_string()),
+            ("successor".to_owned(), successor.id().to_owned()),
+            ("grace_secs".to_owned(), req.grace.num_seconds().to_string()),
+            ("revoked_at".to_owned(), revocation.at.to_rfc3339()),
+        ]);
+        let mut issued = self.audit(
+            &successor.tenant_id,
+            actor.subject.label(),
+            caller,
+            "token.issued",
+        );
+        issued.token_id = Some(successor.id().to_owned());
+        issued.detail = token_detail(&successor);
+        issued
+            .detail
+            .insert("predecessor".to_owned(), old.id().to_owned());
+        let previous = self
+            .store
+            .rotate_token(
+                &old.tenant_id,
+                old.id(),
+                &revocation,
+                &successor,
+                &[rotated, issued],
+            )
+            .await?;
+        tracing::info!(
+            display_id = %old.display_id,
+            successor = %successor.display_id,
+            tenant = %old.tenant_id,
+            grace_secs = req.grace.num_seconds(),
+            "rotated a token"
+        );
+        Ok(Rotated {
+            successor: Issued {
+                secret,
+                token: successor,
+            },
+            previous,
         })
+    }
+
+    /// Whether the actor may issue `old`'s successor now. Rights are checked afresh, not
+    /// inherited from whoever issued `old`: a role may have shrunk since.
+    async fn check_rotation_rights(&self, actor: &Actor, old: &Token) -> Result<()> {
+        // The successor of the credential itself carries exactly the credential's rights.
+        if actor.itself.as_deref() == Some(old.id()) {
+            return Ok(());
+        }
+        match old.kind {
+            TokenKind::Personal => {
+                if actor.itself.is_some() {
+                    actor.require(rules::TOKENS_ISSUE)?;
+                }
+                check_not_broader(actor, old.scopes.as_ref(), &actor.permissions)
+            }
+            TokenKind::ApiKey => {
+                actor.require(rules::API_KEYS_MANAGE)?;
+                let Some(role_name) = &old.role else {
+                    return Err(Error::internal(format!("API key {} has no role", old.id())));
+                };
+                let role = self
+                    .store
+                    .get_role(&actor.tenant_id, role_name)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::FailedPrecondition(format!(
+                            "role: the key's role {role_name} no longer exists; issue a new key"
+                        ))
+                    })?;
+                rules::require_subset(
+                    "role",
+                    &role.permissions,
+                    &actor.permissions,
+                    &actor.subject.label(),
+                )
+            }
+        }
     }
 
     /// Lists the tokens the actor may see, newest first.
@@ -231,7 +417,7 @@ impl Tokend {
             kind: req.kind,
             name_contains: req.name_contains.map(|n| n.to_lowercase()),
             owner: req.owner_user_id,
-            include_revoked: req.include_revoked,
+            revoked_by_then: (!req.include_revoked).then(|| self.clock.now()),
             after,
             limit: req.page.size + 1,
         };
@@ -308,7 +494,8 @@ impl Tokend {
         let token = self
             .visible_token(&actor, &actor.visibility(), &req.token_id)
             .await?;
-        if token.revocation.is_some() {
+        // A rotated token in its grace period is not revoked yet: this brings it forward.
+        if token.revoked(self.clock.now()) {
             return Ok(token);
         }
         let (_, after) = self
@@ -334,7 +521,7 @@ impl Tokend {
             .await?;
         let mut records = Vec::new();
         let detail = BTreeMap::from([("name".to_owned(), token.name.to_string())]);
-        if token.revocation.is_none() {
+        if !token.revoked(self.clock.now()) {
             let mut revoked = self.audit(
                 &token.tenant_id,
                 actor.subject.label(),
@@ -417,7 +604,7 @@ impl Tokend {
         let Some(token) = self.introspector.held_token(candidate).await? else {
             return Ok(());
         };
-        if token.revocation.is_some() {
+        if token.revoked(self.clock.now()) {
             return Ok(());
         }
         let reporter_tenant = caller.tenant_id().to_string();
@@ -486,7 +673,7 @@ impl Tokend {
                     kind: None,
                     name_contains: None,
                     owner: req.owner_user_id.clone(),
-                    include_revoked: false,
+                    revoked_by_then: Some(self.clock.now()),
                     after: after.clone(),
                     limit: PAGE,
                 })

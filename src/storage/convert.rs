@@ -97,6 +97,7 @@ pub(super) fn tenant_row(t: &Tenant) -> tenants::ActiveModel {
         status: Set(tenant_status_str(t.status).to_owned()),
         require_expiry: Set(t.policy.require_expiry),
         max_lifetime_secs: Set(t.policy.max_lifetime.map(|d| d.num_seconds())),
+        max_rotation_grace_secs: Set(t.policy.max_rotation_grace.map(|d| d.num_seconds())),
         created_at: Set(micros(t.created_at)),
         updated_at: Set(micros(t.updated_at)),
     }
@@ -110,6 +111,7 @@ pub(super) fn tenant(m: tenants::Model) -> Result<Tenant> {
         policy: TokenPolicy {
             require_expiry: m.require_expiry,
             max_lifetime: m.max_lifetime_secs.map(chrono::TimeDelta::seconds),
+            max_rotation_grace: m.max_rotation_grace_secs.map(chrono::TimeDelta::seconds),
         },
         created_at: time(m.created_at)?,
         updated_at: time(m.updated_at)?,

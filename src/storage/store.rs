@@ -224,6 +224,7 @@ impl Store for SeaStore {
                         tenants::Column::Status,
                         tenants::Column::RequireExpiry,
                         tenants::Column::MaxLifetimeSecs,
+                        tenants::Column::MaxRotationGraceSecs,
                         tenants::Column::UpdatedAt,
                     ])
                     .to_owned(),
@@ -458,40 +459,53 @@ impl Store for SeaStore {
 
     async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {
         let txn = self.begin().await?;
-        let now = micros(token.created_at);
-        let clashes = tokens::Entity::find()
-            .filter(tokens::Column::TenantId.eq(token.tenant_id.as_str()))
-            .filter(tokens::Column::Kind.eq(token.kind.marker()))
-            .filter(owner_condition(token.kind, token.owner_user_id.as_ref()))
-            .filter(tokens::Column::NameKey.eq(token.name.key()))
+        insert_token_in(&txn, token).await?;
+        append(&txn, audit).await?;
+        commit(txn).await
+    }
+
+    async fn rotate_token(
+        &self,
+        tenant: &TenantId,
+        id: &str,
+        revocation: &Revocation,
+        successor: &Token,
+        audit: &[AuditRecord],
+    ) -> Result<Token> {
+        let txn = self.begin().await?;
+        // Only a token still live and not already rotated: two racing rotations of one
+        // token must not both leave a successor behind.
+        let scheduled = set_revocation(tokens::Entity::update_many(), revocation)
+            .filter(tokens::Column::Id.eq(id))
+            .filter(tokens::Column::TenantId.eq(tenant.as_str()))
             .filter(tokens::Column::RevokedAt.is_null())
             .filter(
                 Condition::any()
                     .add(tokens::Column::ExpiresAt.is_null())
-                    .add(tokens::Column::ExpiresAt.gt(now)),
+                    .add(tokens::Column::ExpiresAt.gt(micros(successor.created_at))),
             )
-            .count(&txn)
-            .await
-            .map_err(db_err)?;
-        if clashes > 0 {
-            return Err(Error::AlreadyExists(format!(
-                "name: a live token of this kind named {:?} already exists for this owner",
-                token.name.as_str()
-            )));
-        }
-        tokens::Entity::insert(convert::token_row(token))
             .exec(&txn)
             .await
-            .map_err(|e| match e.sql_err() {
-                // 72 random bits make an id collision a once-in-the-universe event; say so
-                // plainly instead of overwriting anything.
-                Some(SqlErr::UniqueConstraintViolation(_)) => {
-                    Error::AlreadyExists("token id collision; retry".to_owned())
-                }
-                _ => db_err(e),
-            })?;
-        append(&txn, audit).await?;
-        commit(txn).await
+            .map_err(db_err)?
+            .rows_affected;
+        if scheduled == 0 {
+            return Err(Error::FailedPrecondition(format!(
+                "token_id: token {id} was revoked, rotated or expired meanwhile"
+            )));
+        }
+        // The predecessor's revocation is written first, so it no longer holds the name.
+        insert_token_in(&txn, successor).await?;
+        for record in audit {
+            append(&txn, record).await?;
+        }
+        let row = tokens::Entity::find_by_id(id)
+            .filter(tokens::Column::TenantId.eq(tenant.as_str()))
+            .one(&txn)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::internal(format!("token {id} vanished mid-rotation")))?;
+        commit(txn).await?;
+        self.to_token(row)
     }
 
     async fn token_state(&self, public_id: &str) -> Result<Option<TokenState>> {
@@ -581,8 +595,12 @@ impl Store for SeaStore {
         if let Some(owner) = &q.owner {
             query = query.filter(tokens::Column::OwnerUserId.eq(owner.as_str()));
         }
-        if !q.include_revoked {
-            query = query.filter(tokens::Column::RevokedAt.is_null());
+        if let Some(then) = q.revoked_by_then {
+            query = query.filter(
+                Condition::any()
+                    .add(tokens::Column::RevokedAt.is_null())
+                    .add(tokens::Column::RevokedAt.gt(micros(then))),
+            );
         }
         if let Some((created_at, id)) = &q.after {
             let at = micros(*created_at);
@@ -612,22 +630,14 @@ impl Store for SeaStore {
         audit: &AuditRecord,
     ) -> Result<Option<Token>> {
         let txn = self.begin().await?;
-        let updated = tokens::Entity::update_many()
-            .col_expr(
-                tokens::Column::RevokedAt,
-                Expr::value(micros(revocation.at)),
-            )
-            .col_expr(
-                tokens::Column::RevokedBy,
-                Expr::value(revocation.by.clone()),
-            )
-            .col_expr(
-                tokens::Column::RevokeReason,
-                Expr::value(revocation.reason.clone()),
-            )
+        let updated = set_revocation(tokens::Entity::update_many(), revocation)
             .filter(tokens::Column::Id.eq(id))
             .filter(tokens::Column::TenantId.eq(tenant.as_str()))
-            .filter(tokens::Column::RevokedAt.is_null())
+            .filter(
+                Condition::any()
+                    .add(tokens::Column::RevokedAt.is_null())
+                    .add(tokens::Column::RevokedAt.gt(micros(revocation.at))),
+            )
             .exec(&txn)
             .await
             .map_err(db_err)?
@@ -765,6 +775,63 @@ impl Store for SeaStore {
         append(&txn, audit).await?;
         commit(txn).await
     }
+}
+
+/// An UPDATE of tokens that writes `revocation`.
+fn set_revocation(
+    update: sea_orm::UpdateMany<tokens::Entity>,
+    revocation: &Revocation,
+) -> sea_orm::UpdateMany<tokens::Entity> {
+    update
+        .col_expr(
+            tokens::Column::RevokedAt,
+            Expr::value(micros(revocation.at)),
+        )
+        .col_expr(
+            tokens::Column::RevokedBy,
+            Expr::value(revocation.by.clone()),
+        )
+        .col_expr(
+            tokens::Column::RevokeReason,
+            Expr::value(revocation.reason.clone()),
+        )
+}
+
+/// Stores `token` unless its owner has a live token of the same kind and name.
+async fn insert_token_in(txn: &DatabaseTransaction, token: &Token) -> Result<()> {
+    let now = micros(token.created_at);
+    let clashes = tokens::Entity::find()
+        .filter(tokens::Column::TenantId.eq(token.tenant_id.as_str()))
+        .filter(tokens::Column::Kind.eq(token.kind.marker()))
+        .filter(owner_condition(token.kind, token.owner_user_id.as_ref()))
+        .filter(tokens::Column::NameKey.eq(token.name.key()))
+        .filter(tokens::Column::RevokedAt.is_null())
+        .filter(
+            Condition::any()
+                .add(tokens::Column::ExpiresAt.is_null())
+                .add(tokens::Column::ExpiresAt.gt(now)),
+        )
+        .count(txn)
+        .await
+        .map_err(db_err)?;
+    if clashes > 0 {
+        return Err(Error::AlreadyExists(format!(
+            "name: a live token of this kind named {:?} already exists for this owner",
+            token.name.as_str()
+        )));
+    }
+    tokens::Entity::insert(convert::token_row(token))
+        .exec(txn)
+        .await
+        .map_err(|e| match e.sql_err() {
+            // 72 random bits make an id collision a once-in-the-universe event; say so
+            // plainly instead of overwriting anything.
+            Some(SqlErr::UniqueConstraintViolation(_)) => {
+                Error::AlreadyExists("token id collision; retry".to_owned())
+            }
+            _ => db_err(e),
+        })?;
+    Ok(())
 }
 
 async fn require_tenant(txn: &DatabaseTransaction, tenant: &TenantId) -> Result<()> {

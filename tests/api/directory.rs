@@ -28,6 +28,10 @@ async fn tenants_roles_and_members_round_trip(app: TestApp) {
                     seconds: 3600,
                     nanos: 0,
                 }),
+                max_rotation_grace: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
             }),
             ..Default::default()
         })
@@ -44,7 +48,9 @@ async fn tenants_roles_and_members_round_trip(app: TestApp) {
         .tenant
         .unwrap();
     assert_eq!(got.name, "Acme Corp");
-    assert_eq!(got.policy.unwrap().max_lifetime.unwrap().seconds, 3600);
+    let policy = got.policy.unwrap();
+    assert_eq!(policy.max_lifetime.unwrap().seconds, 3600);
+    assert_eq!(policy.max_rotation_grace.unwrap().seconds, 600);
     let tenants = dir
         .list_tenants(pb::ListTenantsRequest::default())
         .await
@@ -355,6 +361,7 @@ async fn bad_directory_input_is_named_and_changes_nothing(app: TestApp) {
                     seconds: 0,
                     nanos: 5,
                 }),
+                max_rotation_grace: None,
             }),
             ..Default::default()
         }),
@@ -363,6 +370,24 @@ async fn bad_directory_input_is_named_and_changes_nothing(app: TestApp) {
         dir.put_tenant(bad_policy).await,
         Code::InvalidArgument,
         "tenant.policy.max_lifetime",
+    );
+    let long_grace = pb::PutTenantRequest {
+        tenant: Some(pb::Tenant {
+            id: "acme".into(),
+            policy: Some(pb::TokenPolicy {
+                max_rotation_grace: Some(prost_types::Duration {
+                    seconds: 86_400 * 31,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    assert_status(
+        dir.put_tenant(long_grace).await,
+        Code::InvalidArgument,
+        "tenant.policy.max_rotation_grace: must be between 0 and 30 days",
     );
     let tenants = dir
         .list_tenants(pb::ListTenantsRequest::default())

@@ -17,4 +17,5 @@ mod feed;
 mod introspect;
 mod leaks;
 mod replicas;
+mod rotation;
 mod tokens;

@@ -604,6 +604,7 @@ async fn tenant_policy_and_expiry_rules_are_enforced_at_issue(app: TestApp) {
                 seconds: 86_400 * 30,
                 nanos: 0,
             }),
+            ..Default::default()
         }),
         ..Default::default()
     })

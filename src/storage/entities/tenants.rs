@@ -17,6 +17,8 @@ pub struct Model {
     pub require_expiry: bool,
     /// Policy: longest lifetime in seconds.
     pub max_lifetime_secs: Option<i64>,
+    /// Policy: longest rotation grace in seconds.
+    pub max_rotation_grace_secs: Option<i64>,
     /// Microseconds since the epoch.
     pub created_at: i64,
     /// Microseconds since the epoch.
