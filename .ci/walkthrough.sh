@@ -175,7 +175,7 @@ call gwrole tokend.v1.DirectoryService/PutRole '{"tenantId":"system","name":"gat
 call gwkey tokend.v1.TokenService/IssueToken '{"tenantId":"system","kind":"TOKEN_KIND_API_KEY","name":"edge-gateway","role":"gateway"}' "$ROOT"
 GW=$(secret_of "$WORK/gwkey.json")
 
-call live tokend.v1.TokenService/Introspect "{\"token\":\"$PAT\",\"requiredPermissions\":[\"entities:read\"]}" "$GW"
+call live tokend.v1.TokenService/Introspect "{\"token\":\"$PAT\",\"requiredPermissions\":[\"entities:read\"],\"clientIp\":\"203.0.113.7\"}" "$GW"
 check "Introspect of the PAT: active, allowed, carries entities:read and group eng" \
   'd.get("active") is True and d.get("allowed") is True and d.get("permissions") == ["entities:read"] and d.get("groups") == ["eng"] and d.get("subject") == "alice"' \
   "$WORK/live.json"
@@ -185,6 +185,9 @@ sleep 6
 call list tokend.v1.TokenService/ListTokens '{"tenantId":"acme","actorUserId":"alice"}' "$ROOT"
 check "ListTokens shows the token, active, with last use recorded" \
   "[(t['id'], t['status'], 'lastUsedAt' in t) for t in d.get('tokens', [])] == [('$TOKEN_ID', 'TOKEN_STATUS_ACTIVE', True)]" \
+  "$WORK/list.json"
+check "ListTokens shows where from: the client IP and the gateway key that introspected" \
+  "[(u.get('clientIp'), u.get('serviceName')) for u in d['tokens'][0].get('recentUses', [])] == [('203.0.113.7', 'edge-gateway')] and d['tokens'][0]['recentUses'][0]['service'].startswith('tkd_key_')" \
   "$WORK/list.json"
 
 call revoke tokend.v1.TokenService/RevokeToken "{\"tenantId\":\"acme\",\"actorUserId\":\"alice\",\"tokenId\":\"$TOKEN_ID\",\"reason\":\"lost laptop\"}" "$ROOT"

@@ -831,6 +831,7 @@ async fn memory() -> anyhow::Result<()> {
                     revoked_at: Set(None),
                     revoked_by: Set(None),
                     revoke_reason: Set(None),
+                    revocation_scheduled: Set(false),
                 }
             })
             .collect::<Vec<_>>();

@@ -120,6 +120,10 @@ pub struct Revocation {
     pub by: String,
     /// Free text from the revoker.
     pub reason: String,
+    /// Set by a rotation with a grace period: in force from `at` on. Any other revocation
+    /// is in force as soon as it is written, whatever a replica's clock says of `at` (a
+    /// clock running behind must not bring a revoked token back).
+    pub scheduled: bool,
 }
 
 /// A token's record.
@@ -156,6 +160,24 @@ pub struct Token {
     pub revocation: Option<Box<Revocation>>,
 }
 
+/// Where a token was used from: one of the few most recent distinct (client IP, calling
+/// service) pairs kept per token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenUse {
+    /// The token's public id.
+    pub token_id: String,
+    /// The end user's IP as the calling service reported it; `None` = not reported.
+    pub client_ip: Option<std::net::IpAddr>,
+    /// The display id of the credential that introspected the token (the calling service);
+    /// empty when the token itself was the credential of a call to tokend, `client_ip`
+    /// then being that connection's peer.
+    pub service: String,
+    /// That credential's name when it called.
+    pub service_name: String,
+    /// The latest use from this pair, to the minute.
+    pub at: Timestamp,
+}
+
 /// Where a token stands in its own lifecycle (not counting owner, role or tenant).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenStatus {
@@ -178,13 +200,23 @@ impl Token {
     /// Whether a revocation is in force at `now`. A rotation with a grace period records
     /// its revocation ahead of time, and the token stays live until then.
     pub fn revoked(&self, now: Timestamp) -> bool {
-        self.revocation.as_ref().is_some_and(|r| r.at <= now)
+        self.revocation
+            .as_ref()
+            .is_some_and(|r| !r.scheduled || r.at <= now)
+    }
+
+    /// The end of a rotation's grace period, if the token is in one or past it.
+    pub fn grace_ends_at(&self) -> Option<Timestamp> {
+        self.revocation
+            .as_ref()
+            .filter(|r| r.scheduled)
+            .map(|r| r.at)
     }
 
     /// When the token stops being live by itself: its expiry or a scheduled revocation,
     /// whichever comes first; `None` = not by itself.
     pub fn ends_at(&self) -> Option<Timestamp> {
-        let revoked_at = self.revocation.as_ref().map(|r| r.at);
+        let revoked_at = self.grace_ends_at();
         match (self.expires_at, revoked_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),

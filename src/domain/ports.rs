@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use super::error::Result;
 use super::model::{
     AuditEvent, AuditRecord, Invalidation, Member, Revocation, Role, Tenant, Timestamp, Token,
-    TokenState, User,
+    TokenState, TokenUse, User,
 };
 use super::names::{RoleName, TenantId, UserId};
 use super::rules::Visibility;
@@ -77,6 +77,9 @@ pub struct TokenQuery {
     /// At most this many.
     pub limit: u64,
 }
+
+/// How many distinct (client IP, calling service) pairs are kept per token.
+pub const MAX_TOKEN_USES: usize = 5;
 
 /// Which audit events to list.
 #[derive(Clone, Debug)]
@@ -185,6 +188,12 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         id: &str,
         audit: &[AuditRecord],
     ) -> Result<bool>;
+    /// Records where tokens were used from (upserting each (token, client IP, service) pair's
+    /// time, never backwards) and keeps only the most recent [`MAX_TOKEN_USES`] pairs per
+    /// token. Uses of tokens that no longer exist are dropped.
+    async fn record_token_uses(&self, uses: &[TokenUse]) -> Result<()>;
+    /// The recorded uses of these tokens, newest first.
+    async fn token_uses(&self, token_ids: &[String]) -> Result<Vec<TokenUse>>;
     /// Records when tokens were last used, in one batched write.
     async fn touch_last_used(&self, used: &[(String, Timestamp)]) -> Result<()>;
     /// Replaces a token's hash (after a parameter upgrade) if it is still `old`: of several

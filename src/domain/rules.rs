@@ -209,12 +209,21 @@ pub fn rotation_expiry(
     }
 }
 
-/// Refuses a rotation grace period longer than the tenant's policy allows.
+/// Refuses a rotation grace period out of range, or longer than the tenant's policy allows.
 pub fn check_rotation_grace(
     grace: chrono::TimeDelta,
     policy: &TokenPolicy,
     tenant: &TenantId,
 ) -> Result<()> {
+    if grace < chrono::TimeDelta::zero() || grace > MAX_ROTATION_GRACE {
+        return Err(Error::invalid(
+            "grace",
+            format!(
+                "must be between 0 and {} days",
+                MAX_ROTATION_GRACE.num_days()
+            ),
+        ));
+    }
     match policy.max_rotation_grace {
         Some(max) if grace > max => Err(Error::FailedPrecondition(format!(
             "policy max_rotation_grace: tenant {tenant} allows a rotated token to stay live at most {}s beside its successor; ask for a shorter grace",
@@ -332,8 +341,13 @@ mod tests {
             at: now(),
             by: "x".into(),
             reason: String::new(),
+            scheduled: false,
         }));
         assert_eq!(evaluate(&s, now()), Err(InactiveReason::Revoked));
+        // Written by a replica whose clock runs ahead of this one: in force all the same.
+        Arc::make_mut(&mut s.token).revocation.as_mut().unwrap().at = now() + TimeDelta::hours(1);
+        assert_eq!(evaluate(&s, now()), Err(InactiveReason::Revoked));
+        assert_eq!(s.token.ends_at(), None);
 
         let mut s = live_state(TokenKind::Personal);
         Arc::make_mut(&mut s.token).expires_at = Some(now());
@@ -509,6 +523,7 @@ mod tests {
             at: now() + TimeDelta::minutes(5),
             by: "alice".to_owned(),
             reason: "rotated".to_owned(),
+            scheduled: true,
         }));
         assert!(evaluate(&s, now()).is_ok());
         assert_eq!(

@@ -76,7 +76,13 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.to_str().unwrap_or(""));
-            match core.authenticate(header).await {
+            // The connection's peer: where the credential is being used from.
+            let peer = request
+                .extensions()
+                .get::<tonic::transport::server::TcpConnectInfo>()
+                .and_then(|info| info.remote_addr())
+                .map(|addr| addr.ip());
+            match core.authenticate(header, peer).await {
                 Ok(caller) => {
                     let span = tracing::Span::current();
                     span.record("caller", caller.display_id());

@@ -7,7 +7,7 @@ use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 
 use crate::domain::model::{
     AuditEvent, InactiveReason, Member, PermissionSet, Role, Tenant, TenantStatus, Timestamp,
-    Token, TokenPolicy, TokenStatus, User, UserStatus,
+    Token, TokenPolicy, TokenStatus, TokenUse, User, UserStatus,
 };
 use crate::domain::names::{Group, Permission, RoleName, TenantId, TokenName, UserId};
 use crate::domain::rules::{self, ExpiryRequest};
@@ -219,15 +219,7 @@ pub fn rotate_request(format: &TokenFormat, req: pb::RotateTokenRequest) -> Resu
         None => chrono::TimeDelta::zero(),
         Some(d) => from_duration("grace", d)?,
     };
-    if grace < chrono::TimeDelta::zero() || grace > rules::MAX_ROTATION_GRACE {
-        return Err(Error::invalid(
-            "grace",
-            format!(
-                "must be between 0 and {} days",
-                rules::MAX_ROTATION_GRACE.num_days()
-            ),
-        ));
-    }
+    // The range is the rules' to check (with the tenant's policy).
     Ok(RotateToken {
         target: TokenRef {
             tenant_id: tenant_opt(&req.tenant_id)?,
@@ -235,7 +227,9 @@ pub fn rotate_request(format: &TokenFormat, req: pb::RotateTokenRequest) -> Resu
             token_id: token_id(format, &req.token_id)?,
         },
         // Microseconds, as the database stores the revocation time it leads to.
-        grace: chrono::TimeDelta::microseconds(grace.num_microseconds().unwrap_or_default()),
+        grace: grace
+            .num_microseconds()
+            .map_or(grace, chrono::TimeDelta::microseconds),
     })
 }
 
@@ -286,16 +280,22 @@ pub fn leak_report(req: pb::ReportLeakedTokenRequest) -> Result<(Vec<String>, St
     Ok((req.tokens, source))
 }
 
-/// The permissions Introspect should check. The token string itself is never rejected
-/// here: whatever it is, the answer is a verdict.
-pub fn introspect_request(req: &pb::IntrospectRequest) -> Result<PermissionSet> {
-    if !req.client_ip.is_empty() && req.client_ip.parse::<std::net::IpAddr>().is_err() {
-        return Err(Error::invalid(
-            "client_ip",
-            "must be an IPv4 or IPv6 address",
-        ));
-    }
-    permissions("required_permissions", &req.required_permissions)
+/// The permissions Introspect should check and the end user's IP, if reported. The token
+/// string itself is never rejected here: whatever it is, the answer is a verdict.
+pub fn introspect_request(
+    req: &pb::IntrospectRequest,
+) -> Result<(PermissionSet, Option<std::net::IpAddr>)> {
+    let client_ip = match req.client_ip.as_str() {
+        "" => None,
+        ip => Some(
+            ip.parse::<std::net::IpAddr>()
+                .map_err(|_| Error::invalid("client_ip", "must be an IPv4 or IPv6 address"))?,
+        ),
+    };
+    Ok((
+        permissions("required_permissions", &req.required_permissions)?,
+        client_ip,
+    ))
 }
 
 pub fn token_info(token: &Token, now: Timestamp) -> pb::TokenInfo {
@@ -342,6 +342,17 @@ pub fn token_info(token: &Token, now: Timestamp) -> pb::TokenInfo {
             .as_ref()
             .map(|r| r.reason.clone())
             .unwrap_or_default(),
+        // ListTokens fills these in; other answers name one token the caller just acted on.
+        recent_uses: Vec::new(),
+    }
+}
+
+pub fn token_use(u: &TokenUse) -> pb::TokenUse {
+    pb::TokenUse {
+        client_ip: u.client_ip.map_or_else(String::new, |ip| ip.to_string()),
+        service: u.service.clone(),
+        service_name: u.service_name.clone(),
+        last_used_at: Some(timestamp(u.at)),
     }
 }
 
@@ -452,15 +463,20 @@ pub fn tenant_request(
             max_rotation_grace: match p.max_rotation_grace {
                 None => None,
                 Some(d) => {
-                    let d = from_duration("tenant.policy.max_rotation_grace", &d)?;
+                    let field = "tenant.policy.max_rotation_grace";
+                    let d = from_duration(field, &d)?;
                     if d < chrono::TimeDelta::zero() || d > rules::MAX_ROTATION_GRACE {
                         return Err(Error::invalid(
-                            "tenant.policy.max_rotation_grace",
+                            field,
                             format!(
                                 "must be between 0 and {} days",
                                 rules::MAX_ROTATION_GRACE.num_days()
                             ),
                         ));
+                    }
+                    // Stored in seconds: half a second would silently become "at once".
+                    if d.subsec_nanos() != 0 {
+                        return Err(Error::invalid(field, "must be whole seconds"));
                     }
                     Some(d)
                 }

@@ -48,11 +48,24 @@ impl TokenService for TokenApi {
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
         let caller = caller(&request)?;
         let req = convert::list_request(request.into_inner())?;
-        let (tokens, next_page_token) = self.core.list_tokens(&caller, req).await?;
+        let page = self.core.list_tokens(&caller, req).await?;
         let now = self.clock.now();
         Ok(Response::new(pb::ListTokensResponse {
-            tokens: tokens.iter().map(|t| convert::token_info(t, now)).collect(),
-            next_page_token,
+            tokens: page
+                .tokens
+                .iter()
+                .map(|t| {
+                    let mut info = convert::token_info(t, now);
+                    info.recent_uses = page
+                        .uses
+                        .iter()
+                        .filter(|u| u.token_id == info.id)
+                        .map(convert::token_use)
+                        .collect();
+                    info
+                })
+                .collect(),
+            next_page_token: page.next,
         }))
     }
 
@@ -84,8 +97,11 @@ impl TokenService for TokenApi {
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
         let caller = caller(&request)?;
         let req = request.into_inner();
-        let required = convert::introspect_request(&req)?;
-        let answer = self.core.introspect(&caller, &req.token, &required).await?;
+        let (required, client_ip) = convert::introspect_request(&req)?;
+        let answer = self
+            .core
+            .introspect(&caller, &req.token, &required, client_ip)
+            .await?;
         Ok(Response::new(convert::introspect_response(answer)))
     }
 

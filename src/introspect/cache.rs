@@ -19,7 +19,7 @@ use moka::sync::Cache;
 use crate::domain::Result;
 use crate::domain::model::{
     AuditEvent, AuditRecord, Invalidation, Member, Membership, PermissionSet, Revocation, Role,
-    Tenant, TenantStatus, Timestamp, Token, TokenState, User, UserStatus,
+    Tenant, TenantStatus, Timestamp, Token, TokenState, TokenUse, User, UserStatus,
 };
 use crate::domain::names::{RoleName, TenantId, UserId};
 use crate::domain::ports::{AuditQuery, InvalidationSink, Store, TokenQuery};
@@ -704,6 +704,15 @@ impl Store for CachingStore {
         let echo = echo.filter(|_| matches!(result, Ok(true)));
         self.settle(echo, Invalidation::Token(id.to_owned())).await;
         result
+    }
+
+    async fn record_token_uses(&self, uses: &[TokenUse]) -> Result<()> {
+        // Not part of liveness: nothing to evict.
+        self.inner.record_token_uses(uses).await
+    }
+
+    async fn token_uses(&self, token_ids: &[String]) -> Result<Vec<TokenUse>> {
+        self.inner.token_uses(token_ids).await
     }
 
     async fn touch_last_used(&self, used: &[(String, Timestamp)]) -> Result<()> {

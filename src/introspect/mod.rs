@@ -213,6 +213,18 @@ impl Introspector {
         }
     }
 
+    /// Notes that the live token `token_id` was used from `client_ip` through `service`
+    /// (`None`: as the credential of a call to tokend). Never waits on I/O.
+    pub fn note_use(
+        &self,
+        token_id: &str,
+        client_ip: Option<std::net::IpAddr>,
+        service: Option<last_used::Service<'_>>,
+    ) {
+        self.last_used
+            .note_site(token_id, client_ip, service, self.clock.now());
+    }
+
     /// The state of the token whose secret `parsed` holds, whatever that state is; `None`
     /// for an unknown id or a wrong secret.
     async fn held_state(

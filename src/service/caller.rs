@@ -85,6 +85,11 @@ impl Caller {
         &self.active.grant.permissions
     }
 
+    /// Its name.
+    pub fn name(&self) -> &str {
+        self.active.token.name.as_str()
+    }
+
     /// Whether the credential is narrowed by scopes.
     pub fn scoped(&self) -> bool {
         self.active.token.scopes.is_some()
@@ -157,8 +162,13 @@ impl Actor {
 }
 
 impl Tokend {
-    /// Checks the `authorization` metadata value and returns the live caller.
-    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Caller> {
+    /// Checks the `authorization` metadata value and returns the live caller, noting that
+    /// the credential was used from `peer`.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&str>,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Caller> {
         let Some(header) = authorization else {
             return Err(Error::Unauthenticated(
                 "missing credential: send metadata `authorization: Bearer <token>`".to_owned(),
@@ -172,7 +182,10 @@ impl Tokend {
             })?
             .trim();
         match self.introspector.introspect(token).await? {
-            Outcome::Active(active) => Ok(Caller { active }),
+            Outcome::Active(active) => {
+                self.introspector.note_use(active.token.id(), peer, None);
+                Ok(Caller { active })
+            }
             Outcome::Inactive(reason) => {
                 tracing::info!(reason = reason.as_str(), "refused an inactive credential");
                 Err(Error::Unauthenticated(

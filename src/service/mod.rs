@@ -18,7 +18,7 @@ pub use directory::{PutMember, PutRole};
 pub use paging::Page;
 pub use tokens::{
     IntrospectAnswer, IssueToken, Issued, LEAKED, ListTokens, MAX_LEAK_REPORT, ROTATED, RevokeMany,
-    RotateToken, Rotated, TokenRef,
+    RotateToken, Rotated, TokenPage, TokenRef,
 };
 
 use crate::domain::model::AuditRecord;

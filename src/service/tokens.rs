@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use secrecy::SecretString;
 
 use crate::domain::model::{
-    InactiveReason, PermissionSet, Revocation, SecretHash, Tenant, TenantStatus, Token, TokenStatus,
+    InactiveReason, PermissionSet, Revocation, SecretHash, Tenant, TenantStatus, Token,
+    TokenStatus, TokenUse,
 };
 use crate::domain::names::{Permission, RoleName, TenantId, TokenName, UserId};
 use crate::domain::ports::TokenQuery;
@@ -13,6 +14,7 @@ use crate::domain::rules::{self, ExpiryRequest, Visibility};
 use crate::domain::token_format::TokenKind;
 use crate::domain::{Error, Result};
 use crate::introspect::Outcome;
+use crate::introspect::last_used::Service;
 
 use super::Tokend;
 use super::caller::{Actor, Caller, Subject};
@@ -63,6 +65,17 @@ pub struct ListTokens {
     pub owner_user_id: Option<UserId>,
     /// Which page.
     pub page: Page,
+}
+
+/// A page of ListTokens.
+#[derive(Clone, Debug)]
+pub struct TokenPage {
+    /// Newest first.
+    pub tokens: Vec<Token>,
+    /// Where they were used from, newest first.
+    pub uses: Vec<TokenUse>,
+    /// The next page's token; empty on the last page.
+    pub next: String,
 }
 
 /// A validated bulk revocation (RevokeTokens).
@@ -253,7 +266,7 @@ impl Tokend {
     /// Rotates a token (SPEC §2): a successor with the same name, kind, owner, role, scopes
     /// and lifetime, and the old token revoked at once or when the grace period ends. The
     /// actor's rights are checked as for issuing the successor now, except that a token
-    /// rotating itself gains nothing and needs nothing.
+    /// rotating itself gains nothing and needs nothing, as long as it dies at once.
     pub async fn rotate_token(&self, caller: &Caller, req: RotateToken) -> Result<Rotated> {
         let target = req.target;
         let actor = self
@@ -292,24 +305,39 @@ impl Tokend {
                 )));
             }
         }
-        self.check_rotation_rights(&actor, &old).await?;
         rules::check_rotation_grace(req.grace, &tenant.policy, &tenant.id)?;
-        let expires_at = rules::rotation_expiry(&old, &tenant.policy, &tenant.id, now)?;
-
-        let (secret, successor) = self
-            .mint(Token {
-                created_at: now,
-                created_by: actor.subject.label(),
-                expires_at,
-                last_used_at: None,
-                revocation: None,
-                ..old.clone()
-            })
-            .await?;
+        let itself = actor.itself.as_deref() == Some(old.id());
+        if itself && req.grace > chrono::TimeDelta::zero() {
+            // A stolen token replacing itself must not leave its owner's copy working beside
+            // the thief's fresh one: that would hide the theft. With a grace the rotation
+            // needs the rights to issue such a token outright.
+            self.check_rotation_rights(&actor, &old, false).await?;
+        } else {
+            self.check_rotation_rights(&actor, &old, itself).await?;
+        }
+        // Checked against the expiry once more below, after the hash (which may queue).
+        rules::rotation_expiry(&old, &tenant.policy, &tenant.id, now)?;
+        let (secret, minted) = self.mint(old.clone()).await?;
+        let now = self.clock.now();
+        let successor = Token {
+            created_at: now,
+            // A self-rotation names the credential: the successor of a token replaced by a
+            // thief holding it must not look like its owner's own doing.
+            created_by: if itself {
+                caller.display_id().to_owned()
+            } else {
+                actor.subject.label()
+            },
+            expires_at: rules::rotation_expiry(&old, &tenant.policy, &tenant.id, now)?,
+            last_used_at: None,
+            revocation: None,
+            ..minted
+        };
         let revocation = Revocation {
             at: now + req.grace,
             by: actor.subject.label(),
             reason: ROTATED.to_owned(),
+            scheduled: req.grace > chrono::TimeDelta::zero(),
         };
         // The two events name each other, so either end of the chain leads to the other.
         let mut rotated = self.audit(
@@ -364,9 +392,9 @@ impl Tokend {
 
     /// Whether the actor may issue `old`'s successor now. Rights are checked afresh, not
     /// inherited from whoever issued `old`: a role may have shrunk since.
-    async fn check_rotation_rights(&self, actor: &Actor, old: &Token) -> Result<()> {
+    async fn check_rotation_rights(&self, actor: &Actor, old: &Token, itself: bool) -> Result<()> {
         // The successor of the credential itself carries exactly the credential's rights.
-        if actor.itself.as_deref() == Some(old.id()) {
+        if itself {
             return Ok(());
         }
         match old.kind {
@@ -401,11 +429,7 @@ impl Tokend {
     }
 
     /// Lists the tokens the actor may see, newest first.
-    pub async fn list_tokens(
-        &self,
-        caller: &Caller,
-        req: ListTokens,
-    ) -> Result<(Vec<Token>, String)> {
+    pub async fn list_tokens(&self, caller: &Caller, req: ListTokens) -> Result<TokenPage> {
         let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
         let after = match req.page.cursor(TOKENS_LIST)? {
             Some(cursor) => Some(parse_token_cursor(&cursor)?),
@@ -430,7 +454,9 @@ impl Tokend {
             ),
             _ => String::new(),
         };
-        Ok((tokens, next))
+        let ids: Vec<String> = tokens.iter().map(|t| t.id().to_owned()).collect();
+        let uses = self.store.token_uses(&ids).await?;
+        Ok(TokenPage { tokens, uses, next })
     }
 
     /// Finds a token `visibility` lets the actor touch; anything else is NOT_FOUND, exactly as
@@ -475,6 +501,7 @@ impl Tokend {
             at: self.clock.now(),
             by,
             reason,
+            scheduled: false,
         };
         let after = self
             .store
@@ -713,14 +740,26 @@ impl Tokend {
         caller: &Caller,
         token: &str,
         required: &PermissionSet,
+        client_ip: Option<std::net::IpAddr>,
     ) -> Result<IntrospectAnswer> {
         caller.require(rules::INTROSPECT)?;
         let outcome = self.introspector.introspect(token).await?;
         let (allowed, reason) = match &outcome {
-            Outcome::Active(active) => (
-                rules::missing(required, &active.grant.permissions).is_empty(),
-                None,
-            ),
+            Outcome::Active(active) => {
+                self.introspector.note_use(
+                    active.token.id(),
+                    client_ip,
+                    Some(Service {
+                        id: caller.token_id(),
+                        display_id: caller.display_id(),
+                        name: caller.name(),
+                    }),
+                );
+                (
+                    rules::missing(required, &active.grant.permissions).is_empty(),
+                    None,
+                )
+            }
             Outcome::Inactive(reason) => {
                 // The reason is for tokend's operators; the caller sees it only if trusted.
                 // A counter, not an info line: garbage at gateway rates would flood the log.

@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use chrono::TimeZone as _;
 use sea_orm::{ActiveValue::NotSet, Set};
 
-use super::entities::{audit_events, memberships, roles, tenants, tokens, users};
+use super::entities::{audit_events, memberships, roles, tenants, token_uses, tokens, users};
 use crate::domain::model::{
     AuditEvent, AuditRecord, Member, PermissionSet, Revocation, Role, SecretHash, Tenant,
-    TenantStatus, Timestamp, Token, TokenPolicy, User, UserStatus,
+    TenantStatus, Timestamp, Token, TokenPolicy, TokenUse, User, UserStatus,
 };
 use crate::domain::names::{Group, Permission, RoleName, TenantId, TokenName, UserId};
 use crate::domain::token_format::TokenKind;
@@ -193,6 +193,7 @@ pub(super) fn token_row(t: &Token) -> tokens::ActiveModel {
         revoked_at: Set(t.revocation.as_ref().map(|r| micros(r.at))),
         revoked_by: Set(t.revocation.as_ref().map(|r| r.by.clone())),
         revoke_reason: Set(t.revocation.as_ref().map(|r| r.reason.clone())),
+        revocation_scheduled: Set(t.revocation.as_ref().is_some_and(|r| r.scheduled)),
     }
 }
 
@@ -208,6 +209,7 @@ pub(super) fn token(
             at: time(at)?,
             by: m.revoked_by.unwrap_or_default(),
             reason: m.revoke_reason.unwrap_or_default(),
+            scheduled: m.revocation_scheduled,
         })),
         None => None,
     };
@@ -259,5 +261,32 @@ pub(super) fn audit_event(m: audit_events::Model) -> Result<AuditEvent> {
             token_id: m.token_id,
             detail,
         },
+    })
+}
+
+pub(super) fn token_use_row(u: &TokenUse) -> token_uses::ActiveModel {
+    token_uses::ActiveModel {
+        token_id: Set(u.token_id.clone()),
+        client_ip: Set(u.client_ip.map_or_else(String::new, |ip| ip.to_string())),
+        service: Set(u.service.clone()),
+        service_name: Set(u.service_name.clone()),
+        last_at: Set(micros(u.at)),
+    }
+}
+
+pub(super) fn token_use(m: token_uses::Model) -> Result<TokenUse> {
+    let client_ip = match m.client_ip.as_str() {
+        "" => None,
+        ip => Some(
+            ip.parse()
+                .map_err(|_| Error::internal(format!("token_uses: bad client_ip {ip:?}")))?,
+        ),
+    };
+    Ok(TokenUse {
+        token_id: m.token_id,
+        client_ip,
+        service: m.service,
+        service_name: m.service_name,
+        at: time(m.last_at)?,
     })
 }

@@ -16,19 +16,21 @@ use sea_orm::{
 use sea_orm_migration::MigratorTrait as _;
 
 use super::convert::{self, micros};
-use super::entities::{audit_events, memberships, roles, tenants, tokens, users};
+use super::entities::{audit_events, memberships, roles, tenants, token_uses, tokens, users};
 use super::migration::Migrator;
 use crate::domain::model::{
     AuditEvent, AuditRecord, Member, Membership, Revocation, Role, Tenant, Timestamp, Token,
-    TokenState, User,
+    TokenState, TokenUse, User,
 };
 use crate::domain::names::{RoleName, TenantId, UserId};
-use crate::domain::ports::{AuditQuery, Store, TokenQuery};
+use crate::domain::ports::{AuditQuery, MAX_TOKEN_USES, Store, TokenQuery};
 use crate::domain::token_format::{TokenFormat, TokenKind};
 use crate::domain::{Error, Result};
 
 /// Tokens per `last_used_at` UPDATE statement (three bound values each).
 const LAST_USED_CHUNK: usize = 1000;
+/// Token uses per upsert statement (five bound values each).
+const TOKEN_USES_CHUNK: usize = 1000;
 
 /// How to reach the database.
 #[derive(Clone, Debug)]
@@ -459,7 +461,7 @@ impl Store for SeaStore {
 
     async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {
         let txn = self.begin().await?;
-        insert_token_in(&txn, token).await?;
+        insert_token_in(&txn, token, None).await?;
         append(&txn, audit).await?;
         commit(txn).await
     }
@@ -489,12 +491,20 @@ impl Store for SeaStore {
             .map_err(db_err)?
             .rows_affected;
         if scheduled == 0 {
-            return Err(Error::FailedPrecondition(format!(
-                "token_id: token {id} was revoked, rotated or expired meanwhile"
-            )));
+            let exists = tokens::Entity::find_by_id(id)
+                .filter(tokens::Column::TenantId.eq(tenant.as_str()))
+                .count(&txn)
+                .await
+                .map_err(db_err)?;
+            return Err(if exists == 0 {
+                Error::NotFound(format!("token {id}"))
+            } else {
+                Error::FailedPrecondition(format!(
+                    "token_id: token {id} was revoked, rotated or expired meanwhile"
+                ))
+            });
         }
-        // The predecessor's revocation is written first, so it no longer holds the name.
-        insert_token_in(&txn, successor).await?;
+        insert_token_in(&txn, successor, Some(id)).await?;
         for record in audit {
             append(&txn, record).await?;
         }
@@ -599,7 +609,7 @@ impl Store for SeaStore {
             query = query.filter(
                 Condition::any()
                     .add(tokens::Column::RevokedAt.is_null())
-                    .add(tokens::Column::RevokedAt.gt(micros(then))),
+                    .add(grace_until_after(then)),
             );
         }
         if let Some((created_at, id)) = &q.after {
@@ -636,7 +646,7 @@ impl Store for SeaStore {
             .filter(
                 Condition::any()
                     .add(tokens::Column::RevokedAt.is_null())
-                    .add(tokens::Column::RevokedAt.gt(micros(revocation.at))),
+                    .add(grace_until_after(revocation.at)),
             )
             .exec(&txn)
             .await
@@ -668,6 +678,13 @@ impl Store for SeaStore {
             .await
             .map_err(db_err)?
             .rows_affected;
+        if deleted > 0 {
+            token_uses::Entity::delete_many()
+                .filter(token_uses::Column::TokenId.eq(id))
+                .exec(&txn)
+                .await
+                .map_err(db_err)?;
+        }
         commit_if_deleted(txn, deleted, audit).await
     }
 
@@ -701,6 +718,50 @@ impl Store for SeaStore {
                 .map_err(db_err)?;
         }
         Ok(())
+    }
+
+    async fn record_token_uses(&self, uses: &[TokenUse]) -> Result<()> {
+        for chunk in uses.chunks(TOKEN_USES_CHUNK) {
+            // Never backwards: another replica may already have written a later use.
+            let later = "CASE WHEN excluded.last_at > token_uses.last_at \
+                         THEN excluded.last_at ELSE token_uses.last_at END";
+            token_uses::Entity::insert_many(chunk.iter().map(convert::token_use_row))
+                .on_conflict(
+                    OnConflict::columns([
+                        token_uses::Column::TokenId,
+                        token_uses::Column::ClientIp,
+                        token_uses::Column::Service,
+                    ])
+                    .value(token_uses::Column::LastAt, Expr::cust(later))
+                    .update_column(token_uses::Column::ServiceName)
+                    .to_owned(),
+                )
+                .exec_without_returning(&self.db)
+                .await
+                .map_err(db_err)?;
+            let mut ids: Vec<&str> = chunk.iter().map(|u| u.token_id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            self.prune_token_uses(&ids).await?;
+        }
+        Ok(())
+    }
+
+    async fn token_uses(&self, token_ids: &[String]) -> Result<Vec<TokenUse>> {
+        if token_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        token_uses::Entity::find()
+            .filter(token_uses::Column::TokenId.is_in(token_ids.iter().map(String::as_str)))
+            .order_by_desc(token_uses::Column::LastAt)
+            .order_by_asc(token_uses::Column::ClientIp)
+            .order_by_asc(token_uses::Column::Service)
+            .all(&self.db)
+            .await
+            .map_err(db_err)?
+            .into_iter()
+            .map(convert::token_use)
+            .collect()
     }
 
     async fn replace_hash(&self, id: &str, old: &str, new: &str) -> Result<bool> {
@@ -777,6 +838,36 @@ impl Store for SeaStore {
     }
 }
 
+impl SeaStore {
+    /// Keeps the [`MAX_TOKEN_USES`] most recent pairs of each of `ids` (ties broken by IP
+    /// and service, so every replica keeps the same ones) and drops the uses of tokens
+    /// deleted since they were noted.
+    async fn prune_token_uses(&self, ids: &[&str]) -> Result<()> {
+        let placeholders: Vec<String> = (1..=ids.len())
+            .map(|i| match self.backend() {
+                DbBackend::Postgres => format!("${i}"),
+                _ => "?".to_owned(),
+            })
+            .collect();
+        let sql = format!(
+            "DELETE FROM token_uses WHERE token_id IN ({}) AND (
+               NOT EXISTS (SELECT 1 FROM tokens t WHERE t.id = token_uses.token_id)
+               OR (SELECT COUNT(*) FROM token_uses n
+                   WHERE n.token_id = token_uses.token_id
+                     AND (n.last_at > token_uses.last_at
+                          OR (n.last_at = token_uses.last_at
+                              AND (n.client_ip > token_uses.client_ip
+                                   OR (n.client_ip = token_uses.client_ip
+                                       AND n.service > token_uses.service))))) >= {MAX_TOKEN_USES})",
+            placeholders.join(", ")
+        );
+        let statement =
+            Statement::from_sql_and_values(self.backend(), sql, ids.iter().map(|id| (*id).into()));
+        self.db.execute_raw(statement).await.map_err(db_err)?;
+        Ok(())
+    }
+}
+
 /// An UPDATE of tokens that writes `revocation`.
 fn set_revocation(
     update: sea_orm::UpdateMany<tokens::Entity>,
@@ -795,17 +886,41 @@ fn set_revocation(
             tokens::Column::RevokeReason,
             Expr::value(revocation.reason.clone()),
         )
+        .col_expr(
+            tokens::Column::RevocationScheduled,
+            Expr::value(revocation.scheduled),
+        )
 }
 
-/// Stores `token` unless its owner has a live token of the same kind and name.
-async fn insert_token_in(txn: &DatabaseTransaction, token: &Token) -> Result<()> {
+/// A rotated token whose grace period lasts beyond `at`: still live then.
+fn grace_until_after(at: Timestamp) -> Condition {
+    Condition::all()
+        .add(tokens::Column::RevocationScheduled.eq(true))
+        .add(tokens::Column::RevokedAt.gt(micros(at)))
+}
+
+/// Stores `token` unless its owner has another live token of the same kind and name than
+/// `predecessor` (the token it replaces, which keeps its name through a rotation's grace).
+async fn insert_token_in(
+    txn: &DatabaseTransaction,
+    token: &Token,
+    predecessor: Option<&str>,
+) -> Result<()> {
     let now = micros(token.created_at);
-    let clashes = tokens::Entity::find()
+    let mut clashing = tokens::Entity::find()
         .filter(tokens::Column::TenantId.eq(token.tenant_id.as_str()))
         .filter(tokens::Column::Kind.eq(token.kind.marker()))
         .filter(owner_condition(token.kind, token.owner_user_id.as_ref()))
-        .filter(tokens::Column::NameKey.eq(token.name.key()))
-        .filter(tokens::Column::RevokedAt.is_null())
+        .filter(tokens::Column::NameKey.eq(token.name.key()));
+    if let Some(predecessor) = predecessor {
+        clashing = clashing.filter(tokens::Column::Id.ne(predecessor));
+    }
+    let clashes = clashing
+        .filter(
+            Condition::any()
+                .add(tokens::Column::RevokedAt.is_null())
+                .add(grace_until_after(token.created_at)),
+        )
         .filter(
             Condition::any()
                 .add(tokens::Column::ExpiresAt.is_null())

@@ -19,3 +19,4 @@ mod leaks;
 mod replicas;
 mod rotation;
 mod tokens;
+mod uses;

@@ -250,6 +250,57 @@ async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
         times[times.len() - 1],
     );
 
+    // Rotation through A: at once, the old token dies on B too; with a grace it lives on B
+    // until a revocation through A ends the grace early.
+    let rotate = |token_id: String, seconds: i64| pb::RotateTokenRequest {
+        tenant_id: "acme".into(),
+        actor_user_id: "alice".into(),
+        token_id,
+        grace: Some(prost_types::Duration { seconds, nanos: 0 }),
+    };
+    let old = a
+        .tokens(&root)
+        .issue_token(issue("deploy".into()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(introspect(&b, &root, &old.secret).await.active);
+    let rotated = a
+        .tokens(&root)
+        .rotate_token(rotate(old.token.unwrap().id, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    until(&b, &root, &old.secret, Instant::now(), |answer| {
+        !answer.active
+    })
+    .await;
+    assert!(introspect(&b, &root, &rotated.secret).await.active);
+    let graced = a
+        .tokens(&root)
+        .rotate_token(rotate(rotated.token.unwrap().id, 3600))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        introspect(&b, &root, &rotated.secret).await.active,
+        "in its grace on B"
+    );
+    a.tokens(&root)
+        .revoke_token(pb::RevokeTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            token_id: graced.previous.unwrap().id,
+            reason: "ended early".into(),
+        })
+        .await
+        .unwrap();
+    until(&b, &root, &rotated.secret, Instant::now(), |answer| {
+        !answer.active
+    })
+    .await;
+    assert!(introspect(&b, &root, &graced.secret).await.active);
+
     // Downgrade, suspension, reactivation and removal of the membership.
     let token = a
         .tokens(&root)

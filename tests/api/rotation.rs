@@ -189,11 +189,13 @@ async fn a_rotation_without_grace_revokes_at_once_and_only_once(app: TestApp) {
     );
     // Nor can a token in its grace period be rotated twice (two successors).
     let (other, other_info) = app.pat("acme", "alice", "phone", &[]).await;
-    rotate(
+    let successor = rotate(
         &app,
         rotate_as("alice", &other_info.id, Some(TimeDelta::minutes(5))),
     )
-    .await;
+    .await
+    .token
+    .unwrap();
     assert_status(
         app.tokens(&app.root)
             .rotate_token(rotate_as("alice", &other_info.id, None))
@@ -209,6 +211,21 @@ async fn a_rotation_without_grace_revokes_at_once_and_only_once(app: TestApp) {
         .filter(|t| t.name == "phone")
         .collect();
     assert_eq!(phones.len(), 2, "the original and one successor");
+    // The original still holds its name in its grace, even with its successor gone.
+    app.revoke_as("acme", "alice", &successor.id).await;
+    assert_status(
+        app.tokens(&app.root)
+            .issue_token(pb::IssueTokenRequest {
+                tenant_id: "acme".into(),
+                actor_user_id: "alice".into(),
+                kind: pb::TokenKind::Personal.into(),
+                name: "phone".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::AlreadyExists,
+        "phone",
+    );
 
     // An expired token stays expired.
     let (_, short) = pat_for_days(&app, "alice", "short", 1).await;
@@ -224,8 +241,23 @@ async fn a_rotation_without_grace_revokes_at_once_and_only_once(app: TestApp) {
 
 async fn a_token_may_rotate_itself_and_keeps_its_narrowing(app: TestApp) {
     acme(&app).await;
-    // Narrowed to entities:read: it lacks tokend.tokens.issue, yet may replace itself.
+    // Narrowed to entities:read: it lacks tokend.tokens.issue, yet may replace itself, if
+    // it dies at once (a thief's rotation must not leave the owner's copy quietly working).
     let (narrow, narrow_info) = app.pat("acme", "alice", "reader", &["entities:read"]).await;
+    assert_status(
+        app.tokens(&narrow)
+            .rotate_token(pb::RotateTokenRequest {
+                token_id: narrow_info.id.clone(),
+                grace: Some(prost_types::Duration {
+                    seconds: 60,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            })
+            .await,
+        Code::PermissionDenied,
+        "tokend.tokens.issue",
+    );
     let rotated = app
         .tokens(&narrow)
         .rotate_token(pb::RotateTokenRequest {
@@ -237,7 +269,8 @@ async fn a_token_may_rotate_itself_and_keeps_its_narrowing(app: TestApp) {
         .into_inner();
     let successor = rotated.token.unwrap();
     assert_eq!(successor.scopes, vec!["entities:read".to_owned()]);
-    assert_eq!(successor.created_by, "alice");
+    // Minted by the credential, not by alice in person.
+    assert_eq!(successor.created_by, narrow_info.display_id);
     let answer = app.introspect(&rotated.secret).await;
     assert!(answer.active);
     assert_eq!(answer.permissions, vec!["entities:read".to_owned()]);
@@ -330,22 +363,32 @@ async fn rotating_an_api_key_rechecks_the_rotators_rights(app: TestApp) {
     );
     assert!(app.introspect(&dev_key).await.active, "untouched");
 
-    // The key itself needs no tokend.api_keys.manage to rotate itself.
+    // The key itself needs no tokend.api_keys.manage to rotate itself at once; keeping
+    // itself alive beside its successor takes the rights to issue such a key.
+    let with_grace = pb::RotateTokenRequest {
+        token_id: dev_info.id.clone(),
+        grace: Some(prost_types::Duration {
+            seconds: 60,
+            nanos: 0,
+        }),
+        ..Default::default()
+    };
+    assert_status(
+        app.tokens(&dev_key).rotate_token(with_grace).await,
+        Code::PermissionDenied,
+        "tokend.api_keys.manage",
+    );
     let own = app
         .tokens(&dev_key)
         .rotate_token(pb::RotateTokenRequest {
             token_id: dev_info.id.clone(),
-            grace: Some(prost_types::Duration {
-                seconds: 60,
-                nanos: 0,
-            }),
             ..Default::default()
         })
         .await
         .expect("a key rotating itself")
         .into_inner();
     assert_eq!(own.token.unwrap().role, "developer");
-    assert!(app.introspect(&dev_key).await.active, "in its grace");
+    assert!(!app.introspect(&dev_key).await.active);
     assert!(app.introspect(&own.secret).await.active);
 }
 

@@ -6,5 +6,6 @@ pub mod audit_events;
 pub mod memberships;
 pub mod roles;
 pub mod tenants;
+pub mod token_uses;
 pub mod tokens;
 pub mod users;

@@ -39,6 +39,9 @@ pub struct Model {
     pub revoked_by: Option<String>,
     /// Free text.
     pub revoke_reason: Option<String>,
+    /// The revocation is a rotation's, in force from `revoked_at` on; otherwise any
+    /// revocation is in force at once.
+    pub revocation_scheduled: bool,
 }
 
 /// No navigable relations: the adapter joins explicitly.

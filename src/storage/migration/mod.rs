@@ -5,7 +5,8 @@ use sea_orm_migration::prelude::*;
 
 mod m0001_initial;
 mod m0002_change_feed;
-mod m0003_rotation_grace;
+mod m0003_rotation;
+mod m0004_token_uses;
 
 /// Every migration, oldest first.
 #[derive(Debug)]
@@ -17,7 +18,8 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m0001_initial::Migration),
             Box::new(m0002_change_feed::Migration),
-            Box::new(m0003_rotation_grace::Migration),
+            Box::new(m0003_rotation::Migration),
+            Box::new(m0004_token_uses::Migration),
         ]
     }
 }

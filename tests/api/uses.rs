@@ -1,0 +1,222 @@
+//! Where a token was used from: the last few distinct (client IP, calling service) pairs,
+//! shown in ListTokens.
+
+use chrono::TimeDelta;
+
+use tokend::clock::Clock as _;
+use tokend::domain::model::TokenUse;
+use tokend::domain::ports::Store as _;
+use tokend::proto::v1 as pb;
+
+use crate::helpers::TestApp;
+
+crate::both_backends!(
+    listing_shows_where_a_token_was_used_from_and_through_which_service,
+    only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward,
+    a_deleted_tokens_uses_go_with_it,
+);
+
+async fn acme(app: &TestApp) {
+    app.tenant("acme", &[("developer", &["entities:read"])])
+        .await;
+    app.member("acme", "alice", "developer", &[]).await;
+    // A service's key, in the system tenant, that may only introspect.
+    app.role("system", "gateway", &["tokend.introspect"]).await;
+}
+
+async fn gateway(app: &TestApp, name: &str) -> (String, pb::TokenInfo) {
+    let issued = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "system".into(),
+            kind: pb::TokenKind::ApiKey.into(),
+            name: name.into(),
+            role: "gateway".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("issue a gateway key")
+        .into_inner();
+    (issued.secret, issued.token.unwrap())
+}
+
+async fn introspect_from(app: &TestApp, service: &str, token: &str, ip: &str) -> bool {
+    app.tokens(service)
+        .introspect(pb::IntrospectRequest {
+            token: token.into(),
+            client_ip: ip.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("introspect")
+        .into_inner()
+        .active
+}
+
+/// alice's token `id` as ListTokens shows it, once `wanted` uses are on record (they are
+/// written in batches, every 50 ms in tests).
+async fn listed_with_uses(app: &TestApp, id: &str, wanted: usize) -> pb::TokenInfo {
+    for _ in 0..100 {
+        let listed = app
+            .list_as("acme", "alice")
+            .await
+            .into_iter()
+            .find(|t| t.id == id)
+            .expect("listed");
+        if listed.recent_uses.len() >= wanted {
+            return listed;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{wanted} uses of {id} were not recorded");
+}
+
+fn pairs(info: &pb::TokenInfo) -> Vec<(String, String, String)> {
+    info.recent_uses
+        .iter()
+        .map(|u| {
+            (
+                u.client_ip.clone(),
+                u.service.clone(),
+                u.service_name.clone(),
+            )
+        })
+        .collect()
+}
+
+async fn listing_shows_where_a_token_was_used_from_and_through_which_service(app: TestApp) {
+    acme(&app).await;
+    let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (edge, edge_info) = gateway(&app, "edge-gateway").await;
+    let (billing, billing_info) = gateway(&app, "billing").await;
+    assert!(introspect_from(&app, &edge, &pat, "203.0.113.7").await);
+    // The same pair again within the minute: one record.
+    assert!(introspect_from(&app, &edge, &pat, "203.0.113.7").await);
+    assert!(introspect_from(&app, &billing, &pat, "2001:db8::1").await);
+    assert!(introspect_from(&app, &billing, &pat, "").await);
+    // The token as the credential of a call to tokend itself: the connection's peer.
+    app.tokens(&pat)
+        .list_tokens(pb::ListTokensRequest::default())
+        .await
+        .expect("alice lists her tokens");
+    // An inactive answer records nothing.
+    assert!(!introspect_from(&app, &edge, "tkd_pat_notarealtoken", "198.51.100.1").await);
+
+    let listed = listed_with_uses(&app, &info.id, 4).await;
+    let mut got = pairs(&listed);
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (
+                String::new(),
+                billing_info.display_id.clone(),
+                "billing".into()
+            ),
+            ("127.0.0.1".into(), String::new(), String::new()),
+            (
+                "2001:db8::1".into(),
+                billing_info.display_id.clone(),
+                "billing".into()
+            ),
+            (
+                "203.0.113.7".into(),
+                edge_info.display_id.clone(),
+                "edge-gateway".into()
+            ),
+        ]
+    );
+    let now = app.clock.now().timestamp();
+    for used in &listed.recent_uses {
+        assert!(used.last_used_at.as_ref().unwrap().seconds <= now);
+    }
+    // Bad input names the field and changes nothing.
+    let bad = app
+        .tokens(&edge)
+        .introspect(pb::IntrospectRequest {
+            token: pat.clone(),
+            client_ip: "not-an-ip".into(),
+            ..Default::default()
+        })
+        .await;
+    crate::helpers::assert_status(bad, tonic::Code::InvalidArgument, "client_ip");
+}
+
+async fn only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward(app: TestApp) {
+    acme(&app).await;
+    let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (edge, _) = gateway(&app, "edge-gateway").await;
+    for i in 1..=7 {
+        assert!(introspect_from(&app, &edge, &pat, &format!("192.0.2.{i}")).await);
+        // Each write lands before the next use, so the order is the clock's.
+        listed_with_uses(&app, &info.id, i.min(5)).await;
+        app.advance(TimeDelta::minutes(1));
+    }
+    // The oldest pair is used again, a minute later: it moves to the front.
+    assert!(introspect_from(&app, &edge, &pat, "192.0.2.3").await);
+    let mut listed = listed_with_uses(&app, &info.id, 5).await;
+    for _ in 0..100 {
+        if listed.recent_uses[0].client_ip == "192.0.2.3" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        listed = listed_with_uses(&app, &info.id, 5).await;
+    }
+    let ips: Vec<&str> = listed
+        .recent_uses
+        .iter()
+        .map(|u| u.client_ip.as_str())
+        .collect();
+    assert_eq!(
+        ips,
+        vec![
+            "192.0.2.3",
+            "192.0.2.7",
+            "192.0.2.6",
+            "192.0.2.5",
+            "192.0.2.4"
+        ]
+    );
+}
+
+async fn a_deleted_tokens_uses_go_with_it(app: TestApp) {
+    acme(&app).await;
+    let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (edge, _) = gateway(&app, "edge-gateway").await;
+    assert!(introspect_from(&app, &edge, &pat, "203.0.113.7").await);
+    listed_with_uses(&app, &info.id, 1).await;
+    app.tokens(&app.root)
+        .delete_token(pb::DeleteTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            token_id: info.id.clone(),
+        })
+        .await
+        .expect("delete");
+    assert!(
+        app.store
+            .token_uses(std::slice::from_ref(&info.id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // A use noted before the delete and written after it (a batch in flight, another
+    // replica's flush) leaves nothing behind either.
+    app.store
+        .record_token_uses(&[TokenUse {
+            token_id: info.id.clone(),
+            client_ip: None,
+            service: String::new(),
+            service_name: String::new(),
+            at: app.clock.now(),
+        }])
+        .await
+        .unwrap();
+    assert!(
+        app.store
+            .token_uses(std::slice::from_ref(&info.id))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
