@@ -243,6 +243,22 @@ check "the old token stays live in its grace, expiresAt the grace's end" \
 call newlive tokend.v1.TokenService/Introspect "{\"token\":\"$NEW\"}" "$GW"
 check "the successor is live" "d['active'] and d['permissions'] == ['entities:read']" "$WORK/newlive.json"
 
+# Tenant token policy (README "Tenant token policy").
+call policy tokend.v1.DirectoryService/PutTenant '{"tenant":{"id":"acme","name":"Acme Corp","policy":{"requireExpiry":true,"maxLifetime":"7776000s","maxRotationGrace":"86400s"}}}' "$ROOT"
+check "PutTenant stores the policy" \
+  "d['tenant']['policy'] == {'requireExpiry': True, 'maxLifetime': '7776000s', 'maxRotationGrace': '86400s'}" \
+  "$WORK/policy.json"
+for case in 'forever|{"tenantId":"acme","actorUserId":"alice","kind":"TOKEN_KIND_PERSONAL","name":"forever"}|policy require_expiry: tenant acme requires every token to expire' \
+            'year|{"tenantId":"acme","actorUserId":"alice","kind":"TOKEN_KIND_PERSONAL","name":"year","ttl":"31536000s"}|policy max_lifetime: tenant acme allows tokens to live at most 7776000s'; do
+  IFS='|' read -r name data message <<<"$case"
+  echo "+ grpcurl -plaintext -H 'authorization: Bearer …' -d '$data' \$ADDR tokend.v1.TokenService/IssueToken"
+  if "$GRPCURL" -plaintext -H "authorization: Bearer $ROOT" -d "$data" "$ADDR" tokend.v1.TokenService/IssueToken >"$WORK/$name.out" 2>&1; then
+    fail "IssueToken of \"$name\" breaks the policy and is refused"
+  elif grep -q 'Code: FailedPrecondition' "$WORK/$name.out" && grep -qF "$message" "$WORK/$name.out"; then
+    pass "IssueToken of \"$name\" breaks the policy and is refused"
+  else fail "IssueToken of \"$name\" breaks the policy and is refused"; cat "$WORK/$name.out" >&2; fi
+done
+
 echo "+ grpcurl -plaintext -d '{\"token\":\"…\"}' \$ADDR tokend.v1.TokenService/Introspect   # no credential"
 if "$GRPCURL" -plaintext -d "{\"token\":\"$PAT\"}" "$ADDR" tokend.v1.TokenService/Introspect >noauth.out 2>&1; then
   fail "a call without a credential is UNAUTHENTICATED"
