@@ -13,20 +13,23 @@ use arrayvec::ArrayString;
 
 use crate::domain::Result;
 use crate::domain::model::{Timestamp, Token, TokenUse};
-use crate::domain::ports::Store;
+use crate::domain::ports::{MAX_TOKEN_USES, Store};
 
 use super::ActiveToken;
 
 /// `last_used_at` is kept to the minute.
 const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 
-/// Distinct (token, client IP, service) uses waiting for the next flush, at most. A gateway
-/// reporting a new client IP on every call (a scan through it) must not grow memory or the
-/// next write without bound; what is over is dropped and counted.
-const MAX_PENDING_SITES: usize = 10_000;
+/// Pairs waiting for the next flush across all tokens, at most: a backstop for many tokens
+/// each used from new places at once. What is over is dropped and counted.
+const MAX_PENDING_SITES: usize = 50_000;
 
 /// (token id, client IP, calling credential's id; empty = the token called tokend itself).
 type SiteKey = (ArrayString<16>, Option<IpAddr>, ArrayString<16>);
+
+/// How a caller outside the system tenant and the token's own is named in the token's uses:
+/// which keys another tenant holds is that tenant's business.
+pub const ANOTHER_TENANT: &str = "another-tenant";
 
 /// The calling service as a use records it: the credential that asked about the token.
 #[derive(Clone, Copy, Debug)]
@@ -47,7 +50,48 @@ pub struct LastUsed {
     /// When each recently seen site was last queued (Unix ms): the check that keeps a busy
     /// site to one write a minute, bounded (an evicted site is merely queued again).
     sites_seen: quick_cache::sync::Cache<SiteKey, i64>,
-    pending_sites: Mutex<HashMap<SiteKey, TokenUse>>,
+    pending_sites: Mutex<PendingSites>,
+}
+
+/// Uses waiting for the next flush: per token, only the newest [`MAX_TOKEN_USES`] distinct
+/// pairs (older ones would be pruned anyway), so a scan through one token (a new client IP
+/// on every call) displaces only that token's own pairs.
+#[derive(Debug, Default)]
+struct PendingSites {
+    by_token: HashMap<ArrayString<16>, Vec<TokenUse>>,
+    len: usize,
+}
+
+impl PendingSites {
+    /// Adds or refreshes `used`; false if it was dropped (every token's bound is full).
+    fn note(&mut self, token: ArrayString<16>, used: TokenUse) -> bool {
+        let known = self.by_token.contains_key(&token);
+        if !known && self.len >= MAX_PENDING_SITES {
+            return false;
+        }
+        let pairs = self.by_token.entry(token).or_default();
+        if let Some(same) = pairs
+            .iter_mut()
+            .find(|p| p.client_ip == used.client_ip && p.service == used.service)
+        {
+            same.at = same.at.max(used.at);
+            same.service_name = used.service_name;
+        } else if pairs.len() < MAX_TOKEN_USES {
+            if self.len >= MAX_PENDING_SITES {
+                return false;
+            }
+            pairs.push(used);
+            self.len += 1;
+        } else if let Some(oldest) = pairs.iter_mut().min_by_key(|p| p.at) {
+            *oldest = used;
+        }
+        true
+    }
+
+    fn drain(&mut self) -> Vec<TokenUse> {
+        self.len = 0;
+        self.by_token.drain().flat_map(|(_, pairs)| pairs).collect()
+    }
 }
 
 impl LastUsed {
@@ -57,7 +101,7 @@ impl LastUsed {
             store,
             pending: Mutex::new(HashMap::new()),
             sites_seen: quick_cache::sync::Cache::new(100_000),
-            pending_sites: Mutex::new(HashMap::new()),
+            pending_sites: Mutex::new(PendingSites::default()),
         }
     }
 
@@ -77,33 +121,32 @@ impl LastUsed {
         ) else {
             return;
         };
-        let key = (token, client_ip.map(|ip| ip.to_canonical()), via);
+        let client_ip = client_ip.map(|ip| ip.to_canonical());
+        let key = (token, client_ip, via);
         let millis = now.timestamp_millis();
         if let Some(seen) = self.sites_seen.get(&key)
             && (0..RESOLUTION.num_milliseconds()).contains(&(millis - seen))
         {
             return;
         }
-        let mut pending = self
+        // Marked seen even if dropped below: a dropped pair must not take the lock on every
+        // call until the next flush.
+        self.sites_seen.insert(key, millis);
+        let used = TokenUse {
+            token_id: token_id.to_owned(),
+            client_ip,
+            service: service.map_or_else(String::new, |s| s.display_id.to_owned()),
+            service_name: service.map_or_else(String::new, |s| s.name.to_owned()),
+            at: now,
+        };
+        let noted = self
             .pending_sites
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if pending.len() >= MAX_PENDING_SITES && !pending.contains_key(&key) {
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .note(token, used);
+        if !noted {
             metrics::counter!("tokend_token_uses_dropped_total").increment(1);
-            return;
         }
-        pending.insert(
-            key,
-            TokenUse {
-                token_id: token_id.to_owned(),
-                client_ip: key.1,
-                service: service.map_or_else(String::new, |s| s.display_id.to_owned()),
-                service_name: service.map_or_else(String::new, |s| s.name.to_owned()),
-                at: now,
-            },
-        );
-        drop(pending);
-        self.sites_seen.insert(key, millis);
     }
 
     /// Notes that `token` was used at `now`, and returns the use time now on record (`now`,
@@ -150,26 +193,26 @@ impl LastUsed {
     }
 
     async fn flush_sites(&self) -> Result<()> {
-        let batch: Vec<(SiteKey, TokenUse)> = {
-            let mut pending = self
-                .pending_sites
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            pending.drain().collect()
-        };
-        if batch.is_empty() {
+        let uses = self
+            .pending_sites
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .drain();
+        if uses.is_empty() {
             return Ok(());
         }
-        let uses: Vec<TokenUse> = batch.iter().map(|(_, u)| u.clone()).collect();
         if let Err(err) = self.store.record_token_uses(&uses).await {
-            // Put them back for the next round, unless newer uses arrived meanwhile.
+            // Put them back for the next round; newer uses of a pair keep their time.
             let mut pending = self
                 .pending_sites
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (key, record) in batch {
-                if pending.len() < MAX_PENDING_SITES {
-                    pending.entry(key).or_insert(record);
+            for used in uses {
+                let Ok(token) = ArrayString::from(&used.token_id) else {
+                    continue;
+                };
+                if !pending.note(token, used) {
+                    metrics::counter!("tokend_token_uses_dropped_total").increment(1);
                 }
             }
             return Err(err);
@@ -217,5 +260,68 @@ impl LastUsed {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeDelta, TimeZone as _, Utc};
+
+    use super::*;
+
+    fn used(token: &str, ip: u8, minute: i64) -> TokenUse {
+        TokenUse {
+            token_id: token.to_owned(),
+            client_ip: Some(IpAddr::from([192, 0, 2, ip])),
+            service: "tkd_key_gateway00000".to_owned(),
+            service_name: "gateway".to_owned(),
+            at: Utc.timestamp_opt(1_700_000_000, 0).unwrap() + TimeDelta::minutes(minute),
+        }
+    }
+
+    fn key(token: &str) -> ArrayString<16> {
+        ArrayString::from(token).unwrap()
+    }
+
+    #[test]
+    fn a_scan_through_one_token_displaces_only_its_own_older_pairs() {
+        let mut pending = PendingSites::default();
+        assert!(pending.note(key("other"), used("other", 1, 0)));
+        for ip in 1..=50 {
+            assert!(pending.note(key("scanned"), used("scanned", ip, i64::from(ip))));
+        }
+        let mut kept: Vec<(String, Option<IpAddr>)> = pending
+            .drain()
+            .into_iter()
+            .map(|u| (u.token_id, u.client_ip))
+            .collect();
+        kept.sort();
+        let mut expected = vec![("other".to_owned(), Some(IpAddr::from([192, 0, 2, 1])))];
+        expected.extend(
+            (46..=50).map(|ip| ("scanned".to_owned(), Some(IpAddr::from([192, 0, 2, ip])))),
+        );
+        assert_eq!(kept, expected);
+        assert_eq!(pending.len, 0);
+    }
+
+    #[test]
+    fn the_same_pair_again_keeps_one_entry_with_the_later_time() {
+        let mut pending = PendingSites::default();
+        assert!(pending.note(key("t"), used("t", 1, 5)));
+        assert!(pending.note(key("t"), used("t", 1, 3)));
+        assert!(pending.note(key("t"), used("t", 1, 9)));
+        let drained = pending.drain();
+        assert_eq!(drained.len(), 1);
+        assert_eq!(drained[0].at, used("t", 1, 9).at);
+    }
+
+    #[test]
+    fn past_the_global_bound_new_pairs_are_dropped() {
+        let mut pending = PendingSites {
+            len: MAX_PENDING_SITES,
+            ..PendingSites::default()
+        };
+        assert!(!pending.note(key("t"), used("t", 1, 0)));
+        assert!(pending.by_token.is_empty());
     }
 }

@@ -14,7 +14,7 @@ use crate::domain::rules::{self, ExpiryRequest, Visibility};
 use crate::domain::token_format::TokenKind;
 use crate::domain::{Error, Result};
 use crate::introspect::Outcome;
-use crate::introspect::last_used::Service;
+use crate::introspect::last_used::{ANOTHER_TENANT, Service};
 
 use super::Tokend;
 use super::caller::{Actor, Caller, Subject};
@@ -746,13 +746,20 @@ impl Tokend {
         let outcome = self.introspector.introspect(token).await?;
         let (allowed, reason) = match &outcome {
             Outcome::Active(active) => {
+                // The token's tenant sees its own and tokend's services by name; a caller
+                // from any other tenant stays anonymous to it.
+                let known = caller.is_system() || caller.tenant_id() == &active.token.tenant_id;
                 self.introspector.note_use(
                     active.token.id(),
                     client_ip,
                     Some(Service {
                         id: caller.token_id(),
-                        display_id: caller.display_id(),
-                        name: caller.name(),
+                        display_id: if known {
+                            caller.display_id()
+                        } else {
+                            ANOTHER_TENANT
+                        },
+                        name: if known { caller.name() } else { "" },
                     }),
                 );
                 (

@@ -1,5 +1,6 @@
 //! [`SeaStore`]: the one store adapter, over a SeaORM connection to SQLite or PostgreSQL.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -721,11 +722,27 @@ impl Store for SeaStore {
     }
 
     async fn record_token_uses(&self, uses: &[TokenUse]) -> Result<()> {
+        // One row per pair (PostgreSQL refuses to upsert a row twice in one statement), the
+        // latest use winning; in key order, so two replicas' batches lock rows in the same
+        // order and cannot deadlock.
+        let mut latest: BTreeMap<(&str, String, &str), &TokenUse> = BTreeMap::new();
+        for used in uses {
+            let ip = used.client_ip.map_or_else(String::new, |ip| ip.to_string());
+            latest
+                .entry((&used.token_id, ip, &used.service))
+                .and_modify(|kept| {
+                    if used.at > kept.at {
+                        *kept = used;
+                    }
+                })
+                .or_insert(used);
+        }
+        let uses: Vec<&TokenUse> = latest.into_values().collect();
         for chunk in uses.chunks(TOKEN_USES_CHUNK) {
             // Never backwards: another replica may already have written a later use.
             let later = "CASE WHEN excluded.last_at > token_uses.last_at \
                          THEN excluded.last_at ELSE token_uses.last_at END";
-            token_uses::Entity::insert_many(chunk.iter().map(convert::token_use_row))
+            token_uses::Entity::insert_many(chunk.iter().map(|u| convert::token_use_row(u)))
                 .on_conflict(
                     OnConflict::columns([
                         token_uses::Column::TokenId,
@@ -751,15 +768,23 @@ impl Store for SeaStore {
         if token_ids.is_empty() {
             return Ok(Vec::new());
         }
-        token_uses::Entity::find()
+        // The prune's order, and its bound: rows over it (a prune that failed, one not yet
+        // run by another replica) are not shown.
+        let rows = token_uses::Entity::find()
             .filter(token_uses::Column::TokenId.is_in(token_ids.iter().map(String::as_str)))
             .order_by_desc(token_uses::Column::LastAt)
-            .order_by_asc(token_uses::Column::ClientIp)
-            .order_by_asc(token_uses::Column::Service)
+            .order_by_desc(token_uses::Column::ClientIp)
+            .order_by_desc(token_uses::Column::Service)
             .all(&self.db)
             .await
-            .map_err(db_err)?
-            .into_iter()
+            .map_err(db_err)?;
+        let mut shown: HashMap<String, usize> = HashMap::new();
+        rows.into_iter()
+            .filter(|row| {
+                let count = shown.entry(row.token_id.clone()).or_default();
+                *count += 1;
+                *count <= MAX_TOKEN_USES
+            })
             .map(convert::token_use)
             .collect()
     }

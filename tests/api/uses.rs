@@ -12,6 +12,7 @@ use crate::helpers::TestApp;
 
 crate::both_backends!(
     listing_shows_where_a_token_was_used_from_and_through_which_service,
+    a_service_of_another_tenant_stays_anonymous,
     only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward,
     a_deleted_tokens_uses_go_with_it,
 );
@@ -93,16 +94,21 @@ async fn listing_shows_where_a_token_was_used_from_and_through_which_service(app
     // The same pair again within the minute: one record.
     assert!(introspect_from(&app, &edge, &pat, "203.0.113.7").await);
     assert!(introspect_from(&app, &billing, &pat, "2001:db8::1").await);
-    assert!(introspect_from(&app, &billing, &pat, "").await);
+    // An IPv4 address written as IPv6 is the IPv4 address.
+    assert!(introspect_from(&app, &billing, &pat, "::ffff:198.51.100.9").await);
+    // No client IP reported.
+    assert!(introspect_from(&app, &edge, &pat, "").await);
     // The token as the credential of a call to tokend itself: the connection's peer.
     app.tokens(&pat)
         .list_tokens(pb::ListTokensRequest::default())
         .await
         .expect("alice lists her tokens");
     // An inactive answer records nothing.
-    assert!(!introspect_from(&app, &edge, "tkd_pat_notarealtoken", "198.51.100.1").await);
+    let (dead, dead_info) = app.pat("acme", "alice", "old", &[]).await;
+    app.revoke_as("acme", "alice", &dead_info.id).await;
+    assert!(!introspect_from(&app, &edge, &dead, "198.51.100.1").await);
 
-    let listed = listed_with_uses(&app, &info.id, 4).await;
+    let listed = listed_with_uses(&app, &info.id, 5).await;
     let mut got = pairs(&listed);
     got.sort();
     assert_eq!(
@@ -110,10 +116,15 @@ async fn listing_shows_where_a_token_was_used_from_and_through_which_service(app
         vec![
             (
                 String::new(),
+                edge_info.display_id.clone(),
+                "edge-gateway".into()
+            ),
+            ("127.0.0.1".into(), String::new(), String::new()),
+            (
+                "198.51.100.9".into(),
                 billing_info.display_id.clone(),
                 "billing".into()
             ),
-            ("127.0.0.1".into(), String::new(), String::new()),
             (
                 "2001:db8::1".into(),
                 billing_info.display_id.clone(),
@@ -140,6 +151,46 @@ async fn listing_shows_where_a_token_was_used_from_and_through_which_service(app
         })
         .await;
     crate::helpers::assert_status(bad, tonic::Code::InvalidArgument, "client_ip");
+    let mut revoked = app
+        .tokens(&app.root)
+        .list_tokens(pb::ListTokensRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            include_revoked: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    revoked.retain(|t| t.id == dead_info.id);
+    assert!(revoked[0].recent_uses.is_empty());
+}
+
+async fn a_service_of_another_tenant_stays_anonymous(app: TestApp) {
+    acme(&app).await;
+    app.tenant(
+        "globex",
+        &[
+            ("checker", &["tokend.introspect"]),
+            (
+                "keymaster",
+                &["tokend.introspect", "tokend.api_keys.manage"],
+            ),
+        ],
+    )
+    .await;
+    app.member("globex", "gus", "keymaster", &[]).await;
+    let (theirs, _) = app
+        .api_key("globex", "gus", "secret-project", "checker")
+        .await;
+    let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    assert!(introspect_from(&app, &theirs, &pat, "203.0.113.9").await);
+    let listed = listed_with_uses(&app, &info.id, 1).await;
+    assert_eq!(
+        pairs(&listed),
+        vec![("203.0.113.9".into(), "another-tenant".into(), String::new())]
+    );
 }
 
 async fn only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward(app: TestApp) {
@@ -148,7 +199,7 @@ async fn only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward(app: TestA
     let (edge, _) = gateway(&app, "edge-gateway").await;
     for i in 1..=7 {
         assert!(introspect_from(&app, &edge, &pat, &format!("192.0.2.{i}")).await);
-        // Each write lands before the next use, so the order is the clock's.
+        // The order on record is the clock's: a minute between uses.
         listed_with_uses(&app, &info.id, i.min(5)).await;
         app.advance(TimeDelta::minutes(1));
     }
