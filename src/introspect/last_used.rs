@@ -4,6 +4,7 @@
 //! writes to the database.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher as _, RandomState};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -24,21 +25,26 @@ const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 /// each used from new places at once. What is over is dropped and counted.
 const MAX_PENDING_SITES: usize = 50_000;
 
-/// (token id, client IP, calling credential's id; empty = the token called tokend itself).
-type SiteKey = (ArrayString<16>, Option<IpAddr>, ArrayString<16>);
+/// Recently queued sites remembered beside each verdict's last one: enough for tokens used
+/// from several places in turn, small because the common case never reaches it.
+const SITES_SEEN: usize = 16_384;
 
 /// How a caller outside the system tenant and the token's own is named in the token's uses:
 /// which keys another tenant holds is that tenant's business.
 pub const ANOTHER_TENANT: &str = "another-tenant";
+
+/// `via` of a use by an anonymous caller (another tenant's): not a public id, which is
+/// alphanumeric.
+const ANONYMOUS: &str = "~";
 
 /// The calling service as a use records it: the credential that asked about the token.
 #[derive(Clone, Copy, Debug)]
 pub struct Service<'a> {
     /// Its public id.
     pub id: &'a str,
-    /// Its display id.
+    /// Its display id, or [`ANOTHER_TENANT`].
     pub display_id: &'a str,
-    /// Its name.
+    /// Its name (empty for another tenant's).
     pub name: &'a str,
 }
 
@@ -47,50 +53,124 @@ pub struct Service<'a> {
 pub struct LastUsed {
     store: Arc<dyn Store>,
     pending: Mutex<HashMap<String, Timestamp>>,
-    /// When each recently seen site was last queued (Unix ms): the check that keeps a busy
-    /// site to one write a minute, bounded (an evicted site is merely queued again).
-    sites_seen: quick_cache::sync::Cache<SiteKey, i64>,
+    /// Keys the site digests: random per process, so nobody can craft a client IP whose
+    /// digest equals a real site's and so hide it.
+    digests: RandomState,
+    /// When each recently seen site (by digest) was last queued (Unix ms), for tokens used
+    /// from several sites in turn; bounded (an evicted site is merely queued again).
+    sites_seen: quick_cache::sync::Cache<u64, i64>,
     pending_sites: Mutex<PendingSites>,
+}
+
+/// One place a token was used from, waiting for the next flush.
+#[derive(Clone, Copy, Debug)]
+struct PendingSite {
+    client_ip: Option<IpAddr>,
+    /// The calling credential's public id; empty = the token itself; [`ANONYMOUS`].
+    via: ArrayString<16>,
+    at: Timestamp,
 }
 
 /// Uses waiting for the next flush: per token, only the newest [`MAX_TOKEN_USES`] distinct
 /// pairs (older ones would be pruned anyway), so a scan through one token (a new client IP
-/// on every call) displaces only that token's own pairs.
+/// on every call) displaces only that token's own pairs. Callers' names are kept once each.
 #[derive(Debug, Default)]
 struct PendingSites {
-    by_token: HashMap<ArrayString<16>, Vec<TokenUse>>,
+    by_token: HashMap<ArrayString<16>, Vec<PendingSite>>,
+    /// Display id and name by public id, of the callers in `by_token`.
+    callers: HashMap<ArrayString<16>, (String, String)>,
     len: usize,
 }
 
 impl PendingSites {
-    /// Adds or refreshes `used`; false if it was dropped (every token's bound is full).
-    fn note(&mut self, token: ArrayString<16>, used: TokenUse) -> bool {
+    /// Adds or refreshes a use; false if it was dropped (every token's bound is full).
+    fn note(
+        &mut self,
+        token: ArrayString<16>,
+        site: PendingSite,
+        caller: Option<Service<'_>>,
+    ) -> bool {
         let known = self.by_token.contains_key(&token);
         if !known && self.len >= MAX_PENDING_SITES {
             return false;
         }
-        let pairs = self.by_token.entry(token).or_default();
+        let pairs = self
+            .by_token
+            .entry(token)
+            .or_insert_with(|| Vec::with_capacity(1));
         if let Some(same) = pairs
             .iter_mut()
-            .find(|p| p.client_ip == used.client_ip && p.service == used.service)
+            .find(|p| p.client_ip == site.client_ip && p.via == site.via)
         {
-            same.at = same.at.max(used.at);
-            same.service_name = used.service_name;
+            same.at = same.at.max(site.at);
         } else if pairs.len() < MAX_TOKEN_USES {
             if self.len >= MAX_PENDING_SITES {
                 return false;
             }
-            pairs.push(used);
+            pairs.push(site);
             self.len += 1;
         } else if let Some(oldest) = pairs.iter_mut().min_by_key(|p| p.at) {
-            *oldest = used;
+            *oldest = site;
+        }
+        if let Some(caller) = caller
+            && !site.via.is_empty()
+            && site.via.as_str() != ANONYMOUS
+        {
+            self.callers
+                .entry(site.via)
+                .or_insert_with(|| (caller.display_id.to_owned(), caller.name.to_owned()));
         }
         true
     }
 
+    /// Adds back a use a failed flush took out.
+    fn restore(&mut self, used: &TokenUse) -> bool {
+        let via = match used.service.as_str() {
+            "" => "",
+            ANOTHER_TENANT => ANONYMOUS,
+            display_id => display_id.rsplit('_').next().unwrap_or_default(),
+        };
+        let (Ok(token), Ok(via)) = (ArrayString::from(&used.token_id), ArrayString::from(via))
+        else {
+            return false;
+        };
+        let site = PendingSite {
+            client_ip: used.client_ip,
+            via,
+            at: used.at,
+        };
+        let caller = Service {
+            id: &via,
+            display_id: &used.service,
+            name: &used.service_name,
+        };
+        self.note(token, site, Some(caller))
+    }
+
     fn drain(&mut self) -> Vec<TokenUse> {
         self.len = 0;
-        self.by_token.drain().flat_map(|(_, pairs)| pairs).collect()
+        let callers = std::mem::take(&mut self.callers);
+        self.by_token
+            .drain()
+            .flat_map(|(token, pairs)| pairs.into_iter().map(move |p| (token, p)))
+            .map(|(token, p)| {
+                let (service, service_name) = match p.via.as_str() {
+                    "" => (String::new(), String::new()),
+                    ANONYMOUS => (ANOTHER_TENANT.to_owned(), String::new()),
+                    via => callers
+                        .get(&p.via)
+                        .cloned()
+                        .unwrap_or_else(|| (via.to_owned(), String::new())),
+                };
+                TokenUse {
+                    token_id: token.to_string(),
+                    client_ip: p.client_ip,
+                    service,
+                    service_name,
+                    at: p.at,
+                }
+            })
+            .collect()
     }
 }
 
@@ -100,50 +180,63 @@ impl LastUsed {
         Self {
             store,
             pending: Mutex::new(HashMap::new()),
-            sites_seen: quick_cache::sync::Cache::new(100_000),
+            digests: RandomState::new(),
+            sites_seen: quick_cache::sync::Cache::new(SITES_SEEN),
             pending_sites: Mutex::new(PendingSites::default()),
         }
     }
 
-    /// Notes that token `token_id` was used at `now` from `client_ip` through `service`
-    /// (`None`: the token was itself the credential of a call to tokend). A pair seen less
-    /// than a minute ago costs one cache lookup. Never waits on I/O.
+    /// Notes that the live token of `active` was used at `now` from `client_ip` through
+    /// `service` (`None`: the token was itself the credential of a call to tokend). A token
+    /// used from the same site as last time within the minute costs a digest and two atomic
+    /// loads; another recent site, one cache lookup. Never waits on I/O.
     pub fn note_site(
         &self,
-        token_id: &str,
+        active: &ActiveToken,
         client_ip: Option<IpAddr>,
         service: Option<Service<'_>>,
         now: Timestamp,
     ) {
-        let (Ok(token), Ok(via)) = (
-            ArrayString::from(token_id),
-            ArrayString::from(service.map_or("", |s| s.id)),
-        ) else {
+        let via = match service {
+            None => "",
+            Some(s) if s.display_id == ANOTHER_TENANT => ANONYMOUS,
+            Some(s) => s.id,
+        };
+        let (Ok(token), Ok(via)) = (ArrayString::from(active.token.id()), ArrayString::from(via))
+        else {
             return;
         };
         let client_ip = client_ip.map(|ip| ip.to_canonical());
-        let key = (token, client_ip, via);
+        let digest = self.digests.hash_one((token, client_ip, via));
         let millis = now.timestamp_millis();
-        if let Some(seen) = self.sites_seen.get(&key)
-            && (0..RESOLUTION.num_milliseconds()).contains(&(millis - seen))
+        let fresh =
+            |seen: i64| (0..RESOLUTION.num_milliseconds()).contains(&millis.saturating_sub(seen));
+        if active.last_site.load(Ordering::Relaxed) == digest
+            && fresh(active.last_site_ms.load(Ordering::Relaxed))
         {
+            return;
+        }
+        let seen = self.sites_seen.get(&digest).filter(|seen| fresh(*seen));
+        active.last_site.store(digest, Ordering::Relaxed);
+        active
+            .last_site_ms
+            .store(seen.unwrap_or(millis), Ordering::Relaxed);
+        if seen.is_some() {
             return;
         }
         // Marked seen even if dropped below: a dropped pair must not take the lock on every
         // call until the next flush.
-        self.sites_seen.insert(key, millis);
-        let used = TokenUse {
-            token_id: token_id.to_owned(),
+        self.sites_seen.insert(digest, millis);
+        let site = PendingSite {
             client_ip,
-            service: service.map_or_else(String::new, |s| s.display_id.to_owned()),
-            service_name: service.map_or_else(String::new, |s| s.name.to_owned()),
+            via,
             at: now,
         };
         let noted = self
             .pending_sites
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .note(token, used);
+            .note(token, site, service);
         if !noted {
             metrics::counter!("tokend_token_uses_dropped_total").increment(1);
         }
@@ -207,11 +300,8 @@ impl LastUsed {
                 .pending_sites
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for used in uses {
-                let Ok(token) = ArrayString::from(&used.token_id) else {
-                    continue;
-                };
-                if !pending.note(token, used) {
+            for used in &uses {
+                if !pending.restore(used) {
                     metrics::counter!("tokend_token_uses_dropped_total").increment(1);
                 }
             }
@@ -269,15 +359,19 @@ mod tests {
 
     use super::*;
 
-    fn used(token: &str, ip: u8, minute: i64) -> TokenUse {
-        TokenUse {
-            token_id: token.to_owned(),
+    fn site(ip: u8, minute: i64) -> PendingSite {
+        PendingSite {
             client_ip: Some(IpAddr::from([192, 0, 2, ip])),
-            service: "tkd_key_gateway00000".to_owned(),
-            service_name: "gateway".to_owned(),
+            via: ArrayString::from("gateway00000").unwrap(),
             at: Utc.timestamp_opt(1_700_000_000, 0).unwrap() + TimeDelta::minutes(minute),
         }
     }
+
+    const GATEWAY: Service<'static> = Service {
+        id: "gateway00000",
+        display_id: "tkd_key_gateway00000",
+        name: "gateway",
+    };
 
     fn key(token: &str) -> ArrayString<16> {
         ArrayString::from(token).unwrap()
@@ -286,20 +380,20 @@ mod tests {
     #[test]
     fn a_scan_through_one_token_displaces_only_its_own_older_pairs() {
         let mut pending = PendingSites::default();
-        assert!(pending.note(key("other"), used("other", 1, 0)));
+        assert!(pending.note(key("other"), site(1, 0), Some(GATEWAY)));
         for ip in 1..=50 {
-            assert!(pending.note(key("scanned"), used("scanned", ip, i64::from(ip))));
+            assert!(pending.note(key("scanned"), site(ip, i64::from(ip)), Some(GATEWAY)));
         }
-        let mut kept: Vec<(String, Option<IpAddr>)> = pending
+        let mut kept: Vec<(String, Option<IpAddr>, String)> = pending
             .drain()
             .into_iter()
-            .map(|u| (u.token_id, u.client_ip))
+            .map(|u| (u.token_id, u.client_ip, u.service_name))
             .collect();
         kept.sort();
-        let mut expected = vec![("other".to_owned(), Some(IpAddr::from([192, 0, 2, 1])))];
-        expected.extend(
-            (46..=50).map(|ip| ("scanned".to_owned(), Some(IpAddr::from([192, 0, 2, ip])))),
-        );
+        let ip = |last: u8| Some(IpAddr::from([192, 0, 2, last]));
+        let mut expected = vec![("other".to_owned(), ip(1), "gateway".to_owned())];
+        expected
+            .extend((46..=50).map(|last| ("scanned".to_owned(), ip(last), "gateway".to_owned())));
         assert_eq!(kept, expected);
         assert_eq!(pending.len, 0);
     }
@@ -307,12 +401,39 @@ mod tests {
     #[test]
     fn the_same_pair_again_keeps_one_entry_with_the_later_time() {
         let mut pending = PendingSites::default();
-        assert!(pending.note(key("t"), used("t", 1, 5)));
-        assert!(pending.note(key("t"), used("t", 1, 3)));
-        assert!(pending.note(key("t"), used("t", 1, 9)));
+        assert!(pending.note(key("t"), site(1, 5), Some(GATEWAY)));
+        assert!(pending.note(key("t"), site(1, 3), Some(GATEWAY)));
+        assert!(pending.note(key("t"), site(1, 9), Some(GATEWAY)));
         let drained = pending.drain();
         assert_eq!(drained.len(), 1);
-        assert_eq!(drained[0].at, used("t", 1, 9).at);
+        assert_eq!(drained[0].at, site(1, 9).at);
+        assert_eq!(drained[0].service, "tkd_key_gateway00000");
+    }
+
+    #[test]
+    fn a_use_taken_out_by_a_failed_flush_goes_back_as_it_was() {
+        let mut pending = PendingSites::default();
+        let anonymous = PendingSite {
+            via: ArrayString::from(ANONYMOUS).unwrap(),
+            ..site(2, 1)
+        };
+        let itself = PendingSite {
+            via: ArrayString::new(),
+            ..site(3, 2)
+        };
+        assert!(pending.note(key("t"), site(1, 0), Some(GATEWAY)));
+        assert!(pending.note(key("t"), anonymous, None));
+        assert!(pending.note(key("t"), itself, None));
+        let mut first = pending.drain();
+        for used in &first {
+            assert!(pending.restore(used));
+        }
+        let mut again = pending.drain();
+        first.sort_by_key(|u| u.client_ip);
+        again.sort_by_key(|u| u.client_ip);
+        assert_eq!(first, again);
+        assert_eq!(first[1].service, ANOTHER_TENANT);
+        assert_eq!(first[2].service, "");
     }
 
     #[test]
@@ -321,7 +442,7 @@ mod tests {
             len: MAX_PENDING_SITES,
             ..PendingSites::default()
         };
-        assert!(!pending.note(key("t"), used("t", 1, 0)));
+        assert!(!pending.note(key("t"), site(1, 0), Some(GATEWAY)));
         assert!(pending.by_token.is_empty());
     }
 }

@@ -12,7 +12,7 @@ pub mod cache;
 pub mod last_used;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
 use secrecy::SecretString;
 
@@ -34,6 +34,10 @@ pub struct ActiveToken {
     pub grant: LiveGrant,
     /// The last use on record (Unix ms), so a remembered verdict notes uses cheaply.
     last_noted: AtomicI64,
+    /// Digest of the (client IP, caller) the token was last noted as used from, and when
+    /// (Unix ms): a token used from one place costs no map or cache to note.
+    last_site: AtomicU64,
+    last_site_ms: AtomicI64,
 }
 
 /// The verdict on a token string.
@@ -207,22 +211,24 @@ impl Introspector {
                     token: state.token,
                     grant,
                     last_noted: AtomicI64::new(noted.timestamp_millis()),
+                    last_site: AtomicU64::new(0),
+                    last_site_ms: AtomicI64::new(0),
                 })))
             }
             Err(reason) => Ok(Outcome::Inactive(reason)),
         }
     }
 
-    /// Notes that the live token `token_id` was used from `client_ip` through `service`
+    /// Notes that the live token of `active` was used from `client_ip` through `service`
     /// (`None`: as the credential of a call to tokend). Never waits on I/O.
     pub fn note_use(
         &self,
-        token_id: &str,
+        active: &ActiveToken,
         client_ip: Option<std::net::IpAddr>,
         service: Option<last_used::Service<'_>>,
     ) {
         self.last_used
-            .note_site(token_id, client_ip, service, self.clock.now());
+            .note_site(active, client_ip, service, self.clock.now());
     }
 
     /// The state of the token whose secret `parsed` holds, whatever that state is; `None`

@@ -183,7 +183,7 @@ impl Tokend {
             .trim();
         match self.introspector.introspect(token).await? {
             Outcome::Active(active) => {
-                self.introspector.note_use(active.token.id(), peer, None);
+                self.introspector.note_use(&active, peer, None);
                 Ok(Caller { active })
             }
             Outcome::Inactive(reason) => {

@@ -750,7 +750,7 @@ impl Tokend {
                 // from any other tenant stays anonymous to it.
                 let known = caller.is_system() || caller.tenant_id() == &active.token.tenant_id;
                 self.introspector.note_use(
-                    active.token.id(),
+                    active,
                     client_ip,
                     Some(Service {
                         id: caller.token_id(),
