@@ -18,6 +18,9 @@ use crate::domain::ports::{MAX_TOKEN_USES, Store};
 
 use super::ActiveToken;
 
+// Token ids are keyed inline (`ArrayString<16>`); a longer id would never be noted.
+const _: () = assert!(crate::domain::token_format::PUBLIC_ID_LEN <= 16);
+
 /// `last_used_at` is kept to the minute.
 const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 
@@ -52,14 +55,14 @@ pub struct Service<'a> {
 #[derive(Debug)]
 pub struct LastUsed {
     store: Arc<dyn Store>,
-    pending: Mutex<HashMap<String, Timestamp>>,
     /// Keys the site digests: random per process, so nobody can craft a client IP whose
     /// digest equals a real site's and so hide it.
     digests: RandomState,
     /// When each recently seen site (by digest) was last queued (Unix ms), for tokens used
     /// from several sites in turn; bounded (an evicted site is merely queued again).
     sites_seen: quick_cache::sync::Cache<u64, i64>,
-    pending_sites: Mutex<PendingSites>,
+    /// Everything noted since the last flush, by token.
+    pending: Mutex<Pending>,
 }
 
 /// One place a token was used from, waiting for the next flush.
@@ -71,18 +74,55 @@ struct PendingSite {
     at: Timestamp,
 }
 
-/// Uses waiting for the next flush: per token, only the newest [`MAX_TOKEN_USES`] distinct
-/// pairs (older ones would be pruned anyway), so a scan through one token (a new client IP
-/// on every call) displaces only that token's own pairs. Callers' names are kept once each.
+/// Uses waiting for the next flush, one entry per token: its last use, and where from.
+/// Per token only the newest [`MAX_TOKEN_USES`] distinct pairs are kept (older ones would be
+/// pruned anyway), so a scan through one token (a new client IP on every call) displaces
+/// only that token's own pairs. Callers' names are kept once each.
 #[derive(Debug, Default)]
-struct PendingSites {
-    by_token: HashMap<ArrayString<16>, Vec<PendingSite>>,
-    /// Display id and name by public id, of the callers in `by_token`.
+struct Pending {
+    tokens: HashMap<ArrayString<16>, PendingToken>,
+    /// Display id and name by public id, of the callers in `tokens`.
     callers: HashMap<ArrayString<16>, (String, String)>,
-    len: usize,
+    /// How many sites `tokens` holds.
+    sites: usize,
 }
 
-impl PendingSites {
+/// One token's pending uses. The first site is inline: most tokens are used from one place,
+/// and a replica may hold a hundred thousand of these between two flushes.
+#[derive(Debug, Default)]
+struct PendingToken {
+    used_at: Option<Timestamp>,
+    first: Option<PendingSite>,
+    more: Vec<PendingSite>,
+}
+
+impl PendingToken {
+    fn sites_mut(&mut self) -> impl Iterator<Item = &mut PendingSite> {
+        self.first.iter_mut().chain(self.more.iter_mut())
+    }
+
+    fn site_count(&self) -> usize {
+        usize::from(self.first.is_some()) + self.more.len()
+    }
+
+    fn push(&mut self, site: PendingSite) {
+        if self.first.is_none() {
+            self.first = Some(site);
+        } else {
+            self.more.push(site);
+        }
+    }
+}
+
+impl Pending {
+    /// Notes a token's last use; `keep` keeps a time already noted (a failed flush's).
+    fn note_used(&mut self, token: ArrayString<16>, at: Timestamp, keep: bool) {
+        let used_at = &mut self.tokens.entry(token).or_default().used_at;
+        if !(keep && used_at.is_some()) {
+            *used_at = Some(at);
+        }
+    }
+
     /// Adds or refreshes a use; false if it was dropped (every token's bound is full).
     fn note(
         &mut self,
@@ -90,28 +130,37 @@ impl PendingSites {
         site: PendingSite,
         caller: Option<Service<'_>>,
     ) -> bool {
-        let known = self.by_token.contains_key(&token);
-        if !known && self.len >= MAX_PENDING_SITES {
-            return false;
-        }
-        let pairs = self
-            .by_token
-            .entry(token)
-            .or_insert_with(|| Vec::with_capacity(1));
-        if let Some(same) = pairs
-            .iter_mut()
+        let full = self.sites >= MAX_PENDING_SITES;
+        let Some(pending) = self.tokens.get_mut(&token) else {
+            if full {
+                return false;
+            }
+            let mut pending = PendingToken::default();
+            pending.push(site);
+            self.tokens.insert(token, pending);
+            self.sites += 1;
+            self.note_caller(site, caller);
+            return true;
+        };
+        if let Some(same) = pending
+            .sites_mut()
             .find(|p| p.client_ip == site.client_ip && p.via == site.via)
         {
             same.at = same.at.max(site.at);
-        } else if pairs.len() < MAX_TOKEN_USES {
-            if self.len >= MAX_PENDING_SITES {
+        } else if pending.site_count() < MAX_TOKEN_USES {
+            if full {
                 return false;
             }
-            pairs.push(site);
-            self.len += 1;
-        } else if let Some(oldest) = pairs.iter_mut().min_by_key(|p| p.at) {
+            pending.push(site);
+            self.sites += 1;
+        } else if let Some(oldest) = pending.sites_mut().min_by_key(|p| p.at) {
             *oldest = site;
         }
+        self.note_caller(site, caller);
+        true
+    }
+
+    fn note_caller(&mut self, site: PendingSite, caller: Option<Service<'_>>) {
         if let Some(caller) = caller
             && !site.via.is_empty()
             && site.via.as_str() != ANONYMOUS
@@ -120,7 +169,6 @@ impl PendingSites {
                 .entry(site.via)
                 .or_insert_with(|| (caller.display_id.to_owned(), caller.name.to_owned()));
         }
-        true
     }
 
     /// Adds back a use a failed flush took out.
@@ -147,30 +195,35 @@ impl PendingSites {
         self.note(token, site, Some(caller))
     }
 
-    fn drain(&mut self) -> Vec<TokenUse> {
-        self.len = 0;
+    /// Takes everything out: the last-use times, and the uses with their callers named.
+    fn drain(&mut self) -> (Vec<(String, Timestamp)>, Vec<TokenUse>) {
+        self.sites = 0;
         let callers = std::mem::take(&mut self.callers);
-        self.by_token
-            .drain()
-            .flat_map(|(token, pairs)| pairs.into_iter().map(move |p| (token, p)))
-            .map(|(token, p)| {
-                let (service, service_name) = match p.via.as_str() {
+        let mut times = Vec::new();
+        let mut uses = Vec::new();
+        for (token, pending) in self.tokens.drain() {
+            if let Some(at) = pending.used_at {
+                times.push((token.to_string(), at));
+            }
+            for site in pending.first.into_iter().chain(pending.more) {
+                let (service, service_name) = match site.via.as_str() {
                     "" => (String::new(), String::new()),
                     ANONYMOUS => (ANOTHER_TENANT.to_owned(), String::new()),
                     via => callers
-                        .get(&p.via)
+                        .get(&site.via)
                         .cloned()
                         .unwrap_or_else(|| (via.to_owned(), String::new())),
                 };
-                TokenUse {
+                uses.push(TokenUse {
                     token_id: token.to_string(),
-                    client_ip: p.client_ip,
+                    client_ip: site.client_ip,
                     service,
                     service_name,
-                    at: p.at,
-                }
-            })
-            .collect()
+                    at: site.at,
+                });
+            }
+        }
+        (times, uses)
     }
 }
 
@@ -179,10 +232,9 @@ impl LastUsed {
     pub fn new(store: Arc<dyn Store>) -> Self {
         Self {
             store,
-            pending: Mutex::new(HashMap::new()),
             digests: RandomState::new(),
             sites_seen: quick_cache::sync::Cache::new(SITES_SEEN),
-            pending_sites: Mutex::new(PendingSites::default()),
+            pending: Mutex::new(Pending::default()),
         }
     }
 
@@ -233,7 +285,7 @@ impl LastUsed {
             at: now,
         };
         let noted = self
-            .pending_sites
+            .pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .note(token, site, service);
@@ -256,10 +308,9 @@ impl LastUsed {
         {
             return last;
         }
-        self.pending
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(token.id().to_owned(), now);
+        if let Ok(id) = ArrayString::from(token.id()) {
+            self.lock().note_used(id, now, false);
+        }
         now
     }
 
@@ -279,27 +330,26 @@ impl LastUsed {
 
     /// Writes every noted use; returns how many tokens' last use was written.
     pub async fn flush(&self) -> Result<usize> {
-        let sites = self.flush_sites().await;
-        let written = self.flush_times().await?;
+        let (times, uses) = self.lock().drain();
+        let sites = self.flush_sites(uses).await;
+        let written = self.flush_times(times).await?;
         sites?;
         Ok(written)
     }
 
-    async fn flush_sites(&self) -> Result<()> {
-        let uses = self
-            .pending_sites
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .drain();
+    }
+
+    async fn flush_sites(&self, uses: Vec<TokenUse>) -> Result<()> {
         if uses.is_empty() {
             return Ok(());
         }
         if let Err(err) = self.store.record_token_uses(&uses).await {
             // Put them back for the next round; newer uses of a pair keep their time.
-            let mut pending = self
-                .pending_sites
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut pending = self.lock();
             for used in &uses {
                 if !pending.restore(used) {
                     metrics::counter!("tokend_token_uses_dropped_total").increment(1);
@@ -311,25 +361,17 @@ impl LastUsed {
         Ok(())
     }
 
-    async fn flush_times(&self) -> Result<usize> {
-        let batch: Vec<(String, Timestamp)> = {
-            let mut pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            pending.drain().collect()
-        };
+    async fn flush_times(&self, batch: Vec<(String, Timestamp)>) -> Result<usize> {
         if batch.is_empty() {
             return Ok(0);
         }
         if let Err(err) = self.store.touch_last_used(&batch).await {
             // Put them back for the next round, unless newer uses arrived meanwhile.
-            let mut pending = self
-                .pending
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            for (id, at) in batch {
-                pending.entry(id).or_insert(at);
+            let mut pending = self.lock();
+            for (id, at) in &batch {
+                if let Ok(id) = ArrayString::from(id) {
+                    pending.note_used(id, *at, true);
+                }
             }
             return Err(err);
         }
@@ -379,13 +421,14 @@ mod tests {
 
     #[test]
     fn a_scan_through_one_token_displaces_only_its_own_older_pairs() {
-        let mut pending = PendingSites::default();
+        let mut pending = Pending::default();
         assert!(pending.note(key("other"), site(1, 0), Some(GATEWAY)));
         for ip in 1..=50 {
             assert!(pending.note(key("scanned"), site(ip, i64::from(ip)), Some(GATEWAY)));
         }
         let mut kept: Vec<(String, Option<IpAddr>, String)> = pending
             .drain()
+            .1
             .into_iter()
             .map(|u| (u.token_id, u.client_ip, u.service_name))
             .collect();
@@ -395,16 +438,16 @@ mod tests {
         expected
             .extend((46..=50).map(|last| ("scanned".to_owned(), ip(last), "gateway".to_owned())));
         assert_eq!(kept, expected);
-        assert_eq!(pending.len, 0);
+        assert_eq!(pending.sites, 0);
     }
 
     #[test]
     fn the_same_pair_again_keeps_one_entry_with_the_later_time() {
-        let mut pending = PendingSites::default();
+        let mut pending = Pending::default();
         assert!(pending.note(key("t"), site(1, 5), Some(GATEWAY)));
         assert!(pending.note(key("t"), site(1, 3), Some(GATEWAY)));
         assert!(pending.note(key("t"), site(1, 9), Some(GATEWAY)));
-        let drained = pending.drain();
+        let drained = pending.drain().1;
         assert_eq!(drained.len(), 1);
         assert_eq!(drained[0].at, site(1, 9).at);
         assert_eq!(drained[0].service, "tkd_key_gateway00000");
@@ -412,7 +455,7 @@ mod tests {
 
     #[test]
     fn a_use_taken_out_by_a_failed_flush_goes_back_as_it_was() {
-        let mut pending = PendingSites::default();
+        let mut pending = Pending::default();
         let anonymous = PendingSite {
             via: ArrayString::from(ANONYMOUS).unwrap(),
             ..site(2, 1)
@@ -424,11 +467,11 @@ mod tests {
         assert!(pending.note(key("t"), site(1, 0), Some(GATEWAY)));
         assert!(pending.note(key("t"), anonymous, None));
         assert!(pending.note(key("t"), itself, None));
-        let mut first = pending.drain();
+        let mut first = pending.drain().1;
         for used in &first {
             assert!(pending.restore(used));
         }
-        let mut again = pending.drain();
+        let mut again = pending.drain().1;
         first.sort_by_key(|u| u.client_ip);
         again.sort_by_key(|u| u.client_ip);
         assert_eq!(first, again);
@@ -438,11 +481,11 @@ mod tests {
 
     #[test]
     fn past_the_global_bound_new_pairs_are_dropped() {
-        let mut pending = PendingSites {
-            len: MAX_PENDING_SITES,
-            ..PendingSites::default()
+        let mut pending = Pending {
+            sites: MAX_PENDING_SITES,
+            ..Pending::default()
         };
         assert!(!pending.note(key("t"), site(1, 0), Some(GATEWAY)));
-        assert!(pending.by_token.is_empty());
+        assert!(pending.tokens.is_empty());
     }
 }
