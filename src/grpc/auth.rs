@@ -12,8 +12,9 @@ use crate::service::{Caller, Tokend};
 
 use super::status::to_status;
 
-/// Paths of the services that need a credential.
-const PROTECTED_PREFIX: &str = "/tokend.v1.";
+/// Paths of the services that need a credential: tokend's own, and Envoy's external
+/// authorization (Envoy sends its credential as `initial_metadata`).
+const PROTECTED_PREFIXES: [&str; 2] = ["/tokend.v1.", "/envoy.service.auth.v3."];
 
 /// Adds [`Authenticate`] around a service.
 #[derive(Clone, Debug)]
@@ -67,7 +68,8 @@ where
         // The clone that was driven to readiness serves this request (tower's contract).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if !request.uri().path().starts_with(PROTECTED_PREFIX) {
+        let path = request.uri().path();
+        if !PROTECTED_PREFIXES.iter().any(|p| path.starts_with(p)) {
             return Box::pin(inner.call(request));
         }
         let core = Arc::clone(&self.core);

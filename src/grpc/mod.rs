@@ -5,6 +5,7 @@ pub mod audit;
 pub mod auth;
 pub mod convert;
 pub mod directory;
+pub mod ext_authz;
 pub mod status;
 pub mod token;
 
@@ -117,6 +118,12 @@ pub async fn serve(
         .add_service(
             TokenServiceServer::new(token::TokenApi::new(Arc::clone(&core), clock))
                 .max_decoding_message_size(MAX_TOKEN_MESSAGE_BYTES),
+        )
+        .add_service(
+            envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ext_authz::ExtAuthzApi::new(
+                Arc::clone(&core),
+            ))
+            .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
         .add_service(
             DirectoryServiceServer::new(directory::DirectoryApi::new(Arc::clone(&core)))

@@ -453,6 +453,16 @@ impl TestApp {
             .events
     }
 
+    /// Stops the server, as an outage would; the database stays.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(10), server).await;
+        }
+    }
+
     pub fn advance(&self, by: TimeDelta) {
         self.clock.advance(by);
     }

