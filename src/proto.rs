@@ -14,3 +14,16 @@ pub mod v1 {
 /// The encoded descriptor set of every tokend proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tokend_descriptor.bin"));
+
+/// `example.v1`: the example service guarded by [`crate::client::IntrospectLayer`] in
+/// `examples/inventory.rs`. Not tokend's API; tokend never serves it.
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    missing_docs,
+    missing_debug_implementations
+)]
+#[doc(hidden)]
+pub mod example {
+    tonic::include_proto!("example.v1");
+}

@@ -16,6 +16,7 @@ mod directory;
 mod envoy;
 mod feed;
 mod introspect;
+mod layer;
 mod leaks;
 mod replicas;
 mod rotation;
