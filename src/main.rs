@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use secrecy::ExposeSecret as _;
 
 use tokend::App;
+use tokend::cli;
 use tokend::config::{RuntimeFlavor, Settings};
 use tokend::domain::Error;
 
@@ -18,6 +19,8 @@ struct Cli {
     /// A TOML settings file; `TOKEND_*` environment variables override it.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
+    #[command(flatten)]
+    connection: cli::Connection,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,10 +38,50 @@ enum Command {
     /// Create the system tenant, its admin role and the root API key, printed alone on the
     /// last line of stdout. Refuses on a database that is already bootstrapped.
     Bootstrap,
+    /// Issue, list, revoke, delete or rotate tokens on --server (credential: TOKEND_TOKEN).
+    #[command(subcommand)]
+    Token(cli::TokenCommand),
+    /// Introspect the token string read from stdin, on --server.
+    Introspect(cli::IntrospectArgs),
+    /// Tenants, roles, members and users on --server.
+    #[command(subcommand)]
+    Directory(cli::DirectoryCommand),
+    /// The audit log on --server, newest first.
+    Audit(cli::AuditArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Client subcommands talk to a server: no settings, database or logging of their own.
+    let client = match cli.command {
+        Command::Token(command) => cli::ClientCommand::Token(command),
+        Command::Introspect(args) => cli::ClientCommand::Introspect(args),
+        Command::Directory(command) => cli::ClientCommand::Directory(command),
+        Command::Audit(args) => cli::ClientCommand::Audit(args),
+        command => return serve_side(cli.config, command),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("tokend: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli::run(&cli.connection, client)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("tokend: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `serve`, `migrate` and `bootstrap`: the commands that run against the database.
+fn serve_side(config: Option<PathBuf>, command: Command) -> ExitCode {
+    let cli = ServeSide { config, command };
     let mut settings = match Settings::load(cli.config.as_deref(), std::env::vars()) {
         Ok(settings) => settings,
         Err(err) => {
@@ -75,6 +118,12 @@ fn main() -> ExitCode {
                 Ok(())
             }
             Command::Bootstrap => bootstrap(&settings).await,
+            Command::Token(_)
+            | Command::Introspect(_)
+            | Command::Directory(_)
+            | Command::Audit(_) => {
+                unreachable!("client subcommands are run by main")
+            }
         }
     });
     match result {
@@ -84,6 +133,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+struct ServeSide {
+    config: Option<PathBuf>,
+    command: Command,
 }
 
 async fn bootstrap(settings: &Settings) -> anyhow::Result<()> {

@@ -18,6 +18,7 @@ mod feed;
 mod introspect;
 mod layer;
 mod leaks;
+mod operator;
 mod replicas;
 mod rotation;
 mod tokens;
