@@ -141,25 +141,31 @@ pub enum DirectoryCommand {
 /// `tokend directory tenant …`
 #[derive(Debug, Subcommand)]
 pub enum TenantCommand {
-    /// Create or replace a tenant (its whole policy too).
+    /// Create a tenant, or change the settings given (the rest stay as they are).
     Put {
         /// Its id.
         id: String,
         /// Display name.
-        #[arg(long, default_value = "")]
-        name: String,
-        /// Suspend it: every token of the tenant is inactive.
         #[arg(long)]
-        suspended: bool,
-        /// Policy: every token must expire.
+        name: Option<String>,
+        /// `suspended` makes every token of the tenant inactive.
+        #[arg(long, value_parser = ["active", "suspended"])]
+        status: Option<String>,
+        /// Policy: every token must expire (`true` / `false`).
         #[arg(long)]
-        require_expiry: bool,
+        require_expiry: Option<bool>,
         /// Policy: the longest lifetime, e.g. `90d`.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "clear_max_lifetime")]
         max_lifetime: Option<std::time::Duration>,
-        /// Policy: the longest rotation grace, e.g. `1d`.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// Policy: no maximum lifetime.
+        #[arg(long)]
+        clear_max_lifetime: bool,
+        /// Policy: the longest rotation grace, e.g. `1d` (`0s`: rotations revoke at once).
+        #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "clear_max_rotation_grace")]
         max_rotation_grace: Option<std::time::Duration>,
+        /// Policy: no tenant limit on rotation grace (30 days still apply).
+        #[arg(long)]
+        clear_max_rotation_grace: bool,
     },
     /// One tenant.
     Get {
@@ -513,29 +519,59 @@ where
         DirectoryCommand::Tenant(TenantCommand::Put {
             id,
             name,
-            suspended,
+            status,
             require_expiry,
             max_lifetime,
+            clear_max_lifetime,
             max_rotation_grace,
+            clear_max_rotation_grace,
         }) => {
+            // PutTenant replaces the whole tenant: start from what is there, so changing one
+            // setting never reactivates a suspended tenant or drops its policy.
+            let mut tenant = match directory
+                .get_tenant(pb::GetTenantRequest {
+                    tenant_id: id.clone(),
+                })
+                .await
+            {
+                Ok(found) => found.into_inner().tenant.unwrap_or_default(),
+                Err(status) if status.code() == tonic::Code::NotFound => pb::Tenant {
+                    id,
+                    ..Default::default()
+                },
+                Err(status) => return Err(status),
+            };
+            let mut policy = tenant.policy.unwrap_or_default();
+            if let Some(name) = name {
+                tenant.name = name;
+            }
+            if let Some(status) = status {
+                tenant.status = if status == "suspended" {
+                    pb::TenantStatus::Suspended
+                } else {
+                    pb::TenantStatus::Active
+                }
+                .into();
+            }
+            if let Some(require) = require_expiry {
+                policy.require_expiry = require;
+            }
+            if clear_max_lifetime {
+                policy.max_lifetime = None;
+            } else if let Some(max) = max_lifetime {
+                policy.max_lifetime = Some(duration(max));
+            }
+            if clear_max_rotation_grace {
+                policy.max_rotation_grace = None;
+            } else if let Some(max) = max_rotation_grace {
+                policy.max_rotation_grace = Some(duration(max));
+            }
+            tenant.policy = Some(policy);
+            tenant.created_at = None;
+            tenant.updated_at = None;
             let tenant = directory
                 .put_tenant(pb::PutTenantRequest {
-                    tenant: Some(pb::Tenant {
-                        id,
-                        name,
-                        status: if suspended {
-                            pb::TenantStatus::Suspended
-                        } else {
-                            pb::TenantStatus::Active
-                        }
-                        .into(),
-                        policy: Some(pb::TokenPolicy {
-                            require_expiry,
-                            max_lifetime: max_lifetime.map(duration),
-                            max_rotation_grace: max_rotation_grace.map(duration),
-                        }),
-                        ..Default::default()
-                    }),
+                    tenant: Some(tenant),
                 })
                 .await?
                 .into_inner()
@@ -654,7 +690,12 @@ where
                     status: status.into(),
                 })
                 .await?;
-            done(out, status.as_str_name(), &user);
+            let word = match status {
+                pb::UserStatus::Suspended => "suspended",
+                pb::UserStatus::Removed => "removed",
+                _ => "activated",
+            };
+            done(out, word, &user);
         }
     }
     Ok(())

@@ -20,27 +20,44 @@ use envoy_types::ext_authz::v3::{
 };
 use tonic::{Request, Response, Status};
 
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
 use crate::domain::model::PermissionSet;
 use crate::domain::names::Permission;
+use crate::domain::rules;
 use crate::introspect::Outcome;
 use crate::service::Tokend;
 
 use super::auth::caller;
 
 /// The ext_authz context extension naming the permissions a route requires, separated by
-/// spaces or commas (set per route in Envoy's `ExtAuthzPerRoute.check_settings`).
+/// whitespace or commas (set per route in Envoy's `ExtAuthzPerRoute.check_settings`).
 pub const REQUIRED_PERMISSIONS: &str = "tokend_required_permissions";
+
+/// The ext_authz context extension naming the tenants whose tokens a route admits
+/// (whitespace or commas). Without it a live token of any tenant passes, and the upstream
+/// must scope what it serves by `x-tokend-tenant`.
+pub const TENANTS: &str = "tokend_tenants";
+
+/// The largest Check accepted.
+pub const MAX_CHECK_BYTES: usize = 1024 * 1024;
+
+/// What is percent-encoded in an `x-tokend-*` value: controls, non-ASCII, and the list
+/// separator, so a group named `eng,admins` cannot read as two groups.
+const HEADER_ITEM: &AsciiSet = &CONTROLS.add(b' ').add(b',').add(b'%').add(b'"');
 
 /// Headers tokend sets on an allowed request. Always all of them, overwriting whatever the
 /// client sent under these names, so an upstream can trust them.
 pub const TENANT_HEADER: &str = "x-tokend-tenant";
-/// The subject: the owner's user id (PAT) or the key's id (API key).
+/// The subject: the owner's user id (PAT) or the key's id (API key). Values are
+/// percent-encoded (RFC 3986) where they hold anything but printable ASCII, and lists are
+/// comma-separated.
 pub const SUBJECT_HEADER: &str = "x-tokend-subject";
 /// The token's id.
 pub const TOKEN_ID_HEADER: &str = "x-tokend-token-id";
-/// Effective permissions, space-separated, sorted.
+/// Effective permissions, comma-separated, sorted.
 pub const PERMISSIONS_HEADER: &str = "x-tokend-permissions";
-/// The owner's groups, space-separated, sorted.
+/// The owner's groups, comma-separated, sorted.
 pub const GROUPS_HEADER: &str = "x-tokend-groups";
 
 /// The gRPC face of Envoy's external authorization.
@@ -63,8 +80,13 @@ impl Authorization for ExtAuthzApi {
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
         let caller = caller(&request)?;
+        // First: a credential that may not introspect learns nothing, not even "no token".
+        caller.require(rules::INTROSPECT)?;
         let check = request.into_inner();
-        let required = required_permissions(&check)?;
+        let required: PermissionSet = listed(&check, REQUIRED_PERMISSIONS)?
+            .map(|p| Permission::parse(&extension(REQUIRED_PERMISSIONS), p))
+            .collect::<crate::domain::Result<_>>()?;
+        let tenants: Vec<&str> = listed(&check, TENANTS)?.collect();
         let Some(token) = check.get_client_headers().and_then(|h| bearer(h)) else {
             return Ok(Response::new(denied(
                 Status::unauthenticated("no bearer token"),
@@ -85,6 +107,15 @@ impl Authorization for ExtAuthzApi {
                 HttpStatusCode::Unauthorized,
                 r#"Bearer error="invalid_token""#.to_owned(),
             ),
+            Outcome::Active(active)
+                if !tenants.is_empty() && !tenants.contains(&active.token.tenant_id.as_str()) =>
+            {
+                denied(
+                    Status::permission_denied("this route does not admit the token's tenant"),
+                    HttpStatusCode::Forbidden,
+                    r#"Bearer error="insufficient_scope""#.to_owned(),
+                )
+            }
             Outcome::Active(_) if !answer.allowed => denied(
                 Status::permission_denied("the token lacks a permission this route requires"),
                 HttpStatusCode::Forbidden,
@@ -97,20 +128,18 @@ impl Authorization for ExtAuthzApi {
                 let token = &active.token;
                 let mut ok = OkHttpResponseBuilder::new();
                 let overwrite = Some(HeaderAppendAction::OverwriteIfExistsOrAdd);
+                let subject = token.subject();
                 for (name, value) in [
-                    (TENANT_HEADER, token.tenant_id.to_string()),
-                    (SUBJECT_HEADER, token.subject()),
-                    (TOKEN_ID_HEADER, token.id().to_owned()),
-                    (PERMISSIONS_HEADER, joined(&active.grant.permissions)),
+                    (TENANT_HEADER, encoded([token.tenant_id.as_str()])),
+                    (SUBJECT_HEADER, encoded([subject.as_str()])),
+                    (TOKEN_ID_HEADER, encoded([token.id()])),
+                    (
+                        PERMISSIONS_HEADER,
+                        encoded(active.grant.permissions.iter().map(Permission::as_str)),
+                    ),
                     (
                         GROUPS_HEADER,
-                        active
-                            .grant
-                            .groups
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join(" "),
+                        encoded(active.grant.groups.iter().map(|g| g.as_str())),
                     ),
                 ] {
                     ok.add_header(name, value, overwrite, true);
@@ -148,22 +177,44 @@ fn bearer(headers: &std::collections::HashMap<String, String>) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
-/// The route's required permissions. A malformed list is the operator's mistake: Check
-/// fails (INVALID_ARGUMENT naming the extension) and Envoy applies its `status_on_error`.
-fn required_permissions(check: &CheckRequest) -> Result<PermissionSet, Status> {
-    let Some(list) = check
-        .attributes
-        .as_ref()
-        .and_then(|a| a.context_extensions.get(REQUIRED_PERMISSIONS))
-    else {
-        return Ok(PermissionSet::new());
-    };
-    let field = format!("context_extensions.{REQUIRED_PERMISSIONS}");
-    list.split([' ', ','])
-        .filter(|p| !p.is_empty())
-        .map(|p| Permission::parse(&field, p))
-        .collect::<crate::domain::Result<PermissionSet>>()
-        .map_err(Status::from)
+fn extension(name: &str) -> String {
+    format!("context_extensions.{name}")
+}
+
+/// The items of a list-valued context extension (none if absent). An unknown `tokend_*`
+/// extension is refused: a misspelt requirement must not silently admit everyone. A
+/// refusal fails the check (INVALID_ARGUMENT naming it), and Envoy applies its
+/// `status_on_error`.
+fn listed<'a>(
+    check: &'a CheckRequest,
+    name: &str,
+) -> Result<impl Iterator<Item = &'a str>, Status> {
+    let extensions = check.attributes.as_ref().map(|a| &a.context_extensions);
+    if let Some(unknown) = extensions
+        .into_iter()
+        .flat_map(|e| e.keys())
+        .find(|k| k.starts_with("tokend_") && *k != REQUIRED_PERMISSIONS && *k != TENANTS)
+    {
+        return Err(Status::invalid_argument(format!(
+            "{}: unknown; tokend reads {REQUIRED_PERMISSIONS} and {TENANTS}",
+            extension(unknown)
+        )));
+    }
+    let list = extensions
+        .and_then(|e| e.get(name))
+        .map_or("", String::as_str);
+    Ok(list
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|item| !item.is_empty()))
+}
+
+/// A header value: the items, each percent-encoded, comma-separated.
+fn encoded<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    items
+        .into_iter()
+        .map(|item| utf8_percent_encode(item, HEADER_ITEM).to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn joined(set: &PermissionSet) -> String {
@@ -178,6 +229,16 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn header_values_cannot_smuggle_a_separator() {
+        assert_eq!(
+            encoded(["eng", "on call", "a,b", "50%", "zoë"]),
+            "eng,on%20call,a%2Cb,50%25,zo%C3%AB"
+        );
+        assert_eq!(encoded(["alice"]), "alice");
+        assert_eq!(encoded(std::iter::empty()), "");
+    }
 
     #[test]
     fn only_a_bearer_authorization_carries_a_token() {

@@ -123,7 +123,9 @@ pub async fn serve(
             envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ext_authz::ExtAuthzApi::new(
                 Arc::clone(&core),
             ))
-            .max_decoding_message_size(MAX_MESSAGE_BYTES),
+            // A Check carries the user's whole request head (cookies included): Envoy's
+            // own header limit is 60 KiB, and a refusal here would be a 503, not a decision.
+            .max_decoding_message_size(ext_authz::MAX_CHECK_BYTES),
         )
         .add_service(
             DirectoryServiceServer::new(directory::DirectoryApi::new(Arc::clone(&core)))

@@ -13,7 +13,10 @@ use tokend::proto::v1 as pb;
 
 use crate::helpers::TestApp;
 
-crate::both_backends!(envoy_puts_tokend_in_front_of_an_http_service);
+crate::both_backends!(
+    envoy_puts_tokend_in_front_of_an_http_service,
+    a_check_by_a_credential_without_introspect_is_refused_whatever_it_carries,
+);
 
 /// The Envoy process, killed and reaped however the test ends.
 struct Envoy(Child);
@@ -106,6 +109,8 @@ static_resources:
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: front
+          # `x_tokend_tenant` would read as `x-tokend-tenant` to CGI-style upstreams.
+          common_http_protocol_options: {{ headers_with_underscores_action: REJECT_REQUEST }}
           route_config:
             virtual_hosts:
             - name: app
@@ -119,6 +124,22 @@ static_resources:
                     check_settings:
                       context_extensions:
                         tokend_required_permissions: "entities:write"
+              - match: {{ prefix: "/public" }}
+                route: {{ cluster: backend }}
+                # No check here, so nothing overwrites a forged identity: drop it.
+                request_headers_to_remove: [x-tokend-tenant, x-tokend-subject, x-tokend-token-id, x-tokend-permissions, x-tokend-groups]
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    disabled: true
+              - match: {{ prefix: "/globex" }}
+                route: {{ cluster: backend }}
+                typed_per_filter_config:
+                  envoy.filters.http.ext_authz:
+                    "@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                    check_settings:
+                      context_extensions:
+                        tokend_tenants: "globex"
               - match: {{ prefix: "/" }}
                 route: {{ cluster: backend }}
           http_filters:
@@ -169,7 +190,8 @@ async fn envoy_puts_tokend_in_front_of_an_http_service(mut app: TestApp) {
     };
     app.tenant("acme", &[("developer", &["entities:read"])])
         .await;
-    app.member("acme", "alice", "developer", &["eng"]).await;
+    app.member("acme", "alice", "developer", &["eng", "on call"])
+        .await;
     // Envoy's own credential: a key that may only introspect.
     app.role("system", "envoy", &["tokend.introspect"]).await;
     let envoy_key = app
@@ -245,9 +267,30 @@ async fn envoy_puts_tokend_in_front_of_an_http_service(mut app: TestApp) {
         body.contains("x-tokend-permissions: entities:read\r\n"),
         "{body}"
     );
-    assert!(body.contains("x-tokend-groups: eng\r\n"), "{body}");
+    // Percent-encoded items, comma-separated: "on call" cannot read as two groups.
+    assert!(
+        body.contains("x-tokend-groups: eng,on%20call\r\n"),
+        "{body}"
+    );
     assert!(!body.contains("authorization:"), "{body}");
     assert!(!body.contains(&pat.to_lowercase()), "{body}");
+
+    // A forged identity with underscores is refused outright; on a route without a check
+    // the forged headers are dropped.
+    let (status, _, _) = get(
+        listen,
+        "/entities",
+        &[("authorization", &bearer), ("x_tokend_tenant", "evil")],
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, _, body) = get(listen, "/public/health", &[("x-tokend-tenant", "evil")]).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!body.contains("x-tokend-tenant"), "{body}");
+
+    // A route that admits another tenant's tokens only.
+    let (status, head, _) = get(listen, "/globex/entities", &[("authorization", &bearer)]).await;
+    assert_eq!(status, 403, "{head}");
 
     // No token, or not a bearer token.
     let (status, head, _) = get(listen, "/entities", &[]).await;
@@ -290,4 +333,68 @@ async fn envoy_puts_tokend_in_front_of_an_http_service(mut app: TestApp) {
         before,
         "nothing refused reached the backend"
     );
+}
+
+/// Check straight from a gRPC client: the credential's right to introspect comes first, so
+/// a key without it learns nothing from Check (not even "no token", which Envoy would turn
+/// into a 401 for everyone): every call is refused, and Envoy fails closed.
+async fn a_check_by_a_credential_without_introspect_is_refused_whatever_it_carries(app: TestApp) {
+    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+    use envoy_types::pb::envoy::service::auth::v3::{
+        AttributeContext, CheckRequest, attribute_context,
+    };
+
+    app.role("system", "nobody", &["tokend.audit.read"]).await;
+    let key = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "system".into(),
+            kind: pb::TokenKind::ApiKey.into(),
+            name: "not-envoy".into(),
+            role: "nobody".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
+    let mut client = AuthorizationClient::with_interceptor(
+        tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+        move |mut request: tonic::Request<()>| {
+            request
+                .metadata_mut()
+                .insert("authorization", header.clone());
+            Ok(request)
+        },
+    );
+    for headers in [
+        std::collections::HashMap::new(),
+        std::collections::HashMap::from([(
+            "authorization".to_owned(),
+            format!("Bearer {}", app.root),
+        )]),
+    ] {
+        let request = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(attribute_context::Request {
+                    http: Some(attribute_context::HttpRequest {
+                        headers,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        crate::helpers::assert_status(
+            client.check(request).await,
+            tonic::Code::PermissionDenied,
+            "tokend.introspect",
+        );
+    }
 }

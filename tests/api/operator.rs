@@ -87,6 +87,55 @@ async fn the_directory_subcommands_manage_tenants_roles_members_and_users(app: T
         list.contains("system") && list.contains("Acme Corp"),
         "{list}"
     );
+    // Changing one setting keeps the others: a suspended tenant stays suspended.
+    ok(
+        &app,
+        &[
+            "directory",
+            "tenant",
+            "put",
+            "acme",
+            "--status",
+            "suspended",
+        ],
+    )
+    .await;
+    ok(
+        &app,
+        &[
+            "directory",
+            "tenant",
+            "put",
+            "acme",
+            "--max-rotation-grace",
+            "1d",
+        ],
+    )
+    .await;
+    let got = json(
+        &ok(
+            &app,
+            &["directory", "tenant", "get", "acme", "--output", "json"],
+        )
+        .await,
+    );
+    assert_eq!(got[0]["status"], "suspended");
+    assert_eq!(got[0]["name"], "Acme Corp");
+    assert_eq!(got[0]["max_lifetime_secs"], 90 * 86_400);
+    assert_eq!(got[0]["max_rotation_grace_secs"], 86_400);
+    ok(
+        &app,
+        &[
+            "directory",
+            "tenant",
+            "put",
+            "acme",
+            "--status",
+            "active",
+            "--clear-max-rotation-grace",
+        ],
+    )
+    .await;
 
     ok(
         &app,
@@ -290,11 +339,33 @@ async fn the_token_subcommands_cover_a_tokens_life(app: TestApp) {
 }
 
 async fn every_subcommand_names_a_bad_credential(app: TestApp) {
-    let commands: [&[&str]; 4] = [
+    let commands: [&[&str]; 17] = [
+        &["token", "issue", "--name", "x"],
         &["token", "list"],
-        &["directory", "tenant", "list"],
-        &["audit"],
+        &["token", "revoke", "AAAAAAAAAAAA"],
+        &["token", "delete", "AAAAAAAAAAAA"],
+        &["token", "rotate", "AAAAAAAAAAAA"],
         &["introspect"],
+        &["directory", "tenant", "put", "acme"],
+        &["directory", "tenant", "get", "acme"],
+        &["directory", "tenant", "list"],
+        &["directory", "role", "put", "--tenant", "acme", "r"],
+        &["directory", "role", "delete", "--tenant", "acme", "r"],
+        &["directory", "role", "list", "--tenant", "acme"],
+        &[
+            "directory",
+            "member",
+            "put",
+            "--tenant",
+            "acme",
+            "u",
+            "--role",
+            "r",
+        ],
+        &["directory", "member", "remove", "--tenant", "acme", "u"],
+        &["directory", "member", "list", "--tenant", "acme"],
+        &["directory", "user", "set-status", "u", "active"],
+        &["audit"],
     ];
     for args in commands {
         let (success, stdout, stderr) =
