@@ -73,8 +73,12 @@ impl TokendClient {
     /// (and reconnects), so a service can start before tokend is reachable; its requests
     /// are refused as UNAVAILABLE until then.
     pub fn connect(endpoint: &str, credential: &str) -> Result<Self, ClientError> {
+        // Bounded waits: a tokend that hangs must cost a guarded request an UNAVAILABLE
+        // within seconds, not the operating system's connect timeout.
         let channel = Channel::from_shared(endpoint.to_owned())
             .map_err(|_| ClientError::Endpoint)?
+            .connect_timeout(std::time::Duration::from_secs(2))
+            .timeout(std::time::Duration::from_secs(5))
             .connect_lazy();
         Self::with_channel(channel, credential)
     }
@@ -228,10 +232,13 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let client = self.client.clone();
         Box::pin(async move {
+            // gRPC and gRPC-Web are refused in their own framing, with the caller's own
+            // content type; anything else is plain HTTP.
             let grpc = request
                 .headers()
                 .get(http::header::CONTENT_TYPE)
-                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
+                .cloned();
             let token = request
                 .headers()
                 .get(http::header::AUTHORIZATION)
@@ -267,7 +274,7 @@ where
 }
 
 /// The answer to a refused request: a gRPC trailers-only response, or a plain HTTP one.
-fn refuse<R: Default>(why: Refusal, grpc: bool) -> http::Response<R> {
+fn refuse<R: Default>(why: Refusal, grpc: Option<http::HeaderValue>) -> http::Response<R> {
     let (code, http_status, message, challenge) = match why {
         Refusal::NoToken => (
             tonic::Code::Unauthenticated,
@@ -289,15 +296,12 @@ fn refuse<R: Default>(why: Refusal, grpc: bool) -> http::Response<R> {
         ),
     };
     let mut response = http::Response::new(R::default());
-    if !grpc {
+    if grpc.is_none() {
         *response.status_mut() = http_status;
     }
     let headers = response.headers_mut();
-    if grpc {
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
+    if let Some(content_type) = grpc {
+        headers.insert(http::header::CONTENT_TYPE, content_type);
         headers.insert("grpc-status", http::HeaderValue::from(code as i32));
         headers.insert("grpc-message", http::HeaderValue::from_static(message));
     } else {

@@ -187,6 +187,9 @@ const KEYS: [&str; 12] = [
     "last_used_flush_ms",
 ];
 
+/// Variables the client subcommands read (`tokend token …`), set in operators' shells.
+const CLIENT_ENV: [&str; 2] = ["TOKEND_TOKEN", "TOKEND_SERVER"];
+
 impl Settings {
     /// Defaults, overlaid by `file` (TOML) if given, overlaid by the `TOKEND_*` entries of
     /// `env`. An unknown key in the file is an error; an unknown `TOKEND_*` variable is
@@ -204,7 +207,8 @@ impl Settings {
                 };
                 let top = rest.split("__").next().unwrap_or_default().to_lowercase();
                 let known = KEYS.contains(&top.as_str());
-                if !known {
+                // The operator CLI's own variables: no typo to warn about.
+                if !known && !CLIENT_ENV.contains(&name.as_str()) {
                     ignored_env.push(name.clone());
                 }
                 known
@@ -336,10 +340,12 @@ mod tests {
             env(&[
                 ("TOKEND_LISEN", "127.0.0.1:1"),
                 ("TOKEND_TOKEN", "cli credential"),
+                ("TOKEND_SERVER", "http://tokend:50051"),
             ]),
         )
         .unwrap();
-        assert_eq!(s.ignored_env, vec!["TOKEND_LISEN", "TOKEND_TOKEN"]);
+        // The CLI's own variables are expected in an operator's shell: no typo warning.
+        assert_eq!(s.ignored_env, vec!["TOKEND_LISEN"]);
         assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
     }
 
