@@ -56,8 +56,12 @@ pub async fn serve(
     tokend: TokendClient,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), tonic::transport::Error> {
+    // Health stays open for the orchestrator's probes; everything else needs a live token.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<InventoryServer<Items>>().await;
     tonic::transport::Server::builder()
-        .layer(IntrospectLayer::new(tokend))
+        .layer(IntrospectLayer::new(tokend).open_paths(["/grpc.health.v1.Health/"]))
+        .add_service(health_service)
         .add_service(InventoryServer::new(Items))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await

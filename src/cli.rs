@@ -315,6 +315,12 @@ pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Res
         }
         ClientCommand::Introspect(args) => {
             let mut tokens = TokenServiceClient::with_interceptor(channel, with_credential);
+            // Typed at a terminal it would echo into the scrollback: refuse, and say how.
+            if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                anyhow::bail!(
+                    "pipe the token in, e.g. `tokend introspect < token.txt`; it is not read from a terminal"
+                );
+            }
             let mut token = String::new();
             std::io::stdin().read_to_string(&mut token)?;
             let answer = tokens

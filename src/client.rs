@@ -16,6 +16,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
@@ -176,12 +177,27 @@ impl Principal {
 #[derive(Clone, Debug)]
 pub struct IntrospectLayer {
     client: TokendClient,
+    open: Arc<[String]>,
 }
 
 impl IntrospectLayer {
-    /// A layer asking `client`.
+    /// A layer asking `client`, guarding every path.
     pub fn new(client: TokendClient) -> Self {
-        Self { client }
+        Self {
+            client,
+            open: Arc::from([]),
+        }
+    }
+
+    /// Lets requests whose path starts with one of `prefixes` through unchecked, e.g.
+    /// `/grpc.health.v1.Health/` for Kubernetes probes. They carry no [`Principal`].
+    pub fn open_paths<I, P>(mut self, prefixes: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        self.open = prefixes.into_iter().map(Into::into).collect();
+        self
     }
 }
 
@@ -192,6 +208,7 @@ impl<S> Layer<S> for IntrospectLayer {
         Introspected {
             inner,
             client: self.client.clone(),
+            open: Arc::clone(&self.open),
         }
     }
 }
@@ -201,6 +218,7 @@ impl<S> Layer<S> for IntrospectLayer {
 pub struct Introspected<S> {
     inner: S,
     client: TokendClient,
+    open: Arc<[String]>,
 }
 
 /// Why a request is turned away.
@@ -230,6 +248,10 @@ where
         // The clone that was driven to readiness serves this request (tower's contract).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let path = request.uri().path();
+        if self.open.iter().any(|open| path.starts_with(open.as_str())) {
+            return Box::pin(inner.call(request));
+        }
         let client = self.client.clone();
         Box::pin(async move {
             // gRPC and gRPC-Web are refused in their own framing, with the caller's own

@@ -81,6 +81,21 @@ async fn the_layer_admits_live_tokens_only_and_hands_the_handler_a_principal(mut
         let _ = stopped.await;
     }));
 
+    // Health is open, for probes.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(
+        Channel::from_shared(format!("http://127.0.0.1:{port}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "example.v1.Inventory".into(),
+        })
+        .await
+        .expect("health needs no token");
+
     let answer = list(port, Some(&alices)).await.expect("alice may list");
     assert_eq!(answer.tenant_id, "acme");
     assert_eq!(answer.subject, "alice");
