@@ -15,7 +15,10 @@ use crate::helpers::{TestApp, assert_status};
 #[path = "../../examples/inventory.rs"]
 mod inventory;
 
-crate::both_backends!(the_layer_admits_live_tokens_only_and_hands_the_handler_a_principal);
+crate::both_backends!(
+    the_layer_admits_live_tokens_only_and_hands_the_handler_a_principal,
+    the_layer_answers_plain_http_with_401_and_a_challenge,
+);
 
 async fn list(
     port: u16,
@@ -130,4 +133,71 @@ async fn the_layer_admits_live_tokens_only_and_hands_the_handler_a_principal(mut
 
     let _ = stop.send(());
     service.await.unwrap().unwrap();
+}
+
+/// The same layer around a plain HTTP service (as under axum): 401 with a challenge, and the
+/// principal for the handler when the token is live.
+async fn the_layer_answers_plain_http_with_401_and_a_challenge(app: TestApp) {
+    use tower::{Layer as _, ServiceExt as _};
+
+    app.tenant("acme", &[("developer", &["entities:read"])])
+        .await;
+    app.member("acme", "alice", "developer", &[]).await;
+    app.role("system", "web", &["tokend.introspect"]).await;
+    let key = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "system".into(),
+            kind: pb::TokenKind::ApiKey.into(),
+            name: "web".into(),
+            role: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+    let (pat, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let tokend = TokendClient::connect(&format!("http://{}", app.addr), &key).unwrap();
+    let handler = tower::service_fn(|request: http::Request<String>| async move {
+        let principal = request
+            .extensions()
+            .get::<tokend::client::Principal>()
+            .cloned()
+            .expect("the layer adds the principal");
+        let seen_token = request.headers().contains_key(http::header::AUTHORIZATION);
+        Ok::<_, std::convert::Infallible>(http::Response::new(format!(
+            "{} {} {seen_token}",
+            principal.tenant_id, principal.subject
+        )))
+    });
+    let guarded = tokend::client::IntrospectLayer::new(tokend).layer(handler);
+    let request = |token: Option<&str>| {
+        let mut builder = http::Request::builder().uri("/entities");
+        if let Some(token) = token {
+            builder = builder.header("authorization", format!("Bearer {token}"));
+        }
+        builder.body(String::new()).unwrap()
+    };
+
+    let response = guarded.clone().oneshot(request(Some(&pat))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.body(), "acme alice false");
+
+    let response = guarded.clone().oneshot(request(None)).await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        r#"Bearer realm="tokend""#
+    );
+    let response = guarded
+        .clone()
+        .oneshot(request(Some("tkd_pat_notarealtoken")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        r#"Bearer error="invalid_token""#
+    );
 }
