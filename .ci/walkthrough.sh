@@ -190,6 +190,12 @@ check "ListTokens shows where from: the client IP and the gateway key that intro
   "[(u.get('clientIp'), u.get('serviceName')) for u in d['tokens'][0].get('recentUses', [])] == [('203.0.113.7', 'edge-gateway')] and d['tokens'][0]['recentUses'][0]['service'].startswith('tkd_key_')" \
   "$WORK/list.json"
 
+# Envoy's Check through reflection (README "Envoy in front of any HTTP service").
+call check envoy.service.auth.v3.Authorization/Check "{\"attributes\":{\"request\":{\"http\":{\"headers\":{\"authorization\":\"Bearer $PAT\"}}}}}" "$GW"
+check "Check through reflection allows the PAT with its tenant and drops authorization" \
+  "{h['header']['key']: h['header'].get('value', '') for h in d['okResponse']['headers']}['x-tokend-tenant'] == 'acme' and d['okResponse']['headersToRemove'] == ['authorization']" \
+  "$WORK/check.json"
+
 call revoke tokend.v1.TokenService/RevokeToken "{\"tenantId\":\"acme\",\"actorUserId\":\"alice\",\"tokenId\":\"$TOKEN_ID\",\"reason\":\"lost laptop\"}" "$ROOT"
 check "RevokeToken marks the token revoked with its reason" \
   'd["token"]["status"] == "TOKEN_STATUS_REVOKED" and d["token"].get("revokeReason") == "lost laptop"' \

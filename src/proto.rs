@@ -15,6 +15,11 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tokend_descriptor.bin"));
 
+/// The descriptors of the subset of Envoy's ext_authz API tokend serves, for reflection
+/// (grpcurl) only; the service is built on `envoy-types`.
+pub const ENVOY_FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/envoy_descriptor.bin"));
+
 /// `example.v1`: the example service guarded by [`crate::client::IntrospectLayer`] in
 /// `examples/inventory.rs`. Not tokend's API; tokend never serves it.
 #[allow(

@@ -245,6 +245,7 @@ async fn health_and_reflection_need_no_credential(app: TestApp) {
             "tokend.v1.DirectoryService",
             "tokend.v1.AuditService",
             "grpc.health.v1.Health",
+            "envoy.service.auth.v3.Authorization",
         ] {
             assert!(services.contains(expected), "{expected} in {services}");
         }
