@@ -25,7 +25,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Envoy's ext_authz API, the subset tokend uses, for reflection only: the service itself
     // is built on the `envoy-types` crate, which ships no descriptors.
-    let envoy = protox::compile(["proto/envoy/service/auth/v3/external_auth.proto"], ["proto"])?;
+    let envoy = protox::compile(
+        ["proto/envoy/service/auth/v3/external_auth.proto"],
+        ["proto"],
+    )?;
     fs::write(out_dir.join("envoy_descriptor.bin"), envoy.encode_to_vec())?;
 
     // The example service of `examples/inventory.rs`: generated apart, and left out of the
