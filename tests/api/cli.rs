@@ -22,7 +22,7 @@ pub fn grpcurl_list(addr: SocketAddr) -> Option<String> {
     Some(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
-fn tokend(dir: &std::path::Path, database_url: &str) -> Command {
+pub fn tokend(dir: &std::path::Path, database_url: &str) -> Command {
     let mut command = Command::new(TOKEND);
     command
         .current_dir(dir)
@@ -35,7 +35,7 @@ fn tokend(dir: &std::path::Path, database_url: &str) -> Command {
     command
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -43,7 +43,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-struct KillOnDrop(Child);
+pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -114,7 +114,7 @@ async fn bootstrap_prints_the_root_key_last_and_refuses_a_second_time_via_the_bi
     assert_eq!(answer.tenant_id, "system");
 }
 
-async fn wait_until_serving(port: u16) -> tonic::transport::Channel {
+pub async fn wait_until_serving(port: u16) -> tonic::transport::Channel {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(channel) =

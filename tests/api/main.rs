@@ -21,5 +21,6 @@ mod leaks;
 mod operator;
 mod replicas;
 mod rotation;
+mod secrets;
 mod tokens;
 mod uses;
