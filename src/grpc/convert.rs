@@ -632,6 +632,94 @@ pub fn audit_event(e: &AuditEvent) -> pb::AuditEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// A refusal must name a field the request has (its first segment, before `[` or `.`),
+    /// and nothing else may go wrong: no panic, no other kind of error.
+    fn names_one_of(
+        result: Result<impl Sized>,
+        fields: &[&str],
+    ) -> std::result::Result<(), TestCaseError> {
+        match result {
+            Ok(_) => Ok(()),
+            Err(Error::InvalidArgument { field, rule }) => {
+                let head = field.split(['[', '.']).next().unwrap_or_default();
+                prop_assert!(
+                    fields.contains(&head),
+                    "field {field:?} ({rule}) not in {fields:?}"
+                );
+                prop_assert!(!rule.is_empty());
+                Ok(())
+            }
+            Err(other) => Err(TestCaseError::fail(format!(
+                "not INVALID_ARGUMENT: {other}"
+            ))),
+        }
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "\\PC{0,40}",
+            ".{0,300}",
+            "[a-z0-9._:@-]{0,140}",
+            Just(String::new()),
+            Just("\u{202e}evil".to_owned()),
+            Just("a\u{0}b".to_owned()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(3000))]
+
+        #[test]
+        fn token_requests_are_converted_or_refused_naming_a_field(
+            tenant in text(), actor in text(), name in text(), role in text(),
+            scopes in proptest::collection::vec(text(), 0..4),
+            kind in -1i32..4, seconds in any::<i64>(), nanos in any::<i32>(),
+            page_size in any::<i32>(), page_token in text(), token_id in text(),
+        ) {
+            let format = TokenFormat::default();
+            let ttl = Some(PbDuration { seconds, nanos });
+            names_one_of(issue_request(pb::IssueTokenRequest {
+                tenant_id: tenant.clone(), actor_user_id: actor.clone(), kind, name: name.clone(),
+                scopes: scopes.clone(), role, expires_at: None, ttl,
+            }), &["tenant_id", "actor_user_id", "kind", "name", "scopes", "role", "ttl", "expires_at"])?;
+            names_one_of(list_request(pb::ListTokensRequest {
+                tenant_id: tenant.clone(), actor_user_id: actor.clone(), kind, name_contains: name,
+                include_revoked: false, page_size, page_token, owner_user_id: actor.clone(),
+            }), &["tenant_id", "actor_user_id", "kind", "name_contains", "page_size", "page_token", "owner_user_id"])?;
+            names_one_of(rotate_request(&format, pb::RotateTokenRequest {
+                tenant_id: tenant.clone(), actor_user_id: actor.clone(), token_id: token_id.clone(), grace: ttl,
+            }), &["tenant_id", "actor_user_id", "token_id", "grace"])?;
+            names_one_of(revoke_request(&format, pb::RevokeTokenRequest {
+                tenant_id: tenant, actor_user_id: actor, token_id, reason: scopes.join(""),
+            }), &["tenant_id", "actor_user_id", "token_id", "reason"])?;
+        }
+
+        #[test]
+        fn directory_requests_are_converted_or_refused_naming_a_field(
+            tenant in text(), name in text(), user in text(), role in text(),
+            permissions in proptest::collection::vec(text(), 0..4),
+            groups in proptest::collection::vec(text(), 0..4),
+            status in -1i32..4, seconds in any::<i64>(), nanos in any::<i32>(),
+        ) {
+            names_one_of(tenant_request(pb::PutTenantRequest { tenant: Some(pb::Tenant {
+                id: tenant.clone(), name: name.clone(), status,
+                policy: Some(pb::TokenPolicy {
+                    require_expiry: false,
+                    max_lifetime: Some(PbDuration { seconds, nanos }),
+                    max_rotation_grace: Some(PbDuration { seconds: seconds / 7, nanos }),
+                }),
+                ..Default::default()
+            }) }), &["tenant"])?;
+            names_one_of(put_role_request(pb::PutRoleRequest {
+                tenant_id: tenant.clone(), name: role.clone(), permissions,
+            }), &["tenant_id", "name", "permissions"])?;
+            names_one_of(put_member_request(pb::PutMemberRequest {
+                tenant_id: tenant, user_id: user, role, groups,
+            }), &["tenant_id", "user_id", "role", "groups"])?;
+        }
+    }
 
     #[test]
     fn durations_convert_both_ways() {
