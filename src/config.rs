@@ -57,6 +57,9 @@ pub struct DatabaseSettings {
     pub max_connections: u32,
     /// How long a request waits for a connection before it is answered UNAVAILABLE.
     pub acquire_timeout_ms: u64,
+    /// How long Introspect waits for its read of a token's live state before answering
+    /// UNAVAILABLE.
+    pub state_read_timeout_ms: u64,
 }
 
 impl Default for DatabaseSettings {
@@ -65,6 +68,7 @@ impl Default for DatabaseSettings {
         Self {
             max_connections: defaults.max_connections,
             acquire_timeout_ms: defaults.acquire_timeout.as_millis() as u64,
+            state_read_timeout_ms: defaults.state_read_timeout.as_millis() as u64,
         }
     }
 }
@@ -75,6 +79,7 @@ impl DatabaseSettings {
         DatabaseOptions {
             max_connections: self.max_connections.max(1),
             acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
+            state_read_timeout: Duration::from_millis(self.state_read_timeout_ms.max(1)),
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct DatabaseOptions {
     pub max_connections: u32,
     /// How long to wait for a connection before answering UNAVAILABLE.
     pub acquire_timeout: Duration,
+    /// How long Introspect waits for its one read of a token's live state before answering
+    /// UNAVAILABLE: a slow database must not hold every gateway's request.
+    pub state_read_timeout: Duration,
 }
 
 impl Default for DatabaseOptions {
@@ -47,6 +50,7 @@ impl Default for DatabaseOptions {
         Self {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(5),
+            state_read_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -57,6 +61,7 @@ pub struct SeaStore {
     pub(super) db: DatabaseConnection,
     format: TokenFormat,
     token_lookups: AtomicU64,
+    state_read_timeout: Duration,
 }
 
 /// Connection-level failures mean "cannot know", everything else is a bug or a conflict the
@@ -113,6 +118,7 @@ impl SeaStore {
             db,
             format,
             token_lookups: AtomicU64::new(0),
+            state_read_timeout: options.state_read_timeout,
         })
     }
 
@@ -526,7 +532,20 @@ impl Store for SeaStore {
             _ => TOKEN_STATE_SQL.replace("$1", "?"),
         };
         let statement = Statement::from_sql_and_values(self.backend(), sql, [public_id.into()]);
-        let Some(row) = self.db.query_one_raw(statement).await.map_err(db_err)? else {
+        let read = tokio::time::timeout(self.state_read_timeout, self.db.query_one_raw(statement));
+        let Some(row) = read
+            .await
+            .map_err(|_| {
+                Error::Unavailable(
+                    format!(
+                        "the database did not answer within {} ms",
+                        self.state_read_timeout.as_millis()
+                    )
+                    .into(),
+                )
+            })?
+            .map_err(db_err)?
+        else {
             return Ok(None);
         };
         let token = self.to_token(tokens::Model::from_query_result(&row, "").map_err(db_err)?)?;

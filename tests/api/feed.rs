@@ -138,6 +138,8 @@ struct Proxy {
 const FORWARD: u8 = 0;
 const BLACKHOLE: u8 = 1;
 const DOWN: u8 = 2;
+/// Everything arrives, three seconds late: a database that is up but slow.
+const SLOW: u8 = 3;
 
 impl Proxy {
     async fn start(upstream: String) -> Self {
@@ -192,6 +194,12 @@ async fn pump(
                 }
             }
             BLACKHOLE => {}
+            SLOW => {
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                if to.write_all(&buffer[..n]).await.is_err() {
+                    return;
+                }
+            }
             _ => return,
         }
     }
@@ -202,6 +210,12 @@ async fn app_behind_proxy() -> Option<(TestApp, Proxy)> {
 }
 
 async fn app_behind_proxy_with(max_staleness_ms: u64) -> Option<(TestApp, Proxy)> {
+    app_behind_proxy_adjusted(|settings| settings.cache.max_staleness_ms = max_staleness_ms).await
+}
+
+async fn app_behind_proxy_adjusted(
+    adjust: impl FnOnce(&mut tokend::config::Settings),
+) -> Option<(TestApp, Proxy)> {
     let admin = std::env::var("TOKEND_TEST_POSTGRES_URL").ok()?;
     let authority = admin
         .split("://")
@@ -221,7 +235,7 @@ async fn app_behind_proxy_with(max_staleness_ms: u64) -> Option<(TestApp, Proxy)
         settings.database_url = url.into();
         settings.database.acquire_timeout_ms = 1000;
         settings.cache.feed_timeout_ms = 1500;
-        settings.cache.max_staleness_ms = max_staleness_ms;
+        adjust(settings);
     })
     .await?;
     Some((app, proxy))
@@ -334,4 +348,42 @@ async fn an_operator_chosen_staleness_bound_serves_cached_answers_through_a_shor
         })
         .await;
     assert_eq!(result.unwrap_err().code(), Code::Unavailable);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_database_is_unavailable_within_the_read_deadline() {
+    // A connection is handed out at once; the read itself is what is slow.
+    let Some((app, proxy)) = app_behind_proxy_adjusted(|settings| {
+        settings.database.acquire_timeout_ms = 20_000;
+        settings.database.state_read_timeout_ms = 500;
+    })
+    .await
+    else {
+        return;
+    };
+    acme(&app).await;
+    // Never introspected, so its state must be read; the root key is warm.
+    let (token, _) = app.pat("acme", "alice", "fresh", &[]).await;
+    assert!(app.introspect(&app.root).await.active);
+    proxy.set(SLOW);
+    let started = std::time::Instant::now();
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        app.tokens(&app.root).introspect(pb::IntrospectRequest {
+            token: token.clone(),
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("answered, not hung");
+    let status = result.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    eprintln!(
+        "a slow database answered UNAVAILABLE after {:?}",
+        started.elapsed()
+    );
+    proxy.set(FORWARD);
+    until_ready(&app, true, Duration::from_secs(20)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await; // slow packets still in flight
+    assert!(app.introspect(&token).await.active);
 }
