@@ -12,6 +12,7 @@ mod auth;
 mod bulk;
 mod caching;
 mod cli;
+mod crash;
 mod directory;
 mod envoy;
 mod feed;
