@@ -11,9 +11,9 @@ use std::time::SystemTime;
 use clap::{Args, Subcommand, ValueEnum};
 use prost_types::{Duration as PbDuration, Timestamp as PbTimestamp};
 use serde::Serialize;
-use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
+use crate::client::Credential;
 use crate::proto::v1 as pb;
 use crate::proto::v1::audit_service_client::AuditServiceClient;
 use crate::proto::v1::directory_service_client::DirectoryServiceClient;
@@ -292,20 +292,13 @@ pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Res
     let credential = std::env::var("TOKEND_TOKEN").map_err(|_| {
         anyhow::anyhow!("set TOKEND_TOKEN to your tokend token (it is never read from a flag)")
     })?;
-    let header: MetadataValue<Ascii> = format!("Bearer {}", credential.trim())
-        .parse()
-        .map_err(|_| anyhow::anyhow!("TOKEND_TOKEN is not a token string"))?;
+    let with_credential = Credential::new(&credential)
+        .ok_or_else(|| anyhow::anyhow!("TOKEND_TOKEN is not a token string"))?;
     let channel = Channel::from_shared(connection.server.clone())
         .map_err(|_| anyhow::anyhow!("--server: not a URI like http://host:port"))?
         .connect()
         .await
         .map_err(|err| anyhow::anyhow!("cannot reach tokend at {}: {err}", connection.server))?;
-    let with_credential = move |mut request: tonic::Request<()>| {
-        request
-            .metadata_mut()
-            .insert("authorization", header.clone());
-        Ok(request)
-    };
     let out = connection.output;
     let status = |err: tonic::Status| anyhow::anyhow!("{:?}: {}", err.code(), err.message());
     match command {
@@ -856,7 +849,7 @@ fn print_tokens(tokens: &[pb::TokenInfo], out: Output) {
                 row.status.to_owned(),
                 relative(&t.created_at, "-"),
                 relative(&t.last_used_at, "never"),
-                relative(&t.expires_at, "never"),
+                ends(t),
             ]
         })
         .collect();
@@ -873,6 +866,21 @@ fn print_tokens(tokens: &[pb::TokenInfo], out: Output) {
         ],
         &rows,
     );
+}
+
+/// When a token stops working: its expiry, or the end of its rotation grace (a live token
+/// with a revocation time has one), whichever comes first.
+fn ends(t: &pb::TokenInfo) -> String {
+    let grace = t
+        .revoked_at
+        .filter(|_| t.status == pb::TokenStatus::Active as i32);
+    match (grace, t.expires_at) {
+        (Some(end), Some(expiry)) if expiry.seconds < end.seconds => {
+            relative(&Some(expiry), "never")
+        }
+        (Some(end), _) => format!("{} (rotated)", relative(&Some(end), "never")),
+        (None, expiry) => relative(&expiry, "never"),
+    }
 }
 
 fn print_introspection(answer: &pb::IntrospectResponse, out: Output) {

@@ -29,9 +29,17 @@ use tower::{Layer, Service};
 use crate::proto::v1 as pb;
 use crate::proto::v1::token_service_client::TokenServiceClient;
 
-/// The service's own credential, sent with every call. Redacted in `Debug`.
+/// A caller's own credential, sent with every call as `authorization: Bearer …`.
+/// Redacted in `Debug`.
 #[derive(Clone)]
-struct Credential(MetadataValue<Ascii>);
+pub struct Credential(MetadataValue<Ascii>);
+
+impl Credential {
+    /// The credential `token`; `None` if it cannot be a header value.
+    pub fn new(token: &str) -> Option<Self> {
+        format!("Bearer {}", token.trim()).parse().ok().map(Self)
+    }
+}
 
 impl fmt::Debug for Credential {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -86,11 +94,9 @@ impl TokendClient {
 
     /// A client over an existing channel.
     pub fn with_channel(channel: Channel, credential: &str) -> Result<Self, ClientError> {
-        let value = format!("Bearer {credential}")
-            .parse()
-            .map_err(|_| ClientError::Credential)?;
+        let credential = Credential::new(credential).ok_or(ClientError::Credential)?;
         Ok(Self {
-            inner: TokenServiceClient::with_interceptor(channel, Credential(value)),
+            inner: TokenServiceClient::with_interceptor(channel, credential),
         })
     }
 

@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::helpers::{Backend, fresh_database};
+use tokend::proto::v1 as pb;
+use tokend::proto::v1::directory_service_client::DirectoryServiceClient;
+
+use crate::helpers::{Backend, TestDatabase, fresh_database};
 
 const TOKEND: &str = env!("CARGO_BIN_EXE_tokend");
 
@@ -43,6 +46,101 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A fresh database for a `tokend` process: the default SQLite file in `dir` (`url` empty:
+/// the binary's own default) or a fresh PostgreSQL database.
+pub struct BinaryDatabase {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    _database: TestDatabase,
+}
+
+/// `None` when `backend` is PostgreSQL and no server is configured.
+pub async fn binary_database(backend: Backend) -> Option<BinaryDatabase> {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, database) = fresh_database(backend).await?;
+    let url = if backend == Backend::Sqlite {
+        String::new()
+    } else {
+        url
+    };
+    Some(BinaryDatabase {
+        dir,
+        url,
+        _database: database,
+    })
+}
+
+/// The root key `tokend bootstrap` printed on its last line of `output`'s stdout.
+pub fn root_key(output: &std::process::Output) -> String {
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
+/// `message` with `authorization: Bearer credential`.
+pub fn authed<T>(message: T, credential: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value: tonic::metadata::MetadataValue<_> = format!("Bearer {credential}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
+/// Tenant `acme`, a role `developer` with `permissions`, and alice in it, put through a
+/// running binary with the root key.
+pub async fn seed_acme(channel: tonic::transport::Channel, root: &str, permissions: &[&str]) {
+    let mut directory = DirectoryServiceClient::new(channel);
+    directory
+        .put_tenant(authed(
+            pb::PutTenantRequest {
+                tenant: Some(pb::Tenant {
+                    id: "acme".into(),
+                    ..Default::default()
+                }),
+            },
+            root,
+        ))
+        .await
+        .unwrap();
+    directory
+        .put_role(authed(
+            pb::PutRoleRequest {
+                tenant_id: "acme".into(),
+                name: "developer".into(),
+                permissions: permissions.iter().map(|p| p.to_string()).collect(),
+            },
+            root,
+        ))
+        .await
+        .unwrap();
+    directory
+        .put_member(authed(
+            pb::PutMemberRequest {
+                tenant_id: "acme".into(),
+                user_id: "alice".into(),
+                role: "developer".into(),
+                groups: vec![],
+            },
+            root,
+        ))
+        .await
+        .unwrap();
+}
+
+/// A personal token request for alice in acme.
+pub fn alices_token(name: &str) -> pb::IssueTokenRequest {
+    pb::IssueTokenRequest {
+        tenant_id: "acme".into(),
+        actor_user_id: "alice".into(),
+        kind: pb::TokenKind::Personal.into(),
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
 pub struct KillOnDrop(pub Child);
 
 impl Drop for KillOnDrop {
@@ -58,15 +156,10 @@ async fn bootstrap_prints_the_root_key_last_and_refuses_a_second_time_via_the_bi
     app: crate::helpers::TestApp,
 ) {
     // The spawned app only decides the backend; the binary gets its own fresh database.
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _database)) = fresh_database(app.backend).await else {
+    let Some(database) = binary_database(app.backend).await else {
         return;
     };
-    let url = if app.backend == Backend::Sqlite {
-        String::new()
-    } else {
-        url
-    };
+    let (dir, url) = (&database.dir, database.url.clone());
 
     let migrate = tokend(dir.path(), &url).arg("migrate").output().unwrap();
     assert!(migrate.status.success(), "{migrate:?}");

@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 
-use tokend::proto::v1 as pb;
-
 use crate::helpers::TestApp;
 
 crate::both_backends!(
     envoy_puts_tokend_in_front_of_an_http_service,
     a_check_by_a_credential_without_introspect_is_refused_whatever_it_carries,
+    a_bad_route_setting_is_named_and_a_large_request_head_is_decided,
 );
 
 /// The Envoy process, killed and reaped however the test ends.
@@ -194,19 +193,7 @@ async fn envoy_puts_tokend_in_front_of_an_http_service(mut app: TestApp) {
         .await;
     // Envoy's own credential: a key that may only introspect.
     app.role("system", "envoy", &["tokend.introspect"]).await;
-    let envoy_key = app
-        .tokens(&app.root)
-        .issue_token(pb::IssueTokenRequest {
-            tenant_id: "system".into(),
-            kind: pb::TokenKind::ApiKey.into(),
-            name: "envoy".into(),
-            role: "envoy".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (envoy_key, _) = app.system_key("envoy", "envoy").await;
     let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
 
     let (backend_port, served) = backend().await;
@@ -335,66 +322,98 @@ async fn envoy_puts_tokend_in_front_of_an_http_service(mut app: TestApp) {
     );
 }
 
-/// Check straight from a gRPC client: the credential's right to introspect comes first, so
-/// a key without it learns nothing from Check (not even "no token", which Envoy would turn
-/// into a 401 for everyone): every call is refused, and Envoy fails closed.
-async fn a_check_by_a_credential_without_introspect_is_refused_whatever_it_carries(app: TestApp) {
-    use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+type CheckClient =
+    envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            tokend::client::Credential,
+        >,
+    >;
+
+/// Envoy's side of Check, spoken directly, with `credential` as Envoy's key.
+async fn check_client(app: &TestApp, credential: &str) -> CheckClient {
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::with_interceptor(
+        channel,
+        tokend::client::Credential::new(credential).unwrap(),
+    )
+}
+
+fn check_request(
+    headers: &[(&str, String)],
+    extensions: &[(&str, &str)],
+) -> envoy_types::pb::envoy::service::auth::v3::CheckRequest {
     use envoy_types::pb::envoy::service::auth::v3::{
         AttributeContext, CheckRequest, attribute_context,
     };
-
-    app.role("system", "nobody", &["tokend.audit.read"]).await;
-    let key = app
-        .tokens(&app.root)
-        .issue_token(pb::IssueTokenRequest {
-            tenant_id: "system".into(),
-            kind: pb::TokenKind::ApiKey.into(),
-            name: "not-envoy".into(),
-            role: "nobody".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
-    let header: tonic::metadata::MetadataValue<_> = format!("Bearer {key}").parse().unwrap();
-    let mut client = AuthorizationClient::with_interceptor(
-        tonic::transport::Channel::from_shared(format!("http://{}", app.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-        move |mut request: tonic::Request<()>| {
-            request
-                .metadata_mut()
-                .insert("authorization", header.clone());
-            Ok(request)
-        },
-    );
-    for headers in [
-        std::collections::HashMap::new(),
-        std::collections::HashMap::from([(
-            "authorization".to_owned(),
-            format!("Bearer {}", app.root),
-        )]),
-    ] {
-        let request = CheckRequest {
-            attributes: Some(AttributeContext {
-                request: Some(attribute_context::Request {
-                    http: Some(attribute_context::HttpRequest {
-                        headers,
-                        ..Default::default()
-                    }),
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(attribute_context::Request {
+                http: Some(attribute_context::HttpRequest {
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                        .collect(),
                     ..Default::default()
                 }),
                 ..Default::default()
             }),
-        };
+            context_extensions: extensions
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+/// Check straight from a gRPC client: the credential's right to introspect comes first, so
+/// a key without it learns nothing from Check (not even "no token", which Envoy would turn
+/// into a 401 for everyone): every call is refused, and Envoy fails closed.
+async fn a_check_by_a_credential_without_introspect_is_refused_whatever_it_carries(app: TestApp) {
+    app.role("system", "nobody", &["tokend.audit.read"]).await;
+    let (key, _) = app.system_key("not-envoy", "nobody").await;
+    let mut client = check_client(&app, &key).await;
+    for headers in [
+        vec![],
+        vec![("authorization", format!("Bearer {}", app.root))],
+    ] {
         crate::helpers::assert_status(
-            client.check(request).await,
+            client.check(check_request(&headers, &[])).await,
             tonic::Code::PermissionDenied,
             "tokend.introspect",
         );
     }
+}
+
+/// A misspelt or malformed route setting fails the check naming it (Envoy then applies its
+/// `status_on_error`) instead of admitting everyone; a request head far past 64 KiB (big
+/// cookies) still gets a decision.
+async fn a_bad_route_setting_is_named_and_a_large_request_head_is_decided(app: TestApp) {
+    let mut client = check_client(&app, &app.root).await;
+    let bearer = vec![("authorization", format!("Bearer {}", app.root))];
+    for (extension, value) in [
+        ("tokend_required_permission", "tokend.introspect"),
+        ("tokend_required_permissions", "entities:\u{1}read"),
+    ] {
+        crate::helpers::assert_status(
+            client
+                .check(check_request(&bearer, &[(extension, value)]))
+                .await,
+            tonic::Code::InvalidArgument,
+            &format!("context_extensions.{extension}"),
+        );
+    }
+    let mut large = bearer.clone();
+    large.push(("cookie", "c".repeat(200 * 1024)));
+    let answer = client
+        .check(check_request(&large, &[]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.status.unwrap().code, 0, "allowed");
 }

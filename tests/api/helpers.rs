@@ -419,6 +419,24 @@ impl TestApp {
         (issued.secret, issued.token.expect("token info"))
     }
 
+    /// A service's API key named `name` in the system tenant, bound to its existing `role`,
+    /// issued by the root key.
+    pub async fn system_key(&self, name: &str, role: &str) -> (String, pb::TokenInfo) {
+        let issued = self
+            .tokens(&self.root)
+            .issue_token(pb::IssueTokenRequest {
+                tenant_id: "system".into(),
+                kind: pb::TokenKind::ApiKey.into(),
+                name: name.into(),
+                role: role.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("issue a system key")
+            .into_inner();
+        (issued.secret, issued.token.expect("token info"))
+    }
+
     /// Introspects with the root key (which may see reasons).
     pub async fn introspect(&self, token: &str) -> pb::IntrospectResponse {
         self.introspect_requiring(token, &[]).await

@@ -7,7 +7,6 @@ use tonic::transport::Channel;
 use tokend::client::TokendClient;
 use tokend::proto::example::ListItemsRequest;
 use tokend::proto::example::inventory_client::InventoryClient;
-use tokend::proto::v1 as pb;
 
 use crate::helpers::{TestApp, assert_status};
 
@@ -60,19 +59,7 @@ async fn the_layer_admits_live_tokens_only_and_hands_the_handler_a_principal(mut
     // The service's own key: it may only introspect.
     app.role("system", "inventory", &["tokend.introspect"])
         .await;
-    let service_key = app
-        .tokens(&app.root)
-        .issue_token(pb::IssueTokenRequest {
-            tenant_id: "system".into(),
-            kind: pb::TokenKind::ApiKey.into(),
-            name: "inventory".into(),
-            role: "inventory".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (service_key, _) = app.system_key("inventory", "inventory").await;
     let (alices, alices_info) = app.pat("acme", "alice", "laptop", &[]).await;
     let (bobs, _) = app.pat("acme", "bob", "laptop", &[]).await;
 
@@ -144,19 +131,7 @@ async fn the_layer_answers_plain_http_with_401_and_a_challenge(app: TestApp) {
         .await;
     app.member("acme", "alice", "developer", &[]).await;
     app.role("system", "web", &["tokend.introspect"]).await;
-    let key = app
-        .tokens(&app.root)
-        .issue_token(pb::IssueTokenRequest {
-            tenant_id: "system".into(),
-            kind: pb::TokenKind::ApiKey.into(),
-            name: "web".into(),
-            role: "web".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .secret;
+    let (key, _) = app.system_key("web", "web").await;
     let (pat, _) = app.pat("acme", "alice", "laptop", &[]).await;
     let tokend = TokendClient::connect(&format!("http://{}", app.addr), &key).unwrap();
     let handler = tower::service_fn(|request: http::Request<String>| async move {
@@ -200,4 +175,17 @@ async fn the_layer_answers_plain_http_with_401_and_a_challenge(app: TestApp) {
         response.headers()["www-authenticate"],
         r#"Bearer error="invalid_token""#
     );
+    // A gRPC-Web caller is refused in its own framing.
+    let mut grpc_web = request(None);
+    grpc_web.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc-web+proto"),
+    );
+    let response = guarded.clone().oneshot(grpc_web).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/grpc-web+proto"
+    );
+    assert_eq!(response.headers()["grpc-status"], "16");
 }

@@ -303,6 +303,9 @@ async fn the_token_subcommands_cover_a_tokens_life(app: TestApp) {
     let new_secret = rotated["secret"].as_str().unwrap().to_owned();
     let new_id = rotated["token"]["id"].as_str().unwrap().to_owned();
     assert_eq!(rotated["previous"]["revoke_reason"], "rotated");
+    // The old token still works, and the table says until when.
+    let listed = ok(&app, &[&["token", "list"][..], &acting].concat()).await;
+    assert!(listed.contains("in 1 hour (rotated)"), "{listed}");
     assert!(app.introspect(&new_secret).await.active);
 
     let revoked = ok(

@@ -4,24 +4,18 @@
 
 use std::process::Stdio;
 
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 use tokend::proto::v1 as pb;
-use tokend::proto::v1::directory_service_client::DirectoryServiceClient;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
-use crate::cli::{KillOnDrop, free_port, tokend, wait_until_serving};
-use crate::helpers::{Backend, TestApp, fresh_database};
+use crate::cli::{
+    KillOnDrop, alices_token, authed, binary_database, free_port, root_key, seed_acme, tokend,
+    wait_until_serving,
+};
+use crate::helpers::TestApp;
 
 crate::both_backends!(no_secret_hash_or_pepper_reaches_any_log_line);
-
-fn authed<T>(message: T, credential: &str) -> tonic::Request<T> {
-    let mut request = tonic::Request::new(message);
-    let value: MetadataValue<_> = format!("Bearer {credential}").parse().unwrap();
-    request.metadata_mut().insert("authorization", value);
-    request
-}
 
 /// The secret part of a token string: what follows its display id.
 fn secret_part(token: &str) -> &str {
@@ -31,15 +25,10 @@ fn secret_part(token: &str) -> &str {
 
 async fn no_secret_hash_or_pepper_reaches_any_log_line(app: TestApp) {
     // The spawned app only decides the backend; the binary gets its own fresh database.
-    let dir = tempfile::tempdir().unwrap();
-    let Some((url, _database)) = fresh_database(app.backend).await else {
+    let Some(database) = binary_database(app.backend).await else {
         return;
     };
-    let url = if app.backend == Backend::Sqlite {
-        String::new()
-    } else {
-        url
-    };
+    let (dir, url) = (database.dir.path(), database.url.as_str());
     let pepper = "pepper-Zq8vX2mN5rT1wY7kB3cD9fG4hJ6lP0sA";
     let with_logs = |command: &mut std::process::Command| {
         command
@@ -47,19 +36,18 @@ async fn no_secret_hash_or_pepper_reaches_any_log_line(app: TestApp) {
             .env("TOKEND_LOG__FILTER", "trace");
     };
 
-    let mut bootstrap = tokend(dir.path(), &url);
+    let mut bootstrap = tokend(dir, url);
     with_logs(&mut bootstrap);
     let bootstrap = bootstrap.arg("bootstrap").output().unwrap();
-    assert!(bootstrap.status.success(), "{bootstrap:?}");
-    let stdout = String::from_utf8(bootstrap.stdout).unwrap();
-    let root = stdout.lines().last().unwrap().trim().to_owned();
+    let root = root_key(&bootstrap);
+    let stdout = String::from_utf8_lossy(&bootstrap.stdout).into_owned();
     let mut logs = String::from_utf8_lossy(&bootstrap.stderr).into_owned();
     // Printing the root key once is bootstrap's job; anything else it prints is searched.
     logs.push_str(stdout.trim_end().trim_end_matches(root.as_str()));
 
     let port = free_port();
-    let log_file = dir.path().join("serve.log");
-    let mut serve = tokend(dir.path(), &url);
+    let log_file = dir.join("serve.log");
+    let mut serve = tokend(dir, url);
     with_logs(&mut serve);
     let server = KillOnDrop(
         serve
@@ -72,53 +60,15 @@ async fn no_secret_hash_or_pepper_reaches_any_log_line(app: TestApp) {
             .unwrap(),
     );
     let channel: Channel = wait_until_serving(port).await;
-    let mut directory = DirectoryServiceClient::new(channel.clone());
+    seed_acme(
+        channel.clone(),
+        &root,
+        &["entities:read", "tokend.tokens.issue"],
+    )
+    .await;
     let mut tokens = TokenServiceClient::new(channel);
-
-    directory
-        .put_tenant(authed(
-            pb::PutTenantRequest {
-                tenant: Some(pb::Tenant {
-                    id: "acme".into(),
-                    ..Default::default()
-                }),
-            },
-            &root,
-        ))
-        .await
-        .unwrap();
-    directory
-        .put_role(authed(
-            pb::PutRoleRequest {
-                tenant_id: "acme".into(),
-                name: "developer".into(),
-                permissions: vec!["entities:read".into(), "tokend.tokens.issue".into()],
-            },
-            &root,
-        ))
-        .await
-        .unwrap();
-    directory
-        .put_member(authed(
-            pb::PutMemberRequest {
-                tenant_id: "acme".into(),
-                user_id: "alice".into(),
-                role: "developer".into(),
-                groups: vec![],
-            },
-            &root,
-        ))
-        .await
-        .unwrap();
-    let issue = |name: &str| pb::IssueTokenRequest {
-        tenant_id: "acme".into(),
-        actor_user_id: "alice".into(),
-        kind: pb::TokenKind::Personal.into(),
-        name: name.into(),
-        ..Default::default()
-    };
     let pat = tokens
-        .issue_token(authed(issue("laptop"), &root))
+        .issue_token(authed(alices_token("laptop"), &root))
         .await
         .unwrap()
         .into_inner();

@@ -25,22 +25,6 @@ async fn acme(app: &TestApp) {
     app.role("system", "gateway", &["tokend.introspect"]).await;
 }
 
-async fn gateway(app: &TestApp, name: &str) -> (String, pb::TokenInfo) {
-    let issued = app
-        .tokens(&app.root)
-        .issue_token(pb::IssueTokenRequest {
-            tenant_id: "system".into(),
-            kind: pb::TokenKind::ApiKey.into(),
-            name: name.into(),
-            role: "gateway".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("issue a gateway key")
-        .into_inner();
-    (issued.secret, issued.token.unwrap())
-}
-
 async fn introspect_from(app: &TestApp, service: &str, token: &str, ip: &str) -> bool {
     app.tokens(service)
         .introspect(pb::IntrospectRequest {
@@ -88,8 +72,8 @@ fn pairs(info: &pb::TokenInfo) -> Vec<(String, String, String)> {
 async fn listing_shows_where_a_token_was_used_from_and_through_which_service(app: TestApp) {
     acme(&app).await;
     let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
-    let (edge, edge_info) = gateway(&app, "edge-gateway").await;
-    let (billing, billing_info) = gateway(&app, "billing").await;
+    let (edge, edge_info) = app.system_key("edge-gateway", "gateway").await;
+    let (billing, billing_info) = app.system_key("billing", "gateway").await;
     assert!(introspect_from(&app, &edge, &pat, "203.0.113.7").await);
     // The same pair again within the minute: one record.
     assert!(introspect_from(&app, &edge, &pat, "203.0.113.7").await);
@@ -196,7 +180,7 @@ async fn a_service_of_another_tenant_stays_anonymous(app: TestApp) {
 async fn only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward(app: TestApp) {
     acme(&app).await;
     let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
-    let (edge, _) = gateway(&app, "edge-gateway").await;
+    let (edge, _) = app.system_key("edge-gateway", "gateway").await;
     for i in 1..=7 {
         assert!(introspect_from(&app, &edge, &pat, &format!("192.0.2.{i}")).await);
         // The order on record is the clock's: a minute between uses.
@@ -233,7 +217,7 @@ async fn only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward(app: TestA
 async fn a_deleted_tokens_uses_go_with_it(app: TestApp) {
     acme(&app).await;
     let (pat, info) = app.pat("acme", "alice", "laptop", &[]).await;
-    let (edge, _) = gateway(&app, "edge-gateway").await;
+    let (edge, _) = app.system_key("edge-gateway", "gateway").await;
     assert!(introspect_from(&app, &edge, &pat, "203.0.113.7").await);
     listed_with_uses(&app, &info.id, 1).await;
     app.tokens(&app.root)
