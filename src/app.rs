@@ -9,9 +9,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use secrecy::SecretString;
 use tokio::net::TcpListener;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::clock::SystemClock;
-use crate::config::Settings;
+use crate::config::{Settings, TlsSettings};
 use crate::domain::ports::{Clock, InvalidationSink, SecretHasher, Store};
 use crate::domain::token_format::TokenFormat;
 use crate::hashing::Argon2Hasher;
@@ -32,6 +33,10 @@ pub struct App {
     last_used_every: Duration,
     feed: Option<tokio::task::JoinHandle<()>>,
     clock: Arc<dyn Clock>,
+    tls: Option<ServerTlsConfig>,
+    drain: Duration,
+    health_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
 }
 
 /// Connects to the configured database.
@@ -70,6 +75,32 @@ pub async fn bootstrap(settings: &Settings) -> anyhow::Result<SecretString> {
     Ok(service::bootstrap(&core).await?)
 }
 
+/// The TLS configuration, if TLS is on; a file that cannot be read is named.
+fn tls_config(settings: &TlsSettings) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (&settings.cert_file, &settings.key_file) else {
+        return Ok(None);
+    };
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("tls.{what}: cannot read {}", path.display()))
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(
+        read("cert_file", cert)?,
+        read("key_file", key)?,
+    ));
+    if let Some(ca) = &settings.client_ca_file {
+        tls = tls
+            .client_ca_root(Certificate::from_pem(read("client_ca_file", ca)?))
+            .client_auth_optional(settings.client_auth_optional);
+    }
+    Ok(Some(tls))
+}
+
+async fn bind(what: &str, address: std::net::SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("{what}: cannot listen on {address}"))
+}
+
 fn hasher(settings: &Settings) -> anyhow::Result<Arc<Argon2Hasher>> {
     let pepper = settings.resolve_pepper()?;
     Ok(Arc::new(Argon2Hasher::new(&settings.argon2, pepper)?))
@@ -86,6 +117,10 @@ impl App {
         settings: &Settings,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
+        if settings.metrics.listen.is_some() {
+            // Installed before anything records, so no series is lost.
+            crate::telemetry::metrics::handle();
+        }
         let store = Arc::new(open_store(settings).await?);
         if settings.migrate_on_start {
             store.migrate().await.context("migration failed")?;
@@ -115,9 +150,16 @@ impl App {
             Arc::clone(&last_used),
             Some(Arc::clone(&cache)),
         ));
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", settings.listen))?;
+        let tls = tls_config(&settings.tls)?;
+        let listener = bind("listen", settings.listen).await?;
+        let health_listener = match settings.health_listen {
+            Some(address) => Some(bind("health_listen", address).await?),
+            None => None,
+        };
+        let metrics_listener = match settings.metrics.listen {
+            Some(address) => Some(bind("metrics.listen", address).await?),
+            None => None,
+        };
         Ok(Self {
             listener,
             core,
@@ -128,7 +170,25 @@ impl App {
             last_used_every: Duration::from_millis(settings.last_used_flush_ms.max(10)),
             feed,
             clock,
+            tls,
+            drain: Duration::from_millis(settings.drain_timeout_ms),
+            health_listener,
+            metrics_listener,
         })
+    }
+
+    /// The bound metrics address, if the endpoint is on.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
+    /// The bound health-only address, if configured.
+    pub fn health_addr(&self) -> Option<SocketAddr> {
+        self.health_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
     }
 
     /// The bound address (the real port when configured with port 0).
@@ -163,13 +223,34 @@ impl App {
         let address = self.local_addr();
         let health = tonic_health::server::health_reporter();
         let flusher = self.last_used.spawn_flusher(self.last_used_every);
-        tracing::info!(%address, "tokend is serving");
+        let (metrics_stop, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = self.metrics_listener.map(|listener| {
+            let sample = sampler(
+                Arc::clone(&self.core),
+                Arc::clone(&self.cache),
+                Arc::clone(&self.store),
+                Arc::clone(&self.last_used),
+            );
+            tokio::spawn(crate::telemetry::metrics::serve(listener, sample, async {
+                let _ = metrics_stopped.await;
+            }))
+        });
+        tracing::info!(
+            %address,
+            tls = self.tls.is_some(),
+            "tokend is serving"
+        );
         let served = crate::grpc::serve(
             self.listener,
             self.core,
             self.clock,
             health,
             self.cache.watch_trusted(),
+            crate::grpc::ServeOptions {
+                tls: self.tls,
+                drain: self.drain,
+                health_listener: self.health_listener,
+            },
             shutdown,
         )
         .await;
@@ -181,8 +262,36 @@ impl App {
         if let Err(err) = self.last_used.flush().await {
             tracing::warn!(error = %err, "could not record the last uses on shutdown");
         }
+        // Scraped to the end: the last flush shows in the series.
+        let _ = metrics_stop.send(());
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
+        }
         served?;
         tracing::info!("tokend stopped");
         Ok(())
     }
+}
+
+/// The gauges read at scrape time: cache sizes, database pool, pending last uses.
+fn sampler(
+    core: Arc<Tokend>,
+    cache: Arc<LiveCache>,
+    store: Arc<SeaStore>,
+    last_used: Arc<LastUsed>,
+) -> crate::telemetry::metrics::Sampler {
+    Arc::new(move || {
+        metrics::gauge!("tokend_cache_trusted").set(if cache.is_trusted() { 1.0 } else { 0.0 });
+        metrics::gauge!("tokend_cache_entries", "cache" => "live_state")
+            .set(cache.token_entries() as f64);
+        for (name, entries) in core.cache_entries() {
+            metrics::gauge!("tokend_cache_entries", "cache" => name).set(entries as f64);
+        }
+        let (open, idle, max) = store.pool_connections();
+        metrics::gauge!("tokend_db_pool_connections", "state" => "idle").set(idle as f64);
+        metrics::gauge!("tokend_db_pool_connections", "state" => "in_use")
+            .set(f64::from(open).max(idle as f64) - idle as f64);
+        metrics::gauge!("tokend_db_pool_connections", "state" => "max").set(f64::from(max));
+        metrics::gauge!("tokend_last_used_pending").set(last_used.pending_tokens() as f64);
+    })
 }

@@ -44,6 +44,18 @@ pub struct Settings {
     pub cache: CacheSettings,
     /// How often noted token uses are written to `last_used_at`, milliseconds.
     pub last_used_flush_ms: u64,
+    /// After SIGTERM, how long in-flight calls may run before the connections are closed,
+    /// milliseconds. Keep it below the orchestrator's grace period (Kubernetes: 30 s).
+    pub drain_timeout_ms: u64,
+    /// A second, plaintext port serving only gRPC health: kubelet's gRPC probes cannot speak
+    /// TLS, so a TLS deployment points them here.
+    pub health_listen: Option<SocketAddr>,
+    /// The Prometheus endpoint.
+    pub metrics: MetricsSettings,
+    /// OpenTelemetry traces.
+    pub otel: OtelSettings,
+    /// TLS on the gRPC port.
+    pub tls: TlsSettings,
     /// `TOKEND_*` variables that name no setting (possibly typos), for a warning.
     #[serde(skip)]
     pub ignored_env: Vec<String>,
@@ -116,6 +128,52 @@ pub enum LogFormat {
     Json,
 }
 
+/// The Prometheus endpoint.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Where `GET /metrics` answers in the Prometheus text format; off when unset.
+    pub listen: Option<SocketAddr>,
+}
+
+/// OpenTelemetry trace export (OTLP over gRPC).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtelSettings {
+    /// The collector, `http://collector:4317`; no traces are exported when unset.
+    pub endpoint: Option<String>,
+    /// The share of new traces kept, 0 to 1. A caller's sampling decision (in its
+    /// `traceparent`) wins, so a trace is never cut in half.
+    pub sample_ratio: f64,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+}
+
+impl Default for OtelSettings {
+    fn default() -> Self {
+        Self {
+            endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "tokend".to_owned(),
+        }
+    }
+}
+
+/// TLS on the gRPC port (rustls). Off unless both `cert_file` and `key_file` are set.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The server's certificate chain, PEM.
+    pub cert_file: Option<PathBuf>,
+    /// Its private key, PEM.
+    pub key_file: Option<PathBuf>,
+    /// CAs that sign client certificates, PEM. When set, callers must present a certificate
+    /// signed by one of them (mutual TLS), and its subject is recorded in audit events.
+    pub client_ca_file: Option<PathBuf>,
+    /// Accept callers without a client certificate too (a migration step towards mTLS).
+    pub client_auth_optional: bool,
+}
+
 /// Logging settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -150,6 +208,11 @@ impl Default for Settings {
             log: LogSettings::default(),
             cache: CacheSettings::default(),
             last_used_flush_ms: 5000,
+            drain_timeout_ms: 25_000,
+            health_listen: None,
+            metrics: MetricsSettings::default(),
+            otel: OtelSettings::default(),
+            tls: TlsSettings::default(),
             ignored_env: Vec::new(),
         }
     }
@@ -172,12 +235,15 @@ pub enum ConfigError {
     /// Both `pepper` and `pepper_file` were set.
     #[error("set at most one of pepper and pepper_file")]
     TwoPeppers,
+    /// Settings that parse but cannot work together.
+    #[error("invalid configuration: {0}")]
+    Conflict(&'static str),
 }
 
 /// The top-level settings keys. `TOKEND_*` variables naming anything else belong to other
 /// tools (the CLI's `TOKEND_TOKEN`, a CI script's own variables) and are left alone rather
 /// than refused; `Settings::ignored_env` lists them so `serve` can warn about typos.
-const KEYS: [&str; 12] = [
+const KEYS: [&str; 17] = [
     "listen",
     "database_url",
     "migrate_on_start",
@@ -190,6 +256,11 @@ const KEYS: [&str; 12] = [
     "log",
     "cache",
     "last_used_flush_ms",
+    "drain_timeout_ms",
+    "health_listen",
+    "metrics",
+    "otel",
+    "tls",
 ];
 
 /// Variables the client subcommands read (`tokend token …`), set in operators' shells.
@@ -233,7 +304,44 @@ impl Settings {
         let mut settings: Settings = builder.build()?.try_deserialize()?;
         ignored_env.sort();
         settings.ignored_env = ignored_env;
+        settings.check()?;
         Ok(settings)
+    }
+
+    /// Combinations that would otherwise fail late, or quietly serve less than asked.
+    fn check(&self) -> Result<(), ConfigError> {
+        let tls = &self.tls;
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            return Err(ConfigError::Conflict(
+                "tls.cert_file and tls.key_file: set both or neither",
+            ));
+        }
+        if tls.client_ca_file.is_some() && tls.cert_file.is_none() {
+            return Err(ConfigError::Conflict(
+                "tls.client_ca_file needs tls.cert_file and tls.key_file",
+            ));
+        }
+        if tls.client_auth_optional && tls.client_ca_file.is_none() {
+            return Err(ConfigError::Conflict(
+                "tls.client_auth_optional needs tls.client_ca_file",
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.otel.sample_ratio) {
+            return Err(ConfigError::Conflict(
+                "otel.sample_ratio must be between 0 and 1",
+            ));
+        }
+        if self
+            .otel
+            .endpoint
+            .as_deref()
+            .is_some_and(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+        {
+            return Err(ConfigError::Conflict(
+                "otel.endpoint must be an http:// or https:// URL",
+            ));
+        }
+        Ok(())
     }
 
     /// The pepper from `pepper` or `pepper_file`, if either is set.
@@ -352,6 +460,50 @@ mod tests {
         // The CLI's own variables are expected in an operator's shell: no typo warning.
         assert_eq!(s.ignored_env, vec!["TOKEND_LISEN"]);
         assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+    }
+
+    #[test]
+    fn settings_that_cannot_work_together_are_refused_naming_the_keys() {
+        for (pairs, named) in [
+            (vec![("TOKEND_TLS__CERT_FILE", "c.pem")], "tls.key_file"),
+            (
+                vec![("TOKEND_TLS__CLIENT_CA_FILE", "ca.pem")],
+                "tls.client_ca_file",
+            ),
+            (
+                vec![
+                    ("TOKEND_TLS__CERT_FILE", "c.pem"),
+                    ("TOKEND_TLS__KEY_FILE", "k.pem"),
+                    ("TOKEND_TLS__CLIENT_AUTH_OPTIONAL", "true"),
+                ],
+                "tls.client_auth_optional",
+            ),
+            (
+                vec![("TOKEND_OTEL__SAMPLE_RATIO", "1.5")],
+                "otel.sample_ratio",
+            ),
+            (
+                vec![("TOKEND_OTEL__ENDPOINT", "collector:4317")],
+                "otel.endpoint",
+            ),
+        ] {
+            let err = Settings::load(None, env(&pairs)).unwrap_err();
+            assert!(err.to_string().contains(named), "{pairs:?}: {err}");
+        }
+        let s = Settings::load(
+            None,
+            env(&[
+                ("TOKEND_METRICS__LISTEN", "127.0.0.1:9090"),
+                ("TOKEND_OTEL__ENDPOINT", "http://collector:4317"),
+                ("TOKEND_OTEL__SAMPLE_RATIO", "0.25"),
+                ("TOKEND_HEALTH_LISTEN", "127.0.0.1:50052"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.metrics.listen.unwrap().port(), 9090);
+        assert_eq!(s.otel.sample_ratio, 0.25);
+        assert_eq!(s.health_listen.unwrap().port(), 50052);
+        assert!(s.ignored_env.is_empty());
     }
 
     #[test]

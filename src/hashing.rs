@@ -215,28 +215,36 @@ impl SecretHasher for Argon2Hasher {
     async fn verify(&self, secret: SecretString, phc: String) -> Result<Verification> {
         self.verifications.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("tokend_argon2_verifications_total").increment(1);
-        self.run(move |inner| {
-            let parsed = PasswordHash::new(&phc)
-                .map_err(|e| Error::internal(format!("stored hash is not a PHC string: {e}")))?;
-            // The comparison inside `verify_password` is constant-time.
-            match inner
-                .argon2()?
-                .verify_password(secret.expose_secret().as_bytes(), &parsed)
-            {
-                Ok(()) => {
-                    let current = &inner.params;
-                    let needs_rehash = Params::try_from(&parsed).map_or(true, |stored| {
-                        stored.m_cost() != current.m_cost()
-                            || stored.t_cost() != current.t_cost()
-                            || stored.p_cost() != current.p_cost()
-                    }) || parsed.algorithm.as_str() != "argon2id";
-                    Ok(Verification::Match { needs_rehash })
+        let started = std::time::Instant::now();
+        let verified = self
+            .run(move |inner| {
+                let parsed = PasswordHash::new(&phc).map_err(|e| {
+                    Error::internal(format!("stored hash is not a PHC string: {e}"))
+                })?;
+                // The comparison inside `verify_password` is constant-time.
+                match inner
+                    .argon2()?
+                    .verify_password(secret.expose_secret().as_bytes(), &parsed)
+                {
+                    Ok(()) => {
+                        let current = &inner.params;
+                        let needs_rehash = Params::try_from(&parsed).map_or(true, |stored| {
+                            stored.m_cost() != current.m_cost()
+                                || stored.t_cost() != current.t_cost()
+                                || stored.p_cost() != current.p_cost()
+                        }) || parsed.algorithm.as_str() != "argon2id";
+                        Ok(Verification::Match { needs_rehash })
+                    }
+                    Err(argon2::password_hash::Error::PasswordInvalid) => {
+                        Ok(Verification::Mismatch)
+                    }
+                    Err(e) => Err(Error::internal(format!("argon2 verify failed: {e}"))),
                 }
-                Err(argon2::password_hash::Error::PasswordInvalid) => Ok(Verification::Mismatch),
-                Err(e) => Err(Error::internal(format!("argon2 verify failed: {e}"))),
-            }
-        })
-        .await
+            })
+            .await;
+        metrics::histogram!("tokend_argon2_verify_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        verified
     }
 }
 

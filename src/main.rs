@@ -89,7 +89,13 @@ fn serve_side(config: Option<PathBuf>, command: Command) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tokend::telemetry::init(&settings.log);
+    let telemetry = match tokend::telemetry::init(&settings.log, &settings.otel) {
+        Ok(telemetry) => telemetry,
+        Err(err) => {
+            eprintln!("tokend: {err:#}");
+            return ExitCode::from(2);
+        }
+    };
     for name in &settings.ignored_env {
         tracing::warn!(variable = %name, "ignoring a TOKEND_ variable that names no setting");
     }
@@ -126,6 +132,8 @@ fn serve_side(config: Option<PathBuf>, command: Command) -> ExitCode {
             }
         }
     });
+    // Outside the runtime: the last spans are exported on the exporter's own threads.
+    telemetry.shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tower::{Layer, Service};
 
 use crate::service::{Caller, Tokend};
@@ -78,16 +79,24 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.to_str().unwrap_or(""));
-            // The connection's peer: where the credential is being used from.
-            let peer = request
-                .extensions()
-                .get::<tonic::transport::server::TcpConnectInfo>()
-                .and_then(|info| info.remote_addr())
+            // The connection's peer: where the credential is being used from; and, over
+            // mutual TLS, the certificate it presented.
+            let extensions = request.extensions();
+            let (tcp, certificates) = match extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
+                Some(tls) => (Some(tls.get_ref()), tls.peer_certs()),
+                None => (extensions.get::<TcpConnectInfo>(), None),
+            };
+            let peer = tcp
+                .and_then(TcpConnectInfo::remote_addr)
                 .map(|addr| addr.ip());
             match core.authenticate(header, peer).await {
-                Ok(caller) => {
+                Ok(mut caller) => {
+                    if let Some(certificates) = certificates {
+                        caller.set_client_certificates(certificates);
+                    }
                     let span = tracing::Span::current();
                     span.record("caller", caller.display_id());
+                    span.record("tenant", caller.tenant_id().as_str());
                     request.extensions_mut().insert::<Caller>(caller);
                     inner.call(request).await
                 }

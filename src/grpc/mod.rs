@@ -6,15 +6,17 @@ pub mod auth;
 pub mod convert;
 pub mod directory;
 pub mod ext_authz;
+pub mod observe;
 pub mod status;
 pub mod token;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 
 use crate::domain::ports::Clock;
@@ -40,6 +42,21 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+}
+
+/// The health "service" a liveness probe asks for: SERVING for as long as the process
+/// serves at all, unlike the overall status, which follows readiness.
+pub const LIVENESS: &str = "liveness";
+
+/// How the server runs, beyond what it serves.
+#[derive(Debug)]
+pub struct ServeOptions {
+    /// TLS (and client-certificate verification) on the gRPC port.
+    pub tls: Option<ServerTlsConfig>,
+    /// After shutdown is asked for, how long in-flight calls may run.
+    pub drain: Duration,
+    /// A plaintext port serving only health, for probes that cannot speak TLS.
+    pub health_listener: Option<TcpListener>,
 }
 
 /// Marks every tokend service SERVING (or not) in gRPC health.
@@ -73,6 +90,7 @@ pub async fn serve(
         tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     ),
     mut ready: tokio::sync::watch::Receiver<bool>,
+    options: ServeOptions,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
@@ -93,6 +111,9 @@ pub async fn serve(
     // a load balancer should prefer replicas that are ready.
     let initially = *ready.borrow_and_update();
     set_serving(&reporter, initially).await;
+    reporter
+        .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
+        .await;
     let readiness = {
         let reporter = reporter.clone();
         tokio::spawn(async move {
@@ -102,16 +123,44 @@ pub async fn serve(
             }
         })
     };
-    Server::builder()
-        // The span every log line of a call is nested in; `caller` is filled in by the
-        // auth layer with the credential's display id.
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    // Up until the main server has drained: probes see NOT_SERVING, then nothing.
+    let health_only = options.health_listener.map(|listener| {
+        tokio::spawn(
+            Server::builder()
+                .add_service(health_service.clone())
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        )
+    });
+    let mut builder = Server::builder();
+    if let Some(tls) = options.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let serving = builder
+        // The span every log line of a call is nested in. The layers fill in the rest:
+        // request id and status (observe), caller and tenant (auth), the introspected
+        // token (Introspect).
         .trace_fn(|request| {
-            tracing::info_span!(
+            let path = request.uri().path();
+            let span = tracing::info_span!(
                 "grpc",
-                method = %request.uri().path(),
+                method = %path,
+                code = tracing::field::Empty,
                 caller = tracing::field::Empty,
-            )
+                tenant = tracing::field::Empty,
+                token = tracing::field::Empty,
+                token_tenant = tracing::field::Empty,
+                request_id = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
+                otel.name = %path,
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                rpc.system = "grpc",
+            );
+            crate::telemetry::otel::join_callers_trace(&span, request.headers());
+            span
         })
+        .layer(observe::ObserveLayer)
         // Authentication wraps every service; it lets health and reflection through.
         .layer(auth::AuthLayer::new(Arc::clone(&core)))
         .add_service(health_service)
@@ -144,8 +193,28 @@ pub async fn serve(
                 shutdown.await;
                 readiness.abort();
                 set_serving(&reporter, false).await;
+                let _ = stopping.send(true);
             },
-        )
-        .await?;
-    Ok(())
+        );
+    tokio::pin!(serving);
+    // The listener closes at once; calls already running get `drain` to finish, then the
+    // connections still open are dropped.
+    let mut deadline = stopped.clone();
+    let result = tokio::select! {
+        served = &mut serving => served.map_err(ServeError::from),
+        () = async {
+            let _ = deadline.wait_for(|stop| *stop).await;
+            tokio::time::sleep(options.drain).await;
+        } => {
+            tracing::warn!(
+                drain_ms = options.drain.as_millis() as u64,
+                "calls still running at the drain deadline; closing their connections"
+            );
+            Ok(())
+        }
+    };
+    if let Some(health_only) = health_only {
+        health_only.abort();
+    }
+    result
 }

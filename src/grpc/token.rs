@@ -6,6 +6,7 @@ use secrecy::ExposeSecret as _;
 use tonic::{Request, Response, Status};
 
 use crate::domain::ports::Clock;
+use crate::introspect::Outcome;
 use crate::proto::v1 as pb;
 use crate::proto::v1::token_service_server::TokenService;
 use crate::service::Tokend;
@@ -102,6 +103,11 @@ impl TokenService for TokenApi {
             .core
             .introspect(&caller, &req.token, &required, client_ip)
             .await?;
+        if let Outcome::Active(active) = &answer.outcome {
+            let span = tracing::Span::current();
+            span.record("token", active.token.display_id.as_str());
+            span.record("token_tenant", active.token.tenant_id.as_str());
+        }
         Ok(Response::new(convert::introspect_response(answer)))
     }
 

@@ -330,11 +330,23 @@ impl LastUsed {
 
     /// Writes every noted use; returns how many tokens' last use was written.
     pub async fn flush(&self) -> Result<usize> {
+        let started = std::time::Instant::now();
         let (times, uses) = self.lock().drain();
         let sites = self.flush_sites(uses).await;
-        let written = self.flush_times(times).await?;
+        let written = self.flush_times(times).await;
+        metrics::histogram!("tokend_last_used_flush_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        if written.is_err() || sites.is_err() {
+            metrics::counter!("tokend_last_used_flush_failures_total").increment(1);
+        }
+        let written = written?;
         sites?;
         Ok(written)
+    }
+
+    /// Tokens whose last use waits for the next flush.
+    pub fn pending_tokens(&self) -> usize {
+        self.lock().tokens.len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {

@@ -149,6 +149,15 @@ impl Introspector {
         }
     }
 
+    /// Entries held by each per-token-string cache, for the metrics endpoint.
+    pub fn cache_entries(&self) -> [(&'static str, u64); 3] {
+        [
+            ("verified", self.verified.len() as u64),
+            ("rejected", self.rejected.len() as u64),
+            ("verdicts", self.answers.len() as u64),
+        ]
+    }
+
     /// The verdict on `candidate`. An `Err` means tokend cannot know (database
     /// unreachable): it is never turned into "inactive".
     pub async fn introspect(&self, candidate: &str) -> Result<Outcome> {

@@ -53,9 +53,33 @@ fn require(
 #[derive(Clone, Debug)]
 pub struct Caller {
     active: Arc<ActiveToken>,
+    /// The chain the connection presented over mutual TLS, leaf first. Read only when an
+    /// audit record is written, so an authenticated call parses no certificate.
+    client_certificates: Option<ClientCertificates>,
 }
 
+/// A client's certificate chain (DER), as the TLS layer hands it over.
+pub type ClientCertificates = Arc<Vec<rustls_pki_types::CertificateDer<'static>>>;
+
 impl Caller {
+    /// Attaches the certificate chain the caller's connection presented.
+    pub fn set_client_certificates(&mut self, certificates: ClientCertificates) {
+        self.client_certificates = Some(certificates);
+    }
+
+    /// Who the caller's client certificate names: its subject, or its first subject
+    /// alternative name (a SPIFFE id, say) when the subject is empty.
+    pub fn client_certificate_identity(&self) -> Option<String> {
+        let leaf = self.client_certificates.as_ref()?.first()?;
+        let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        let subject = certificate.subject().to_string();
+        if !subject.is_empty() {
+            return Some(subject);
+        }
+        let names = certificate.subject_alternative_name().ok()??;
+        names.value.general_names.first().map(ToString::to_string)
+    }
+
     /// The credential's token id.
     pub fn token_id(&self) -> &str {
         self.active.token.id()
@@ -184,7 +208,10 @@ impl Tokend {
         match self.introspector.introspect(token).await? {
             Outcome::Active(active) => {
                 self.introspector.note_use(&active, peer, None);
-                Ok(Caller { active })
+                Ok(Caller {
+                    active,
+                    client_certificates: None,
+                })
             }
             Outcome::Inactive(reason) => {
                 tracing::info!(reason = reason.as_str(), "refused an inactive credential");

@@ -133,7 +133,7 @@ impl Tokend {
             updated_at: now,
         };
         let mut audit = self.audit(&tenant.id, caller.subject().label(), caller, "tenant.put");
-        audit.detail = BTreeMap::from([
+        audit.detail.extend(BTreeMap::from([
             (
                 "status".to_owned(),
                 format!("{:?}", tenant.status).to_lowercase(),
@@ -156,7 +156,7 @@ impl Tokend {
                     .max_rotation_grace
                     .map_or_else(String::new, |d| d.num_seconds().to_string()),
             ),
-        ]);
+        ]));
         self.store.put_tenant(&tenant, &audit).await
     }
 
@@ -210,10 +210,10 @@ impl Tokend {
             "role.put",
         );
         let list: Vec<&str> = role.permissions.iter().map(|p| p.as_str()).collect();
-        audit.detail = BTreeMap::from([
+        audit.detail.extend(BTreeMap::from([
             ("role".to_owned(), role.name.to_string()),
             ("permissions".to_owned(), list.join(" ")),
-        ]);
+        ]));
         self.store.put_role(&role, &audit).await?;
         Ok(role)
     }
@@ -236,7 +236,9 @@ impl Tokend {
             self.check_reserved_grants(caller, tenant, "name", &existing.permissions)?;
         }
         let mut audit = self.audit(tenant, caller.subject().label(), caller, "role.deleted");
-        audit.detail = BTreeMap::from([("role".to_owned(), name.to_string())]);
+        audit
+            .detail
+            .extend(BTreeMap::from([("role".to_owned(), name.to_string())]));
         if !self.store.delete_role(tenant, name, &audit).await? {
             return Err(Error::NotFound(format!("role {name} in tenant {tenant}")));
         }
@@ -305,11 +307,11 @@ impl Tokend {
             };
             let mut audit = self.audit(tenant, caller.subject().label(), caller, "member.put");
             let groups: Vec<&str> = member.groups.iter().map(|g| g.as_str()).collect();
-            audit.detail = BTreeMap::from([
+            audit.detail.extend(BTreeMap::from([
                 ("user".to_owned(), member.user_id.to_string()),
                 ("role".to_owned(), member.role.to_string()),
                 ("groups".to_owned(), groups.join(",")),
-            ]);
+            ]));
             writes.push((member, audit));
         }
         self.store.put_members(&writes).await?;
@@ -326,7 +328,9 @@ impl Tokend {
         self.directory_access(caller, tenant, rules::DIRECTORY_WRITE)?;
         self.check_demotion(caller, tenant, user).await?;
         let mut audit = self.audit(tenant, caller.subject().label(), caller, "member.removed");
-        audit.detail = BTreeMap::from([("user".to_owned(), user.to_string())]);
+        audit
+            .detail
+            .extend(BTreeMap::from([("user".to_owned(), user.to_string())]));
         if !self.store.remove_member(tenant, user, &audit).await? {
             return Err(Error::NotFound(format!("member {user} of tenant {tenant}")));
         }
@@ -376,10 +380,10 @@ impl Tokend {
             caller,
             "user.status_set",
         );
-        audit.detail = BTreeMap::from([
+        audit.detail.extend(BTreeMap::from([
             ("user".to_owned(), user.id.to_string()),
             ("status".to_owned(), format!("{status:?}").to_lowercase()),
-        ]);
+        ]));
         self.store.put_user(&user, &audit).await
     }
 }

@@ -68,6 +68,12 @@ impl Tokend {
         }
     }
 
+    /// Entries held by the Introspect caches keyed by token string, for the metrics
+    /// endpoint.
+    pub fn cache_entries(&self) -> [(&'static str, u64); 3] {
+        self.introspector.cache_entries()
+    }
+
     /// The token format in use.
     pub fn format(&self) -> &TokenFormat {
         &self.format
@@ -81,6 +87,10 @@ impl Tokend {
         caller: &Caller,
         action: &str,
     ) -> AuditRecord {
+        let mut detail = std::collections::BTreeMap::new();
+        if let Some(identity) = caller.client_certificate_identity() {
+            detail.insert("client_certificate".to_owned(), identity);
+        }
         AuditRecord {
             at: self.clock.now(),
             tenant_id: tenant.clone(),
@@ -88,7 +98,7 @@ impl Tokend {
             caller: caller.display_id().to_owned(),
             action: action.to_owned(),
             token_id: None,
-            detail: Default::default(),
+            detail,
         }
     }
 }

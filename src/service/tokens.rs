@@ -226,7 +226,7 @@ impl Tokend {
             "token.issued",
         );
         audit.token_id = Some(token.id().to_owned());
-        audit.detail = token_detail(&token);
+        audit.detail.extend(token_detail(&token));
         self.store.insert_token(&token, &audit).await?;
         tracing::info!(display_id = %token.display_id, tenant = %token.tenant_id, "issued a token");
         Ok(Issued { secret, token })
@@ -347,12 +347,12 @@ impl Tokend {
             "token.rotated",
         );
         rotated.token_id = Some(old.id().to_owned());
-        rotated.detail = BTreeMap::from([
+        rotated.detail.extend(BTreeMap::from([
             ("name".to_owned(), old.name.to_string()),
             ("successor".to_owned(), successor.id().to_owned()),
             ("grace_secs".to_owned(), req.grace.num_seconds().to_string()),
             ("revoked_at".to_owned(), revocation.at.to_rfc3339()),
-        ]);
+        ]));
         let mut issued = self.audit(
             &successor.tenant_id,
             actor.subject.label(),
@@ -360,7 +360,7 @@ impl Tokend {
             "token.issued",
         );
         issued.token_id = Some(successor.id().to_owned());
-        issued.detail = token_detail(&successor);
+        issued.detail.extend(token_detail(&successor));
         issued
             .detail
             .insert("predecessor".to_owned(), old.id().to_owned());
@@ -488,10 +488,10 @@ impl Tokend {
     ) -> Result<(Revocation, Option<Token>)> {
         let mut audit = self.audit(&token.tenant_id, by.clone(), caller, "token.revoked");
         audit.token_id = Some(token.id().to_owned());
-        audit.detail = BTreeMap::from([
+        audit.detail.extend(BTreeMap::from([
             ("name".to_owned(), token.name.to_string()),
             ("reason".to_owned(), reason.clone()),
-        ]);
+        ]));
         audit.detail.extend(
             detail
                 .iter()
@@ -556,7 +556,7 @@ impl Tokend {
                 "token.revoked",
             );
             revoked.token_id = Some(token.id().to_owned());
-            revoked.detail = detail.clone();
+            revoked.detail.extend(detail.clone());
             revoked
                 .detail
                 .insert("reason".to_owned(), "deleted".to_owned());
@@ -569,7 +569,7 @@ impl Tokend {
             "token.deleted",
         );
         deleted.token_id = Some(token.id().to_owned());
-        deleted.detail = detail;
+        deleted.detail.extend(detail);
         records.push(deleted);
         if !self
             .store
@@ -749,6 +749,8 @@ impl Tokend {
                 // The token's tenant sees its own and tokend's services by name; a caller
                 // from any other tenant stays anonymous to it.
                 let known = caller.is_system() || caller.tenant_id() == &active.token.tenant_id;
+                metrics::counter!("tokend_introspect_total", "result" => "active", "reason" => "")
+                    .increment(1);
                 self.introspector.note_use(
                     active,
                     client_ip,
@@ -770,8 +772,12 @@ impl Tokend {
             Outcome::Inactive(reason) => {
                 // The reason is for tokend's operators; the caller sees it only if trusted.
                 // A counter, not an info line: garbage at gateway rates would flood the log.
-                metrics::counter!("tokend_introspect_inactive_total", "reason" => reason.as_str())
-                    .increment(1);
+                metrics::counter!(
+                    "tokend_introspect_total",
+                    "result" => "inactive",
+                    "reason" => reason.as_str()
+                )
+                .increment(1);
                 tracing::debug!(reason = reason.as_str(), "introspected an inactive token");
                 (
                     false,

@@ -111,6 +111,7 @@ async fn run(pool: PgPool, sink: Arc<dyn InvalidationSink>, timing: FeedTiming) 
             Err(err) => tracing::warn!(error = %err, "change feed: cannot listen"),
         }
         sink.set_trusted(false);
+        metrics::gauge!("tokend_change_feed_listening").set(0.0);
         metrics::counter!("tokend_change_feed_losses_total").increment(1);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
@@ -138,7 +139,12 @@ async fn listen_until_lost(
     // Everything committed from here on will be notified: start trusting, from empty.
     sink.set_trusted(true);
     sink.heard();
+    metrics::gauge!("tokend_change_feed_listening").set(1.0);
     tracing::info!("change feed: listening; caches trusted");
+    // Our heartbeats carry this listener's mark and when they left, so the round trip back
+    // to our own connection measures how late notifications arrive.
+    let mark = format!("{:016x}", rand::random::<u64>());
+    let started = Instant::now();
 
     // The receiver owns the listener in its own task, so it is never cancelled mid-message;
     // it is dropped (closing the connection) when this function returns.
@@ -157,13 +163,15 @@ async fn listen_until_lost(
     }));
     // Any replica's heartbeat proves our connection alive; send ours so there always is one.
     let _heartbeat = AbortOnDrop(tokio::spawn({
-        let pool = pool.clone();
+        let (pool, mark) = (pool.clone(), mark.clone());
         async move {
             let mut tick = tokio::time::interval(timing.heartbeat);
             loop {
                 tick.tick().await;
-                let send = sqlx::query("SELECT pg_notify($1, '')")
+                let sent = started.elapsed().as_micros();
+                let send = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(HEARTBEAT)
+                    .bind(format!("{mark} {sent}"))
                     .execute(&pool);
                 let _ = tokio::time::timeout(timing.timeout, send).await;
             }
@@ -203,6 +211,8 @@ async fn listen_until_lost(
                         }
                         sink.invalidate(&change);
                         sink.echo(&change);
+                    } else if let Some(lag) = heartbeat_lag(&payload, &mark, started) {
+                        metrics::histogram!("tokend_invalidation_lag_seconds").record(lag);
                     }
                 }
                 _ => {
@@ -216,6 +226,15 @@ async fn listen_until_lost(
             },
         }
     }
+}
+
+/// Seconds since one of our own heartbeats (`"<mark> <micros since started>"`) was sent;
+/// `None` for another replica's.
+fn heartbeat_lag(payload: &str, mark: &str, started: Instant) -> Option<f64> {
+    let (from, sent) = payload.split_once(' ')?;
+    let sent: u64 = sent.parse().ok().filter(|_| from == mark)?;
+    let now = started.elapsed().as_micros() as u64;
+    Some(now.saturating_sub(sent) as f64 / 1e6)
 }
 
 fn lock(applied: &Applied) -> std::sync::MutexGuard<'_, HashMap<i64, (String, Instant)>> {

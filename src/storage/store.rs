@@ -138,6 +138,25 @@ impl SeaStore {
         self.backend() == DbBackend::Postgres
     }
 
+    /// The pool's connections: (open, idle, the configured maximum).
+    pub fn pool_connections(&self) -> (u32, usize, u32) {
+        if self.is_postgres() {
+            let pool = self.db.get_postgres_connection_pool();
+            (
+                pool.size(),
+                pool.num_idle(),
+                pool.options().get_max_connections(),
+            )
+        } else {
+            let pool = self.db.get_sqlite_connection_pool();
+            (
+                pool.size(),
+                pool.num_idle(),
+                pool.options().get_max_connections(),
+            )
+        }
+    }
+
     /// Closes the pool.
     pub async fn close(self) -> Result<()> {
         self.db.close().await.map_err(db_err)

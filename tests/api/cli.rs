@@ -143,6 +143,27 @@ pub fn alices_token(name: &str) -> pb::IssueTokenRequest {
 
 pub struct KillOnDrop(pub Child);
 
+/// `tokend serve` on `port` with extra settings, once it answers health.
+pub async fn serve_binary(
+    dir: &std::path::Path,
+    url: &str,
+    port: u16,
+    settings: &[(&str, String)],
+) -> (KillOnDrop, tonic::transport::Channel) {
+    let process = KillOnDrop(
+        tokend(dir, url)
+            .arg("serve")
+            .env("TOKEND_LISTEN", format!("127.0.0.1:{port}"))
+            .envs(settings.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let channel = wait_until_serving(port).await;
+    (process, channel)
+}
+
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
         let _ = self.0.kill();

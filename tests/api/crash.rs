@@ -1,35 +1,14 @@
 //! `kill -9` of a real `tokend serve`: what it acknowledged survives.
 
-use std::process::Stdio;
-
 use tokend::proto::v1 as pb;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    KillOnDrop, alices_token, authed, binary_database, free_port, root_key, seed_acme, tokend,
-    wait_until_serving,
+    alices_token, authed, binary_database, free_port, root_key, seed_acme, serve_binary, tokend,
 };
 use crate::helpers::TestApp;
 
 crate::both_backends!(an_acknowledged_revocation_and_issue_survive_kill_9);
-
-async fn serve(
-    dir: &std::path::Path,
-    url: &str,
-    port: u16,
-) -> (KillOnDrop, tonic::transport::Channel) {
-    let process = KillOnDrop(
-        tokend(dir, url)
-            .arg("serve")
-            .env("TOKEND_LISTEN", format!("127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let channel = wait_until_serving(port).await;
-    (process, channel)
-}
 
 async fn an_acknowledged_revocation_and_issue_survive_kill_9(app: TestApp) {
     // The spawned app only decides the backend; the binary gets its own fresh database.
@@ -39,7 +18,7 @@ async fn an_acknowledged_revocation_and_issue_survive_kill_9(app: TestApp) {
     let (dir, url) = (database.dir.path(), database.url.as_str());
     let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
 
-    let (mut process, channel) = serve(dir, url, free_port()).await;
+    let (mut process, channel) = serve_binary(dir, url, free_port(), &[]).await;
     seed_acme(channel.clone(), &root, &["a:read"]).await;
     let mut tokens = TokenServiceClient::new(channel);
     let doomed = tokens
@@ -68,7 +47,7 @@ async fn an_acknowledged_revocation_and_issue_survive_kill_9(app: TestApp) {
     process.0.kill().unwrap();
     process.0.wait().unwrap();
 
-    let (_process, channel) = serve(dir, url, free_port()).await;
+    let (_process, channel) = serve_binary(dir, url, free_port(), &[]).await;
     let mut tokens = TokenServiceClient::new(channel);
     let introspect = |token: &str| {
         authed(

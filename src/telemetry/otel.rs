@@ -1,0 +1,143 @@
+//! OpenTelemetry traces: tokend's request spans exported over OTLP/gRPC, joined to the
+//! caller's trace through W3C trace context in the request metadata.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_otlp::WithExportConfig as _;
+use opentelemetry_sdk::error::OTelSdkResult;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::config::OtelSettings;
+
+/// Whether spans are exported: without an exporter, joining the caller's trace would be
+/// work for nothing, so only its id is logged.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// How long one export may take before the batch is given up.
+const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The tracer provider for `settings`, or `None` when no endpoint is configured.
+pub fn provider(settings: &OtelSettings) -> anyhow::Result<Option<SdkTracerProvider>> {
+    let Some(endpoint) = settings.endpoint.as_deref() else {
+        return Ok(None);
+    };
+    let exporter = OnOwnRuntime::new(|| {
+        opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(endpoint)
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .context("otel.endpoint: cannot build the OTLP exporter")
+    })?;
+    // A caller that sampled its trace gets our spans in it, one that did not gets none;
+    // the ratio decides only for traces that start here.
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio)));
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(sampler)
+        .with_resource(
+            opentelemetry_sdk::Resource::builder()
+                .with_service_name(settings.service_name.clone())
+                .build(),
+        )
+        .build();
+    EXPORTING.store(true, Ordering::Relaxed);
+    Ok(Some(provider))
+}
+
+/// Makes `span` part of the caller's trace (W3C `traceparent` in `headers`) and records
+/// the trace id on it, so every log line of the call can be matched to the trace.
+pub fn join_callers_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    let parent = TraceContextPropagator::new().extract(&Headers(headers));
+    if EXPORTING.load(Ordering::Relaxed) {
+        // Without a valid parent this starts a new trace; its id is ours to log.
+        let _ = span.set_parent(parent);
+        let context = span.context();
+        let ours = context.span().span_context().clone();
+        if ours.is_valid() {
+            span.record("trace_id", tracing::field::display(ours.trace_id()));
+        }
+    } else {
+        let theirs = parent.span().span_context().clone();
+        if theirs.is_valid() {
+            span.record("trace_id", tracing::field::display(theirs.trace_id()));
+        }
+    }
+}
+
+struct Headers<'a>(&'a http::HeaderMap);
+
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|value| value.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(http::HeaderName::as_str).collect()
+    }
+}
+
+/// An exporter driven on a small runtime of its own. The SDK's batch processor exports
+/// from a plain thread, where tonic finds no reactor; and the export must not wait on the
+/// serving runtime, which is gone by the time the last batch is flushed at shutdown.
+#[derive(Debug)]
+struct OnOwnRuntime<E> {
+    runtime: tokio::runtime::Runtime,
+    inner: Arc<E>,
+}
+
+impl<E: SpanExporter + 'static> OnOwnRuntime<E> {
+    fn new(build: impl FnOnce() -> anyhow::Result<E>) -> anyhow::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("tokend-otlp")
+            .enable_all()
+            .build()
+            .context("cannot start the OTLP exporter's runtime")?;
+        // tonic's lazy channel binds to the runtime it is made in.
+        let inner = {
+            let _entered = runtime.enter();
+            build()?
+        };
+        Ok(Self {
+            runtime,
+            inner: Arc::new(inner),
+        })
+    }
+}
+
+impl<E: SpanExporter + 'static> SpanExporter for OnOwnRuntime<E> {
+    fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+        let inner = Arc::clone(&self.inner);
+        let task = self.runtime.spawn(async move { inner.export(batch).await });
+        async move {
+            match task.await {
+                Ok(result) => result,
+                Err(err) => Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
+                    format!("OTLP export task failed: {err}"),
+                )),
+            }
+        }
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}

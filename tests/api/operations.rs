@@ -1,0 +1,374 @@
+//! What operators watch and do to a real `tokend serve`: the Prometheus endpoint moves
+//! as calls are made, calls carry request ids, and SIGTERM drains in-flight calls,
+//! refuses new ones and writes the last uses before exit.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use tokend::proto::v1 as pb;
+use tokend::proto::v1::token_service_client::TokenServiceClient;
+
+use crate::cli::{
+    alices_token, authed, binary_database, free_port, root_key, seed_acme, serve_binary, tokend,
+};
+use crate::helpers::{Backend, TestApp};
+
+crate::both_backends!(
+    metrics_move_as_calls_are_made,
+    sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses
+);
+
+/// `GET path` over HTTP/1.0: (status line, body).
+async fn http_get(port: u16, method: &str, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stream
+        .write_all(format!("{method} {path} HTTP/1.0\r\nHost: tokend\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await.unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// Every sample of a scrape: `name{labels}` (labels as rendered) → value.
+async fn scrape(port: u16) -> HashMap<String, f64> {
+    let (status, body) = http_get(port, "GET", "/metrics").await;
+    assert!(status.contains("200"), "{status}");
+    body.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            (series.to_owned(), value.parse().unwrap())
+        })
+        .collect()
+}
+
+/// The sum of the samples of `name` whose labels include every one of `labels`.
+fn sum(samples: &HashMap<String, f64>, name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(series, _)| {
+            let (series_name, rest) = series.split_once('{').unwrap_or((series, ""));
+            series_name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        })
+        .map(|(_, value)| value)
+        .sum()
+}
+
+fn introspect(token: &str, credential: &str) -> tonic::Request<pb::IntrospectRequest> {
+    authed(
+        pb::IntrospectRequest {
+            token: token.into(),
+            ..Default::default()
+        },
+        credential,
+    )
+}
+
+const INTROSPECT: &str = "/tokend.v1.TokenService/Introspect";
+
+async fn metrics_move_as_calls_are_made(app: TestApp) {
+    let Some(database) = binary_database(app.backend).await else {
+        return;
+    };
+    let (dir, url) = (database.dir.path(), database.url.as_str());
+    let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
+    let metrics_port = free_port();
+    let (_process, channel) = serve_binary(
+        dir,
+        url,
+        free_port(),
+        &[
+            (
+                "TOKEND_METRICS__LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            ),
+            ("TOKEND_LAST_USED_FLUSH_MS", "50".into()),
+        ],
+    )
+    .await;
+    seed_acme(channel.clone(), &root, &["a:read"]).await;
+    let mut tokens = TokenServiceClient::new(channel);
+    let secret = tokens
+        .issue_token(authed(alices_token("laptop"), &root))
+        .await
+        .unwrap()
+        .into_inner()
+        .secret;
+
+    let before = scrape(metrics_port).await;
+    // Cold (one argon2 verification), then warm, then garbage, then no credential at all.
+    for _ in 0..2 {
+        let answer = tokens.introspect(introspect(&secret, &root)).await.unwrap();
+        assert!(answer.into_inner().active);
+    }
+    let garbage = tokens.introspect(introspect("tkd_pat_nope", &root)).await;
+    assert!(!garbage.unwrap().into_inner().active);
+    let anonymous = tokens
+        .introspect(tonic::Request::new(pb::IntrospectRequest {
+            token: secret.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(anonymous.code(), tonic::Code::Unauthenticated);
+    // The last uses are flushed every 50 ms here.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let after = scrape(metrics_port).await;
+
+    let moved = |name: &str, labels: &[(&str, &str)]| {
+        sum(&after, name, labels) - sum(&before, name, labels)
+    };
+    let ok = [("method", INTROSPECT), ("code", "OK")];
+    assert_eq!(moved("tokend_grpc_requests_total", &ok), 3.0);
+    assert_eq!(
+        moved(
+            "tokend_grpc_requests_total",
+            &[("method", INTROSPECT), ("code", "UNAUTHENTICATED")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        moved("tokend_grpc_request_duration_seconds_count", &ok),
+        3.0
+    );
+    assert!(moved("tokend_grpc_request_duration_seconds_sum", &ok) > 0.0);
+    assert_eq!(
+        moved("tokend_introspect_total", &[("result", "active")]),
+        2.0,
+        "verdicts of Introspect calls only, not of callers' credentials"
+    );
+    assert_eq!(
+        moved(
+            "tokend_introspect_total",
+            &[("result", "inactive"), ("reason", "malformed")]
+        ),
+        1.0
+    );
+    assert_eq!(moved("tokend_argon2_verifications_total", &[]), 1.0);
+    assert_eq!(
+        moved("tokend_argon2_verify_duration_seconds_count", &[]),
+        1.0
+    );
+    assert!(moved("tokend_cache_lookups_total", &[]) >= 1.0);
+    assert!(sum(&after, "tokend_cache_entries", &[("cache", "verified")]) >= 2.0);
+    assert!(sum(&after, "tokend_cache_entries", &[("cache", "live_state")]) >= 1.0);
+    assert!(moved("tokend_last_used_flushed_total", &[]) >= 1.0);
+    assert!(sum(&after, "tokend_last_used_flush_duration_seconds_count", &[]) >= 1.0);
+    assert!(sum(&after, "tokend_db_pool_connections", &[("state", "max")]) >= 1.0);
+    assert!(after.contains_key("tokend_db_pool_connections{state=\"idle\"}"));
+    assert_eq!(sum(&after, "tokend_cache_trusted", &[]), 1.0);
+    if app.backend == Backend::Postgres {
+        assert_eq!(sum(&after, "tokend_change_feed_listening", &[]), 1.0);
+        // Heartbeats go out every 500 ms and come back to the listener that sent them.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sum(
+            &scrape(metrics_port).await,
+            "tokend_invalidation_lag_seconds_count",
+            &[],
+        ) < 1.0
+        {
+            assert!(Instant::now() < deadline, "no invalidation lag recorded");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Random paths do not become series.
+    let text = http_get(metrics_port, "GET", "/metrics").await.1;
+    assert!(text.contains("# HELP tokend_grpc_requests_total"), "{text}");
+    assert!(!text.contains(&secret) && !text.contains(&root));
+    assert!(http_get(metrics_port, "GET", "/").await.0.contains("404"));
+    assert!(
+        http_get(metrics_port, "POST", "/metrics")
+            .await
+            .0
+            .contains("405")
+    );
+
+    // Request ids: the caller's is echoed, a missing one is made up.
+    let mut request = introspect(&secret, &root);
+    request
+        .metadata_mut()
+        .insert("x-request-id", "checkout-7f3a".parse().unwrap());
+    let answer = tokens.introspect(request).await.unwrap();
+    assert_eq!(
+        answer.metadata().get("x-request-id").unwrap(),
+        "checkout-7f3a"
+    );
+    let answer = tokens.introspect(introspect(&secret, &root)).await.unwrap();
+    let made = answer
+        .metadata()
+        .get("x-request-id")
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(made.len(), 32, "{made}");
+    assert!(made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+}
+
+async fn health(port: u16, service: &str) -> i32 {
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+}
+
+const SERVING: i32 = 1;
+const NOT_SERVING: i32 = 2;
+
+async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(app: TestApp) {
+    let Some(database) = binary_database(app.backend).await else {
+        return;
+    };
+    let (dir, url) = (database.dir.path(), database.url.as_str());
+    let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
+    let (port, health_port, metrics_port) = (free_port(), free_port(), free_port());
+    // A costly hash keeps a cold Introspect in flight for a while; last uses would be
+    // written only after an hour, so only the shutdown writes them.
+    let (mut process, channel) = serve_binary(
+        dir,
+        url,
+        port,
+        &[
+            ("TOKEND_ARGON2__MEMORY_KIB", "65536".into()),
+            ("TOKEND_ARGON2__ITERATIONS", "24".into()),
+            ("TOKEND_LAST_USED_FLUSH_MS", "3600000".into()),
+            ("TOKEND_DRAIN_TIMEOUT_MS", "20000".into()),
+            ("TOKEND_HEALTH_LISTEN", format!("127.0.0.1:{health_port}")),
+            (
+                "TOKEND_METRICS__LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            ),
+        ],
+    )
+    .await;
+    seed_acme(channel.clone(), &root, &["a:read"]).await;
+    let mut tokens = TokenServiceClient::new(channel.clone());
+    let issue = |name: &'static str| {
+        let mut tokens = tokens.clone();
+        let root = root.clone();
+        async move {
+            tokens
+                .issue_token(authed(alices_token(name), &root))
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let used = issue("used-before").await;
+    let slow = issue("in-flight").await;
+    assert!(
+        tokens
+            .introspect(introspect(&used.secret, &root))
+            .await
+            .unwrap()
+            .into_inner()
+            .active
+    );
+    assert_eq!(health(health_port, "").await, SERVING);
+    assert_eq!(health(health_port, "liveness").await, SERVING);
+
+    // A cold Introspect: its argon2 verification is running when SIGTERM arrives.
+    let verifications = sum(
+        &scrape(metrics_port).await,
+        "tokend_argon2_verifications_total",
+        &[],
+    );
+    let in_flight = tokio::spawn({
+        let (mut tokens, request) = (tokens.clone(), introspect(&slow.secret, &root));
+        async move { tokens.introspect(request).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sum(
+        &scrape(metrics_port).await,
+        "tokend_argon2_verifications_total",
+        &[],
+    ) <= verifications
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never reached argon2"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = process.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let signalled = Instant::now();
+
+    // Draining: not ready, still alive, and the listener is closed to new connections.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while health(health_port, "").await != NOT_SERVING {
+        assert!(Instant::now() < deadline, "still ready after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(health(health_port, "liveness").await, SERVING);
+    let refused = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted while draining"
+    );
+    assert!(
+        !in_flight.is_finished(),
+        "the in-flight call finished before the drain could be observed; make its hash costlier"
+    );
+
+    // The call that was running completes with its real answer.
+    let answer = in_flight.await.unwrap().unwrap().into_inner();
+    assert!(answer.active);
+    let status = tokio::task::spawn_blocking(move || process.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    eprintln!(
+        "drained and exited {} ms after SIGTERM",
+        signalled.elapsed().as_millis()
+    );
+
+    // Both uses (the one before and the one drained) were written on the way out.
+    let (_process, channel) = serve_binary(dir, url, free_port(), &[]).await;
+    let listed = TokenServiceClient::new(channel)
+        .list_tokens(authed(
+            pb::ListTokensRequest {
+                tenant_id: "acme".into(),
+                actor_user_id: "alice".into(),
+                ..Default::default()
+            },
+            &root,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    for name in ["used-before", "in-flight"] {
+        let token = listed.tokens.iter().find(|t| t.name == name).unwrap();
+        assert!(
+            token.last_used_at.is_some(),
+            "{name}: last use lost at shutdown"
+        );
+    }
+}
