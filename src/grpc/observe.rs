@@ -159,10 +159,11 @@ where
             .and_then(|value| value.to_str().ok())
             .filter(|id| is_sane_request_id(id))
             .map_or_else(new_request_id, str::to_owned);
-        let span = tracing::Span::current();
-        span.record("request_id", request_id.as_str());
         let answered = self.inner.call(request);
         Box::pin(async move {
+            // The call's span is entered while its future runs, not when it is made.
+            let span = tracing::Span::current();
+            span.record("request_id", request_id.as_str());
             let mut response = answered.await?;
             // tonic puts a handler's error in the response head (trailers-only); a success
             // has its status in the trailers, and every tokend method is unary, so a head

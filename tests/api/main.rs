@@ -21,6 +21,7 @@ mod layer;
 mod leaks;
 mod operations;
 mod operator;
+mod otel;
 mod replicas;
 mod rotation;
 mod secrets;
