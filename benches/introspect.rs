@@ -4,7 +4,9 @@
 //! `cargo bench --bench introspect` (needs `h2load` from Debian's nghttp2-client and
 //! `taskset`). The servers run on core 0, the load generator on core 1. Scenarios:
 //! (a) a warm valid token, (b) garbage, (c) cold valid tokens (first sight, argon2),
-//! (d) the warm token while IssueToken runs at 50/s; and the memory per cached token.
+//! (d) the warm token while IssueToken runs at 50/s, (e) the warm token while another
+//! token's public id is flooded with distinct wrong secrets (each a real argon2
+//! verification); and the memory per cached token.
 //!
 //! Environment: `BENCH_REQUESTS` (per h2load run, default 200000), `BENCH_CONCURRENCY`
 //! (in-flight calls, default 64), `BENCH_ROUNDS` (rounds of (a), (b) and (d), each beside
@@ -479,6 +481,80 @@ async fn while_issuing(
     Ok((loaded, issuer.await?))
 }
 
+/// In-flight calls of the wrong-secret flood in (e).
+const FLOOD_IN_FLIGHT: usize = 8;
+
+/// (e): h2load on the warm token while `FLOOD_IN_FLIGHT` callers send `victim`'s public id
+/// with a new wrong secret each time; returns the figures, the flood's calls, and whether
+/// the victim still introspects active afterwards.
+async fn while_flooded(
+    tokend: &Tokend,
+    api: &TokenServiceClient<Channel>,
+    root: &str,
+    warm: &str,
+    victim: &str,
+) -> anyhow::Result<(Figures, u64, f64, bool)> {
+    let running = Arc::new(AtomicBool::new(true));
+    let started = Instant::now();
+    let display_len = victim.len() - 6 - 40 - 1;
+    let format = tokend::domain::token_format::TokenFormat::new("tkd")?;
+    let flooders: Vec<_> = (0..FLOOD_IN_FLIGHT)
+        .map(|_| {
+            let (running, mut api, root) = (Arc::clone(&running), api.clone(), root.to_owned());
+            let (victim, format) = (victim.to_owned(), format.clone());
+            tokio::spawn(async move {
+                let mut calls = 0u64;
+                while running.load(Ordering::Relaxed) {
+                    let fresh = format.generate(tokend::domain::token_format::TokenKind::Personal);
+                    let body = format!("{}_{}", &victim[..display_len], fresh.secret());
+                    let forged = format!("{body}{}", checksum(&body));
+                    let answer = api
+                        .introspect(authed(
+                            pb::IntrospectRequest {
+                                token: forged,
+                                ..Default::default()
+                            },
+                            &root,
+                        ))
+                        .await;
+                    assert!(
+                        !answer.is_ok_and(|a| a.into_inner().active),
+                        "a forged secret passed"
+                    );
+                    calls += 1;
+                }
+                calls
+            })
+        })
+        .collect();
+    let loaded = tokio::task::spawn_blocking({
+        let target = tokend.server.target();
+        let root = root.to_owned();
+        let warm = warm.to_owned();
+        move || h2load(target, &root, &warm)
+    })
+    .await??;
+    running.store(false, Ordering::Relaxed);
+    let seconds = started.elapsed().as_secs_f64();
+    let mut calls = 0;
+    for flooder in flooders {
+        calls += flooder.await?;
+    }
+    let still_active = api
+        .clone()
+        .introspect(authed(
+            pb::IntrospectRequest {
+                token: victim.to_owned(),
+                ..Default::default()
+            },
+            root,
+        ))
+        .await?
+        .into_inner()
+        .active;
+    Ok((loaded, calls, seconds, still_active))
+}
+
 fn print_row(name: &str, tokend: Figures, ceiling: Figures) {
     println!(
         "| {name} | {:.0} | {:.0} | {:.2}× | {:?} / {:?} / {:?} | {:?} / {:?} / {:?} | {:.2}× | {:.1} / {:.1} µs | {:.2}× |",
@@ -654,6 +730,12 @@ async fn run() -> anyhow::Result<()> {
     let requests = env_or("BENCH_REQUESTS", 200_000) as u64;
     let (mut warm_runs, mut garbage_runs, mut loaded_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut lookups, mut verifications, mut issued) = (0, 0, 0);
+    let (mut flooded_runs, mut flood_calls, mut flood_secs) = (Vec::new(), 0, 0.0);
+    let victim = api
+        .issue_token(issue("flooded".into()))
+        .await?
+        .into_inner()
+        .secret;
     for round in 1..=rounds {
         // (a) warm valid token; queries and argon2 calls counted over the tokend run.
         let ceiling = h2load(noop_active.target(), &root, &warm)?;
@@ -679,6 +761,19 @@ async fn run() -> anyhow::Result<()> {
             warm_runs[round - 1].1,
         );
         loaded_runs.push((run, warm_runs[round - 1].0));
+
+        // (e) warm while another token's id is flooded with wrong secrets.
+        let (run, calls, seconds, victim_active) =
+            while_flooded(&tokend, &api, &root, &warm, &victim).await?;
+        anyhow::ensure!(victim_active, "the flooded token was locked out");
+        flood_calls += calls;
+        flood_secs += seconds;
+        print_row(
+            &format!("(e) warm, wrong-secret flood, round {round}"),
+            run,
+            warm_runs[round - 1].1,
+        );
+        flooded_runs.push((run, warm_runs[round - 1].0));
     }
 
     // (c) cold valid tokens: first sight, one argon2 verification each.
@@ -732,6 +827,11 @@ async fn run() -> anyhow::Result<()> {
     println!(
         "- (d) p99 / (a) p99 of the same round: {:.2}× ({issued} tokens issued during the (d) runs)",
         p99(&loaded_runs)
+    );
+    println!(
+        "- (e) p99 / (a) p99 of the same round: {:.2}× ({:.0} wrong secrets/s for one real id, {FLOOD_IN_FLIGHT} in flight; the real token still active after each run)",
+        p99(&flooded_runs),
+        flood_calls as f64 / flood_secs
     );
     println!(
         "- (c) cold p50: {:?} (p99 {:?})",

@@ -21,6 +21,9 @@ use crate::introspect::last_used::LastUsed;
 use crate::service::{self, Tokend};
 use crate::storage::{FeedTiming, SeaStore};
 
+/// The longest the last-use flush may hold up an exit.
+const FINAL_FLUSH_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A built, bound, not yet running tokend.
 #[derive(Debug)]
 pub struct App {
@@ -258,9 +261,15 @@ impl App {
         if let Some(feed) = &self.feed {
             feed.abort();
         }
-        // In-flight calls are drained: what they noted is written before exit.
-        if let Err(err) = self.last_used.flush().await {
-            tracing::warn!(error = %err, "could not record the last uses on shutdown");
+        // In-flight calls are drained: what they noted is written before exit, unless the
+        // database is out of reach (a stuck write must not hold the exit past the grace
+        // period, when the orchestrator would kill it anyway).
+        match tokio::time::timeout(FINAL_FLUSH_TIMEOUT, self.last_used.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "could not record the last uses on shutdown");
+            }
+            Err(_) => tracing::warn!("recording the last uses on shutdown timed out"),
         }
         // Scraped to the end: the last flush shows in the series.
         let _ = metrics_stop.send(());

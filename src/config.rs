@@ -140,7 +140,8 @@ pub struct MetricsSettings {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct OtelSettings {
-    /// The collector, `http://collector:4317`; no traces are exported when unset.
+    /// The collector, `http://collector:4317` (plaintext); no traces are exported when
+    /// unset.
     pub endpoint: Option<String>,
     /// The share of new traces kept, 0 to 1. A caller's sampling decision (in its
     /// `traceparent`) wins, so a trace is never cut in half.
@@ -335,10 +336,12 @@ impl Settings {
             .otel
             .endpoint
             .as_deref()
-            .is_some_and(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+            .is_some_and(|e| !e.starts_with("http://"))
         {
+            // The exporter has no TLS stack of its own: a collector beside the pod (or a
+            // mesh sidecar) is the usual hop, and https would fail only at export time.
             return Err(ConfigError::Conflict(
-                "otel.endpoint must be an http:// or https:// URL",
+                "otel.endpoint must be an http:// URL (plaintext OTLP/gRPC to a nearby collector)",
             ));
         }
         Ok(())
@@ -484,6 +487,10 @@ mod tests {
             ),
             (
                 vec![("TOKEND_OTEL__ENDPOINT", "collector:4317")],
+                "otel.endpoint",
+            ),
+            (
+                vec![("TOKEND_OTEL__ENDPOINT", "https://collector:4317")],
                 "otel.endpoint",
             ),
         ] {

@@ -44,6 +44,12 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
+/// How long a TLS handshake may take.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// After the drain deadline's UNAVAILABLE answers, how long connections get to close.
+const AFTER_CUT: Duration = Duration::from_secs(2);
+
 /// The health "service" a liveness probe asks for: SERVING for as long as the process
 /// serves at all, unlike the overall status, which follows readiness.
 pub const LIVENESS: &str = "liveness";
@@ -94,6 +100,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     let (reporter, health_service) = health;
+    // A bad certificate or key stops here, before anything is spawned or reported.
+    let mut builder = Server::builder();
+    if let Some(tls) = options.tls {
+        // A client that opens a connection and never finishes the handshake is let go.
+        builder = builder.tls_config(tls.timeout(TLS_HANDSHAKE_TIMEOUT))?;
+    }
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(crate::proto::ENVOY_FILE_DESCRIPTOR_SET)
@@ -132,35 +144,13 @@ pub async fn serve(
                 .serve_with_incoming(TcpIncoming::from(listener)),
         )
     });
-    let mut builder = Server::builder();
-    if let Some(tls) = options.tls {
-        builder = builder.tls_config(tls)?;
-    }
+    let (cut, cut_watch) = tokio::sync::watch::channel(false);
     let serving = builder
         // The span every log line of a call is nested in. The layers fill in the rest:
         // request id and status (observe), caller and tenant (auth), the introspected
         // token (Introspect).
-        .trace_fn(|request| {
-            let path = request.uri().path();
-            let span = tracing::info_span!(
-                "grpc",
-                method = %path,
-                code = tracing::field::Empty,
-                caller = tracing::field::Empty,
-                tenant = tracing::field::Empty,
-                token = tracing::field::Empty,
-                token_tenant = tracing::field::Empty,
-                request_id = tracing::field::Empty,
-                trace_id = tracing::field::Empty,
-                otel.name = %path,
-                otel.kind = "server",
-                otel.status_code = tracing::field::Empty,
-                rpc.system = "grpc",
-            );
-            crate::telemetry::otel::join_callers_trace(&span, request.headers());
-            span
-        })
-        .layer(observe::ObserveLayer)
+        .trace_fn(observe::call_span)
+        .layer(observe::ObserveLayer::new(cut_watch))
         // Authentication wraps every service; it lets health and reflection through.
         .layer(auth::AuthLayer::new(Arc::clone(&core)))
         .add_service(health_service)
@@ -197,8 +187,9 @@ pub async fn serve(
             },
         );
     tokio::pin!(serving);
-    // The listener closes at once; calls already running get `drain` to finish, then the
-    // connections still open are dropped.
+    // The listener closes at once; calls already running get `drain` to finish. Those
+    // still running then are answered UNAVAILABLE (safe to retry elsewhere: a write cut
+    // short is rolled back), which lets their connections close.
     let mut deadline = stopped.clone();
     let result = tokio::select! {
         served = &mut serving => served.map_err(ServeError::from),
@@ -208,9 +199,16 @@ pub async fn serve(
         } => {
             tracing::warn!(
                 drain_ms = options.drain.as_millis() as u64,
-                "calls still running at the drain deadline; closing their connections"
+                "calls still running at the drain deadline; answering them UNAVAILABLE"
             );
-            Ok(())
+            let _ = cut.send(true);
+            match tokio::time::timeout(AFTER_CUT, &mut serving).await {
+                Ok(served) => served.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!("connections still open after the drain; leaving them");
+                    Ok(())
+                }
+            }
         }
     };
     if let Some(health_only) = health_only {

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -118,15 +119,68 @@ impl Methods {
     }
 }
 
+/// The span every log line of a call is nested in, made by tonic before any layer runs.
+/// The layers fill in the rest: request id and status (here), caller and tenant (auth),
+/// the introspected token (Introspect). The method is the bounded label, never the raw
+/// path a caller sent.
+pub fn call_span(request: &http::Request<()>) -> tracing::Span {
+    let methods = Methods::get();
+    let method = methods.labels[methods.of(request.uri().path())];
+    let span = if crate::telemetry::otel::exporting() {
+        tracing::info_span!(
+            "grpc",
+            method,
+            code = tracing::field::Empty,
+            caller = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            token = tracing::field::Empty,
+            token_tenant = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+            otel.name = method,
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+        )
+    } else {
+        // Without an exporter the OpenTelemetry fields would only lengthen every log line.
+        tracing::info_span!(
+            "grpc",
+            method,
+            code = tracing::field::Empty,
+            caller = tracing::field::Empty,
+            tenant = tracing::field::Empty,
+            token = tracing::field::Empty,
+            token_tenant = tracing::field::Empty,
+            request_id = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        )
+    };
+    crate::telemetry::otel::join_callers_trace(&span, request.headers());
+    span
+}
+
 /// Adds [`Observe`] around a service.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ObserveLayer;
+#[derive(Clone, Debug)]
+pub struct ObserveLayer {
+    cut: tokio::sync::watch::Receiver<bool>,
+}
+
+impl ObserveLayer {
+    /// Calls still running when `cut` turns true are answered UNAVAILABLE.
+    pub fn new(cut: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { cut }
+    }
+}
 
 impl<S> Layer<S> for ObserveLayer {
     type Service = Observe<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Observe { inner }
+        Observe {
+            inner,
+            cut: self.cut.clone(),
+        }
     }
 }
 
@@ -134,11 +188,12 @@ impl<S> Layer<S> for ObserveLayer {
 #[derive(Clone, Debug)]
 pub struct Observe<S> {
     inner: S,
+    cut: tokio::sync::watch::Receiver<bool>,
 }
 
-impl<S, B, R> Service<http::Request<B>> for Observe<S>
+impl<S, B> Service<http::Request<B>> for Observe<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
 {
     type Response = S::Response;
@@ -153,48 +208,140 @@ where
         let started = Instant::now();
         let methods = Methods::get();
         let method = methods.of(request.uri().path());
+        // The caller's id is echoed as it came (a reference count, no copy).
         let request_id = request
             .headers()
             .get(REQUEST_ID)
-            .and_then(|value| value.to_str().ok())
-            .filter(|id| is_sane_request_id(id))
-            .map_or_else(new_request_id, str::to_owned);
+            .filter(|value| is_sane_request_id(value.as_bytes()))
+            .cloned()
+            .unwrap_or_else(new_request_id);
+        let deadline = request
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|value| parse_grpc_timeout(value.as_bytes()));
         let answered = self.inner.call(request);
+        let mut cut = self.cut.clone();
         Box::pin(async move {
             // The call's span is entered while its future runs, not when it is made.
             let span = tracing::Span::current();
-            span.record("request_id", request_id.as_str());
-            let mut response = answered.await?;
+            if let Ok(id) = request_id.to_str() {
+                span.record("request_id", id);
+            }
+            // Until it is answered, a call that goes away (the caller cancelled, its
+            // deadline passed) is counted as such.
+            let mut outcome = Outcome {
+                methods,
+                method,
+                started,
+                deadline,
+                span,
+                code: None,
+            };
+            let mut response = tokio::select! {
+                biased;
+                response = answered => response?,
+                _ = cut.wait_for(|cut| *cut) => {
+                    tonic::Status::unavailable("tokend is shutting down; retry elsewhere")
+                        .into_http()
+                }
+            };
             // tonic puts a handler's error in the response head (trailers-only); a success
             // has its status in the trailers, and every tokend method is unary, so a head
-            // without one is OK.
-            let code = response
-                .headers()
-                .get("grpc-status")
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.parse::<usize>().ok())
-                .filter(|code| *code < CODES.len())
-                .unwrap_or(0);
-            methods.record(method, code, started.elapsed().as_secs_f64());
-            span.record("code", CODES[code]);
-            if SERVER_FAULTS.contains(&code) {
-                span.record("otel.status_code", "ERROR");
-            }
-            if let Ok(value) = http::HeaderValue::from_str(&request_id) {
-                response.headers_mut().insert(REQUEST_ID, value);
-            }
+            // without one is OK (the streaming health Watch and reflection count as OK).
+            outcome.code = Some(match response.headers().get("grpc-status") {
+                None => 0,
+                Some(value) => std::str::from_utf8(value.as_bytes())
+                    .ok()
+                    .and_then(|value| value.parse::<usize>().ok())
+                    .filter(|code| *code < CODES.len())
+                    .unwrap_or(UNKNOWN),
+            });
+            response.headers_mut().insert(REQUEST_ID, request_id);
             Ok(response)
         })
     }
 }
 
-/// A caller's request id is logged and echoed, so it must be short and printable.
-fn is_sane_request_id(id: &str) -> bool {
-    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic())
+const UNKNOWN: usize = 2;
+const CANCELLED: usize = 1;
+const DEADLINE_EXCEEDED: usize = 4;
+
+/// Records a call when its future ends, answered or not.
+struct Outcome {
+    methods: &'static Methods,
+    method: usize,
+    started: Instant,
+    deadline: Option<std::time::Duration>,
+    span: tracing::Span,
+    code: Option<usize>,
 }
 
-fn new_request_id() -> String {
-    format!("{:032x}", rand::random::<u128>())
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        let code = self.code.unwrap_or_else(|| {
+            if self.deadline.is_some_and(|deadline| elapsed >= deadline) {
+                DEADLINE_EXCEEDED
+            } else {
+                CANCELLED
+            }
+        });
+        self.methods
+            .record(self.method, code, elapsed.as_secs_f64());
+        // In the logs OK needs no mark (a record costs the formatter a re-render of the
+        // span's fields); an exported span always carries its code.
+        if code != 0 || crate::telemetry::otel::exporting() {
+            self.span.record("code", CODES[code]);
+        }
+        if SERVER_FAULTS.contains(&code) {
+            self.span.record("otel.status_code", "ERROR");
+        }
+    }
+}
+
+/// `grpc-timeout`: up to eight digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(value: &[u8]) -> Option<std::time::Duration> {
+    let (unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let amount: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    use std::time::Duration;
+    Some(match unit {
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+/// A caller's request id is logged and echoed, so it must be short and printable.
+fn is_sane_request_id(id: &[u8]) -> bool {
+    (1..=128).contains(&id.len()) && id.iter().all(u8::is_ascii_graphic)
+}
+
+/// 32 hex digits: a random prefix per process and a counter, so making one costs an
+/// increment and a small copy.
+fn new_request_id() -> http::HeaderValue {
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let mut text = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in prefix
+        .to_be_bytes()
+        .iter()
+        .chain(&n.to_be_bytes())
+        .enumerate()
+    {
+        text[2 * i] = HEX[usize::from(byte >> 4)];
+        text[2 * i + 1] = HEX[usize::from(byte & 0xf)];
+    }
+    http::HeaderValue::from_bytes(&text).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -227,11 +374,28 @@ mod tests {
 
     #[test]
     fn request_ids_from_callers_are_bounded_and_printable() {
-        assert!(is_sane_request_id("0f3c-req"));
-        assert!(!is_sane_request_id(""));
-        assert!(!is_sane_request_id("has space"));
-        assert!(!is_sane_request_id("line\nbreak"));
-        assert!(!is_sane_request_id(&"x".repeat(129)));
-        assert_eq!(new_request_id().len(), 32);
+        assert!(is_sane_request_id(b"0f3c-req"));
+        assert!(!is_sane_request_id(b""));
+        assert!(!is_sane_request_id(b"has space"));
+        assert!(!is_sane_request_id(b"line\nbreak"));
+        assert!(!is_sane_request_id("x".repeat(129).as_bytes()));
+        let (a, b) = (new_request_id(), new_request_id());
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
+        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_and_nonsense_does_not() {
+        use std::time::Duration;
+        assert_eq!(
+            parse_grpc_timeout(b"250m"),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(parse_grpc_timeout(b"3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout(b"m"), None);
+        assert_eq!(parse_grpc_timeout(b"123456789m"), None);
+        assert_eq!(parse_grpc_timeout(b"12x"), None);
     }
 }

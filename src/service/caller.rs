@@ -58,6 +58,59 @@ pub struct Caller {
     client_certificates: Option<ClientCertificates>,
 }
 
+/// What a client certificate says about its holder.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientIdentity {
+    /// The subject, attributes in certificate order, special characters escaped as RFC 4514
+    /// does (`CN=a\, O=b` cannot pass for two attributes).
+    pub subject: String,
+    /// The first URI subject alternative name.
+    pub uri: Option<String>,
+}
+
+/// The longest identity string kept; a certificate is the caller's to fill.
+const MAX_IDENTITY_CHARS: usize = 256;
+
+fn cap(mut text: String) -> String {
+    if let Some((cut, _)) = text.char_indices().nth(MAX_IDENTITY_CHARS) {
+        text.truncate(cut);
+        text.push('…');
+    }
+    text
+}
+
+/// An attribute value escaped as RFC 4514 asks, control characters as `\XX`.
+fn escape_dn_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            ',' | '+' | '"' | '\\' | '<' | '>' | ';' | '=' => {
+                out.push('\\');
+                out.push(c);
+            }
+            '#' if i == 0 => out.push_str("\\#"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            c if c.is_control() => out.push_str(&format!("\\{:02X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn escape_controls(value: &str) -> String {
+    value
+        .chars()
+        .map(|c| {
+            if c.is_control() {
+                format!("\\{:02X}", u32::from(c))
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// A client's certificate chain (DER), as the TLS layer hands it over.
 pub type ClientCertificates = Arc<Vec<rustls_pki_types::CertificateDer<'static>>>;
 
@@ -67,17 +120,46 @@ impl Caller {
         self.client_certificates = Some(certificates);
     }
 
-    /// Who the caller's client certificate names: its subject, or its first subject
-    /// alternative name (a SPIFFE id, say) when the subject is empty.
-    pub fn client_certificate_identity(&self) -> Option<String> {
+    /// Who the caller's client certificate names, for the audit log: its subject and its
+    /// first URI name (a SPIFFE id, say). Read from the chain the TLS layer verified.
+    pub fn client_certificate_identity(&self) -> Option<ClientIdentity> {
         let leaf = self.client_certificates.as_ref()?.first()?;
         let (_, certificate) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-        let subject = certificate.subject().to_string();
-        if !subject.is_empty() {
-            return Some(subject);
-        }
-        let names = certificate.subject_alternative_name().ok()??;
-        names.value.general_names.first().map(ToString::to_string)
+        let registry = x509_parser::objects::oid_registry();
+        let subject = certificate
+            .subject()
+            .iter()
+            .flat_map(|rdn| rdn.iter())
+            .map(|attribute| {
+                let key = x509_parser::objects::oid2abbrev(attribute.attr_type(), registry)
+                    .map_or_else(|_| attribute.attr_type().to_id_string(), str::to_owned);
+                let value = attribute
+                    .as_str()
+                    .map_or_else(|_| "#<not a string>".to_owned(), escape_dn_value);
+                format!("{key}={value}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let uri = certificate
+            .subject_alternative_name()
+            .ok()
+            .flatten()
+            .and_then(|names| {
+                names
+                    .value
+                    .general_names
+                    .iter()
+                    .find_map(|name| match name {
+                        x509_parser::extensions::GeneralName::URI(uri) => {
+                            Some(escape_controls(uri))
+                        }
+                        _ => None,
+                    })
+            });
+        Some(ClientIdentity {
+            subject: cap(subject),
+            uri: uri.map(cap),
+        })
     }
 
     /// The credential's token id.
@@ -323,5 +405,26 @@ impl Tokend {
             scoped: false,
             itself: None,
         })
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::*;
+
+    #[test]
+    fn a_subject_value_cannot_pass_for_more_attributes_or_lines() {
+        assert_eq!(escape_dn_value("svc-a, O=Acme"), "svc-a\\, O\\=Acme");
+        assert_eq!(escape_dn_value("a+b\"c;d<e>"), "a\\+b\\\"c\\;d\\<e\\>");
+        assert_eq!(escape_dn_value("#x"), "\\#x");
+        assert_eq!(escape_dn_value(" pad "), "\\ pad\\ ");
+        assert_eq!(escape_dn_value("line\nbreak"), "line\\0Abreak");
+        assert_eq!(
+            escape_controls("spiffe://x/\u{1b}[31m"),
+            "spiffe://x/\\1B[31m"
+        );
+        let long = cap("x".repeat(1000));
+        assert_eq!(long.chars().count(), MAX_IDENTITY_CHARS + 1);
+        assert!(long.ends_with('…'));
     }
 }

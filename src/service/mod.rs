@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 pub use audit::ListAudit;
 pub use bootstrap::bootstrap;
-pub use caller::{Actor, Caller, Subject};
+pub use caller::{Actor, Caller, ClientCertificates, ClientIdentity, Subject};
 pub use directory::{PutMember, PutRole};
 pub use paging::Page;
 pub use tokens::{
@@ -89,7 +89,10 @@ impl Tokend {
     ) -> AuditRecord {
         let mut detail = std::collections::BTreeMap::new();
         if let Some(identity) = caller.client_certificate_identity() {
-            detail.insert("client_certificate".to_owned(), identity);
+            detail.insert("client_certificate".to_owned(), identity.subject);
+            if let Some(uri) = identity.uri {
+                detail.insert("client_certificate_uri".to_owned(), uri);
+            }
         }
         AuditRecord {
             at: self.clock.now(),

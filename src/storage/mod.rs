@@ -3,6 +3,7 @@
 
 mod convert;
 pub mod entities;
+mod fault;
 mod feed;
 pub mod migration;
 mod store;

@@ -18,6 +18,7 @@ use sea_orm_migration::MigratorTrait as _;
 
 use super::convert::{self, micros};
 use super::entities::{audit_events, memberships, roles, tenants, token_uses, tokens, users};
+use super::fault::crash_point;
 use super::migration::Migrator;
 use crate::domain::model::{
     AuditEvent, AuditRecord, Member, Membership, Revocation, Role, Tenant, Timestamp, Token,
@@ -488,8 +489,12 @@ impl Store for SeaStore {
     async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {
         let txn = self.begin().await?;
         insert_token_in(&txn, token, None).await?;
+        crash_point("issue.token_written");
         append(&txn, audit).await?;
-        commit(txn).await
+        crash_point("issue.before_commit");
+        commit(txn).await?;
+        crash_point("issue.committed");
+        Ok(())
     }
 
     async fn rotate_token(
@@ -691,6 +696,7 @@ impl Store for SeaStore {
             .await
             .map_err(db_err)?
             .rows_affected;
+        crash_point("revoke.row_updated");
         if updated > 0 {
             append(&txn, audit).await?;
         }
@@ -699,7 +705,9 @@ impl Store for SeaStore {
             .one(&txn)
             .await
             .map_err(db_err)?;
+        crash_point("revoke.before_commit");
         commit(txn).await?;
+        crash_point("revoke.committed");
         row.map(|m| self.to_token(m)).transpose()
     }
 

@@ -31,6 +31,12 @@ const LATENCY_BUCKETS: [f64; 16] = [
 /// memory stays bounded.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// Scrape connections served at once; more are closed on arrival.
+const MAX_CONNECTIONS: usize = 8;
+
+/// The longest a scrape connection may stay open.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// The process-wide recorder, installed on first use. If the embedding program installed
@@ -70,19 +76,29 @@ pub async fn serve(listener: TcpListener, sample: Sampler, shutdown: impl Future
         })
     };
     tokio::pin!(shutdown);
+    // A scraper or two, not a crowd: the port is for Prometheus, and a client that never
+    // reads its answer must not pin tasks and rendered bodies forever.
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(err) => {
+                    // Out of file descriptors, say: spinning on it would not help.
                     tracing::debug!(error = %err, "metrics: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             () = &mut shutdown => break,
         };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let (handle, sample) = (handle.clone(), Arc::clone(&sample));
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |request: Request<Incoming>| {
                 let answer = answer(&request, &handle, &sample);
                 async move { Ok::<_, Infallible>(answer) }
@@ -91,8 +107,10 @@ pub async fn serve(listener: TcpListener, sample: Sampler, shutdown: impl Future
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(TokioIo::new(stream), service);
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "metrics: connection ended with an error");
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(error = %err, "metrics: connection failed"),
+                Err(_) => tracing::debug!("metrics: connection timed out"),
             }
         });
     }

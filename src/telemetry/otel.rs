@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
-use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry::trace::{SpanContext, TraceContextExt as _, TraceState};
 use opentelemetry_otlp::WithExportConfig as _;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -52,11 +52,36 @@ pub fn provider(settings: &OtelSettings) -> anyhow::Result<Option<SdkTracerProvi
     Ok(Some(provider))
 }
 
+/// Whether spans are exported.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
 /// Makes `span` part of the caller's trace (W3C `traceparent` in `headers`) and records
 /// the trace id on it, so every log line of the call can be matched to the trace.
+///
+/// The caller is not yet authenticated here: its `tracestate` (up to 32 entries of its own
+/// choosing) is dropped rather than carried on every span tokend exports. Which callers
+/// may reach the port at all is the network's decision (the chart's NetworkPolicy).
 pub fn join_callers_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-    let parent = TraceContextPropagator::new().extract(&Headers(headers));
-    if EXPORTING.load(Ordering::Relaxed) {
+    let exporting = exporting();
+    if !exporting && !headers.contains_key("traceparent") {
+        return;
+    }
+    let extracted = TraceContextPropagator::new().extract(&Headers(headers));
+    let remote = extracted.span().span_context().clone();
+    let parent = if remote.is_valid() {
+        opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            remote.trace_id(),
+            remote.span_id(),
+            remote.trace_flags(),
+            true,
+            TraceState::default(),
+        ))
+    } else {
+        opentelemetry::Context::new()
+    };
+    if exporting {
         // Without a valid parent this starts a new trace; its id is ours to log.
         let _ = span.set_parent(parent);
         let context = span.context();
@@ -102,9 +127,17 @@ impl<E: SpanExporter + 'static> OnOwnRuntime<E> {
             .build()
             .context("cannot start the OTLP exporter's runtime")?;
         // tonic's lazy channel binds to the runtime it is made in.
-        let inner = {
+        let built = {
             let _entered = runtime.enter();
-            build()?
+            build()
+        };
+        let inner = match built {
+            Ok(inner) => inner,
+            Err(err) => {
+                // Dropping a runtime inside async code panics; this one may be.
+                runtime.shutdown_background();
+                return Err(err);
+            }
         };
         Ok(Self {
             runtime,

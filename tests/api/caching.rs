@@ -13,6 +13,7 @@ use crate::helpers::TestApp;
 crate::both_backends!(
     a_warm_introspect_costs_no_query_and_no_argon2,
     a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret_none,
+    a_flood_of_distinct_wrong_secrets_for_a_real_id_locks_nothing_out,
     a_revocation_beats_a_warm_cache_on_the_very_next_call,
     no_introspect_after_a_revocation_returned_answers_active_under_concurrent_load,
     last_use_is_recorded_in_batches,
@@ -155,6 +156,59 @@ async fn at_once(app: &TestApp, token: &str, n: usize) -> Vec<bool> {
         }
     });
     futures::future::join_all(calls).await
+}
+
+async fn a_flood_of_distinct_wrong_secrets_for_a_real_id_locks_nothing_out(app: TestApp) {
+    use rand::Rng as _;
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (cold, _) = app.pat("acme", "alice", "phone", &[]).await;
+    assert!(app.introspect(&token).await.active);
+    let secret_len = token.len() - ("tkd_pat_".len() + 12 + 1) - 6;
+
+    // 128 distinct wrong secrets for the real id, 16 in flight: each is a real argon2
+    // verification (nothing to remember), none passes, and there is no per-id lockout.
+    let before = app.hasher.verifications();
+    for _ in 0..8 {
+        let calls = (0..16).map(|_| {
+            let secret: String = rand::rng()
+                .sample_iter(rand::distr::Alphanumeric)
+                .take(secret_len)
+                .map(char::from)
+                .collect();
+            let forged = crate::introspect::forge_with_secret(&token, &secret);
+            let mut client = app.tokens(&app.root);
+            async move {
+                client
+                    .introspect(pb::IntrospectRequest {
+                        token: forged,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+            }
+        });
+        for answer in futures::future::join_all(calls).await {
+            assert!(!answer.active);
+        }
+    }
+    assert_eq!(
+        app.hasher.verifications() - before,
+        128,
+        "one verification per distinct guess"
+    );
+
+    // The real token: still active, from its cache (no verification); another token of the
+    // same owner, never seen before, verifies as usual.
+    let before = app.hasher.verifications();
+    assert!(
+        app.introspect(&token).await.active,
+        "the real token was locked out"
+    );
+    assert_eq!(app.hasher.verifications() - before, 0);
+    assert!(app.introspect(&cold).await.active);
+    assert_eq!(app.hasher.verifications() - before, 1);
 }
 
 async fn a_stampede_on_a_cold_token_costs_one_argon2_and_a_repeated_wrong_secret_none(

@@ -387,3 +387,107 @@ async fn a_slow_database_is_unavailable_within_the_read_deadline() {
     tokio::time::sleep(Duration::from_secs(4)).await; // slow packets still in flight
     assert!(app.introspect(&token).await.active);
 }
+
+/// What one call of the load saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Seen {
+    Active,
+    Inactive,
+    Unavailable,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restart_under_load_gives_no_wrong_verdict_and_enforces_what_changed_meanwhile()
+{
+    let Some((app, proxy)) = app_behind_proxy().await else {
+        return;
+    };
+    let (live, _) = acme(&app).await;
+    let (doomed, doomed_info) = app.pat("acme", "alice", "doomed", &[]).await;
+    assert!(app.introspect(&doomed).await.active);
+
+    // Load: both tokens introspected back to back, each answer kept with when its call began.
+    let app = Arc::new(app);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let (app, stop) = (Arc::clone(&app), Arc::clone(&stop));
+        let (live, doomed) = (live.clone(), doomed.clone());
+        async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::SeqCst) {
+                for (which, token) in [(0, &live), (1, &doomed)] {
+                    let began = Instant::now();
+                    let answer = app
+                        .tokens(&app.root)
+                        .introspect(pb::IntrospectRequest {
+                            token: token.clone(),
+                            ..Default::default()
+                        })
+                        .await;
+                    let outcome = match answer {
+                        Ok(answer) if answer.get_ref().active => Seen::Active,
+                        Ok(_) => Seen::Inactive,
+                        Err(status) => {
+                            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                            Seen::Unavailable
+                        }
+                    };
+                    seen.push((which, began, outcome));
+                }
+            }
+            seen
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // What a restart looks like from here: every connection cut, new ones refused.
+    proxy.set(DOWN);
+    until_ready(&app, false, Duration::from_secs(5)).await;
+    // Meanwhile the token is revoked elsewhere (another replica, a DBA): this replica's
+    // listener is gone and misses the notification.
+    revoke_by_hand(&app, &doomed_info.id).await;
+    let revoked = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set(FORWARD);
+    let back = Instant::now();
+    until_ready(&app, true, Duration::from_secs(15)).await;
+    let enforced = loop {
+        if !app.introspect(&doomed).await.active {
+            break back.elapsed();
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(15),
+            "the revocation was missed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let seen = load.await.unwrap();
+
+    let count = |which: usize, outcome: Seen| {
+        seen.iter()
+            .filter(|(w, _, o)| *w == which && *o == outcome)
+            .count()
+    };
+    // The live token was never called inactive: an outage is UNAVAILABLE, not a verdict.
+    assert_eq!(count(0, Seen::Inactive), 0, "a wrong inactive");
+    assert!(
+        count(0, Seen::Unavailable) > 0,
+        "the outage was not under load"
+    );
+    // Nothing begun after the revocation called the doomed token active.
+    let stale = seen
+        .iter()
+        .filter(|(w, began, o)| *w == 1 && *began > revoked && *o == Seen::Active)
+        .count();
+    assert_eq!(stale, 0, "a stale active after the revocation");
+    // And the replica recovered: the load ends with real verdicts again.
+    let last_live = seen.iter().rev().find(|(w, _, _)| *w == 0).unwrap().2;
+    assert_eq!(last_live, Seen::Active);
+    eprintln!(
+        "database back: trusted again and the revocation enforced {} ms later; {} calls under load",
+        enforced.as_millis(),
+        seen.len()
+    );
+}

@@ -358,11 +358,13 @@ async fn a_wrong_secret_for_a_real_token_id_is_inactive(app: TestApp) {
 /// every offline check.
 pub fn forge(token: &str, other: &str) -> String {
     let display_len = "tkd_pat_".len() + 12 + 1;
-    let body = format!(
-        "{}{}",
-        &token[..display_len],
-        &other[display_len..other.len() - 6]
-    );
+    forge_with_secret(token, &other[display_len..other.len() - 6])
+}
+
+/// `token`'s id with `secret` instead of its own, under a valid checksum.
+pub fn forge_with_secret(token: &str, secret: &str) -> String {
+    let display_len = "tkd_pat_".len() + 12 + 1;
+    let body = format!("{}{secret}", &token[..display_len]);
     format!("{body}{}", checksum(&body))
 }
 

@@ -20,7 +20,8 @@ use crate::helpers::{Backend, TestApp};
 
 crate::both_backends!(
     metrics_move_as_calls_are_made,
-    sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses
+    sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses,
+    a_call_outlasting_the_drain_deadline_is_answered_unavailable
 );
 
 /// `GET path` over HTTP/1.0: (status line, body).
@@ -97,7 +98,7 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
     )
     .await;
     seed_acme(channel.clone(), &root, &["a:read"]).await;
-    let mut tokens = TokenServiceClient::new(channel);
+    let mut tokens = TokenServiceClient::new(channel.clone());
     let secret = tokens
         .issue_token(authed(alices_token("laptop"), &root))
         .await
@@ -181,10 +182,29 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // Random paths do not become series.
+    // A path no service serves is counted as `other`: callers cannot mint series.
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let unknown = grpc
+        .unary(
+            tonic::Request::new(pb::IntrospectRequest::default()),
+            http::uri::PathAndQuery::from_static("/made.up.Service/Anything"),
+            tonic_prost::ProstCodec::<pb::IntrospectRequest, pb::IntrospectResponse>::default(),
+        )
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), tonic::Code::Unimplemented);
     let text = http_get(metrics_port, "GET", "/metrics").await.1;
     assert!(text.contains("# HELP tokend_grpc_requests_total"), "{text}");
-    assert!(!text.contains(&secret) && !text.contains(&root));
+    assert!(!text.contains("made.up"), "a caller's path became a label");
+    let samples = scrape(metrics_port).await;
+    assert_eq!(
+        sum(
+            &samples,
+            "tokend_grpc_requests_total",
+            &[("method", "other"), ("code", "UNIMPLEMENTED")]
+        ),
+        1.0
+    );
     assert!(http_get(metrics_port, "GET", "/").await.0.contains("404"));
     assert!(
         http_get(metrics_port, "POST", "/metrics")
@@ -261,8 +281,9 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(a
     .await;
     seed_acme(channel.clone(), &root, &["a:read"]).await;
     let mut tokens = TokenServiceClient::new(channel.clone());
+    let issuer = tokens.clone();
     let issue = |name: &'static str| {
-        let mut tokens = tokens.clone();
+        let mut tokens = issuer.clone();
         let root = root.clone();
         async move {
             tokens
@@ -284,6 +305,33 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(a
     );
     assert_eq!(health(health_port, "").await, SERVING);
     assert_eq!(health(health_port, "liveness").await, SERVING);
+
+    // A call whose caller gives up first is counted as DEADLINE_EXCEEDED, not lost.
+    let impatient = issue("impatient").await;
+    let mut request = introspect(&impatient.secret, &root);
+    request.set_timeout(Duration::from_millis(100));
+    let status = tokens.introspect(request).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{status:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exceeded = [("method", INTROSPECT), ("code", "DEADLINE_EXCEEDED")];
+    while sum(
+        &scrape(metrics_port).await,
+        "tokend_grpc_requests_total",
+        &exceeded,
+    ) < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the abandoned call was not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // A cold Introspect: its argon2 verification is running when SIGTERM arrives.
     let verifications = sum(
@@ -371,4 +419,70 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(a
             "{name}: last use lost at shutdown"
         );
     }
+}
+
+async fn a_call_outlasting_the_drain_deadline_is_answered_unavailable(app: TestApp) {
+    let Some(database) = binary_database(app.backend).await else {
+        return;
+    };
+    let (dir, url) = (database.dir.path(), database.url.as_str());
+    let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
+    let metrics_port = free_port();
+    let (mut process, channel) = serve_binary(
+        dir,
+        url,
+        free_port(),
+        &[
+            ("TOKEND_ARGON2__MEMORY_KIB", "65536".into()),
+            ("TOKEND_ARGON2__ITERATIONS", "24".into()),
+            ("TOKEND_DRAIN_TIMEOUT_MS", "100".into()),
+            (
+                "TOKEND_METRICS__LISTEN",
+                format!("127.0.0.1:{metrics_port}"),
+            ),
+        ],
+    )
+    .await;
+    seed_acme(channel.clone(), &root, &["a:read"]).await;
+    let mut tokens = TokenServiceClient::new(channel);
+    let slow = tokens
+        .issue_token(authed(alices_token("slow"), &root))
+        .await
+        .unwrap()
+        .into_inner();
+    let in_flight = tokio::spawn({
+        let (mut tokens, request) = (tokens.clone(), introspect(&slow.secret, &root));
+        async move { tokens.introspect(request).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sum(
+        &scrape(metrics_port).await,
+        "tokend_argon2_verifications_total",
+        &[],
+    ) < 1.0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never reached argon2"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = process.0.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    // Its hash takes far longer than the 100 ms drain: the call is told to go elsewhere,
+    // rather than held until the orchestrator's SIGKILL drops it without an answer.
+    let status = in_flight.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("shutting down"), "{status:?}");
+    let exited = tokio::task::spawn_blocking(move || process.0.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(exited.success(), "{exited:?}");
 }

@@ -24,6 +24,7 @@ crate::both_backends!(an_introspect_span_joins_the_callers_trace_and_carries_no_
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT: &str = "00f067aa0ba902b7";
 const UNSAMPLED_TRACE: &str = "5cf92f3577b34da6a3ce929d0e0e4737";
+const ANONYMOUS_TRACE: &str = "6df92f3577b34da6a3ce929d0e0e4738";
 
 fn introspect(token: &str, root: &str, traceparent: &str) -> tonic::Request<pb::IntrospectRequest> {
     let mut request = authed(
@@ -78,8 +79,8 @@ async fn an_introspect_span_joins_the_callers_trace_and_carries_no_secret(app: T
                 "TOKEND_OTEL__ENDPOINT",
                 format!("http://127.0.0.1:{receiver_port}"),
             )
-            // Nothing starts a trace here: only calls whose caller sampled theirs are traced.
-            .env("TOKEND_OTEL__SAMPLE_RATIO", "0")
+            // Every trace that starts here is kept: the exporter's own calls would show.
+            .env("TOKEND_OTEL__SAMPLE_RATIO", "1")
             .env("TOKEND_LOG__FORMAT", "json")
             .env("TOKEND_LOG__FILTER", "info,tokend=debug")
             .stdout(Stdio::null())
@@ -112,6 +113,20 @@ async fn an_introspect_span_joins_the_callers_trace_and_carries_no_secret(app: T
         .await
         .unwrap();
     assert!(!answer.into_inner().active);
+    // Without a credential: refused, and the span says so.
+    let mut anonymous = tonic::Request::new(pb::IntrospectRequest {
+        token: issued.secret.clone(),
+        ..Default::default()
+    });
+    anonymous.metadata_mut().insert(
+        "traceparent",
+        format!("00-{ANONYMOUS_TRACE}-{PARENT}-01").parse().unwrap(),
+    );
+    anonymous
+        .metadata_mut()
+        .insert("tracestate", "vendor=opaque-caller-data".parse().unwrap());
+    let refused = tokens.introspect(anonymous).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
     let unsampled = format!("00-{UNSAMPLED_TRACE}-{PARENT}-00");
     tokens
         .introspect(introspect(&issued.secret, &root, &unsampled))
@@ -138,20 +153,26 @@ async fn an_introspect_span_joins_the_callers_trace_and_carries_no_secret(app: T
             .lines()
             .map(|line| serde_json::from_str(line).unwrap())
             .collect();
-        if spans.len() >= 2 || Instant::now() > deadline {
+        let ours = spans.iter().filter(|s| s["trace_id"] == TRACE).count();
+        if ours >= 2 || Instant::now() > deadline {
             break spans;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     drop(receiver);
 
-    let introspections: Vec<&Value> = spans
-        .iter()
-        .filter(|s| s["name"] == "/tokend.v1.TokenService/Introspect")
-        .collect();
+    // Only tokend's server spans: none of the exporter's own gRPC calls (client spans,
+    // or spans of tonic and h2 internals) ever reached the exporter.
+    for span in &spans {
+        assert_eq!(span["kind"], 2, "not a server span: {span}");
+        let name = span["name"].as_str().unwrap();
+        assert!(
+            name.starts_with("/tokend.v1.") || name.starts_with("/grpc.health.v1."),
+            "{span}"
+        );
+    }
+    let introspections: Vec<&Value> = spans.iter().filter(|s| s["trace_id"] == TRACE).collect();
     assert_eq!(introspections.len(), 2, "{spans:#?}");
-    // Only those: no unsampled call's span, and none of the exporter's own gRPC calls.
-    assert_eq!(spans.len(), 2, "{spans:#?}");
     for span in &introspections {
         assert_eq!(span["trace_id"], TRACE, "joined the caller's trace: {span}");
         assert_eq!(span["parent_span_id"], PARENT, "{span}");
@@ -174,7 +195,18 @@ async fn an_introspect_span_joins_the_callers_trace_and_carries_no_secret(app: T
         .find(|s| s["attributes"]["token"] == display_id.as_str())
         .expect("the live verdict names the token by display id");
     assert_eq!(live["attributes"]["token_tenant"], "acme");
-    // No span of the unsampled trace, and nothing secret anywhere in what was exported.
+    // The refused call: its code, and none of the caller's tracestate carried along.
+    let refused = spans
+        .iter()
+        .find(|s| s["trace_id"] == ANONYMOUS_TRACE)
+        .expect("the refused call's span");
+    assert_eq!(
+        refused["attributes"]["code"], "UNAUTHENTICATED",
+        "{refused}"
+    );
+    assert_eq!(refused["trace_state"], "", "{refused}");
+    // No span of the unsampled trace, and nothing secret anywhere in what was exported
+    // (names, attributes, events, status messages).
     assert!(!spans.iter().any(|s| s["trace_id"] == UNSAMPLED_TRACE));
     let exported = serde_json::to_string(&spans).unwrap();
     for secret in [issued.secret.as_str(), wrong.as_str(), root.as_str()] {

@@ -21,7 +21,8 @@ use crate::helpers::TestApp;
 
 crate::both_backends!(
     tls_serves_trusting_clients_and_refuses_plaintext,
-    mtls_refuses_clients_without_a_trusted_certificate_and_audits_the_subject
+    mtls_refuses_clients_without_a_trusted_certificate_and_audits_the_subject,
+    optional_client_certificates_are_recorded_when_given
 );
 
 /// A CA with a server certificate for `localhost` and a client certificate.
@@ -59,7 +60,19 @@ fn make_pki(client_name: &str) -> Pki {
 
 /// `tokend serve` with TLS from `pki` (and mTLS when `mutual`); health stays plaintext on
 /// its own port, as kubelet probes need.
-async fn serve_tls(dir: &std::path::Path, url: &str, pki: &Pki, mutual: bool) -> (KillOnDrop, u16) {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ClientCerts {
+    NotAsked,
+    Required,
+    Optional,
+}
+
+async fn serve_tls(
+    dir: &std::path::Path,
+    url: &str,
+    pki: &Pki,
+    clients: ClientCerts,
+) -> (KillOnDrop, u16) {
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -73,13 +86,17 @@ async fn serve_tls(dir: &std::path::Path, url: &str, pki: &Pki, mutual: bool) ->
         .env("TOKEND_HEALTH_LISTEN", format!("127.0.0.1:{health_port}"))
         .env("TOKEND_TLS__CERT_FILE", write("server.pem", &pki.server.0))
         .env("TOKEND_TLS__KEY_FILE", write("server.key", &pki.server.1))
+        .env("TOKEND_LAST_USED_FLUSH_MS", "50")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
-    if mutual {
+    if clients != ClientCerts::NotAsked {
         command.env(
             "TOKEND_TLS__CLIENT_CA_FILE",
             write("clients-ca.pem", &pki.ca),
         );
+    }
+    if clients == ClientCerts::Optional {
+        command.env("TOKEND_TLS__CLIENT_AUTH_OPTIONAL", "true");
     }
     let process = KillOnDrop(command.spawn().unwrap());
     wait_until_serving(health_port).await;
@@ -135,7 +152,7 @@ async fn tls_serves_trusting_clients_and_refuses_plaintext(app: TestApp) {
     let (dir, url) = (database.dir.path(), database.url.as_str());
     let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
     let pki = make_pki("unused");
-    let (_process, port) = serve_tls(dir, url, &pki, false).await;
+    let (_process, port) = serve_tls(dir, url, &pki, ClientCerts::NotAsked).await;
 
     assert!(answered(port, &pki.ca, None, &root).await);
     let channel = connect(port, &pki.ca, None).await.unwrap();
@@ -161,7 +178,7 @@ async fn mtls_refuses_clients_without_a_trusted_certificate_and_audits_the_subje
     let (dir, url) = (database.dir.path(), database.url.as_str());
     let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
     let pki = make_pki("inventory-service");
-    let (_process, port) = serve_tls(dir, url, &pki, true).await;
+    let (_process, port) = serve_tls(dir, url, &pki, ClientCerts::Required).await;
 
     // No client certificate, or one from a CA tokend does not trust: refused, even with a
     // valid credential.
@@ -201,5 +218,104 @@ async fn mtls_refuses_clients_without_a_trusted_certificate_and_audits_the_subje
         Some("CN=inventory-service"),
         "{issued_event:?}"
     );
-    assert!(!issued_event.detail.values().any(|v| v.contains("BEGIN")));
+}
+
+/// The `token.issued` event of `token_id` in acme.
+async fn issued_event(channel: Channel, root: &str, token_id: &str) -> pb::AuditEvent {
+    AuditServiceClient::new(channel)
+        .list_audit_events(authed(
+            pb::ListAuditEventsRequest {
+                tenant_id: "acme".into(),
+                token_id: token_id.into(),
+                ..Default::default()
+            },
+            root,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+        .into_iter()
+        .find(|e| e.action == "token.issued")
+        .unwrap()
+}
+
+async fn optional_client_certificates_are_recorded_when_given(app: TestApp) {
+    let Some(database) = binary_database(app.backend).await else {
+        return;
+    };
+    let (dir, url) = (database.dir.path(), database.url.as_str());
+    let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
+    let pki = make_pki("billing-service");
+    let (_process, port) = serve_tls(dir, url, &pki, ClientCerts::Optional).await;
+
+    // Without a certificate: served, and nothing claims a certificate identity.
+    let plain = connect(port, &pki.ca, None).await.unwrap();
+    seed_acme(plain.clone(), &root, &["a:read"]).await;
+    let without = TokenServiceClient::new(plain.clone())
+        .issue_token(authed(alices_token("no-cert"), &root))
+        .await
+        .unwrap()
+        .into_inner();
+    let event = issued_event(plain.clone(), &root, &without.token.unwrap().id).await;
+    assert!(
+        !event.detail.contains_key("client_certificate"),
+        "{event:?}"
+    );
+
+    // With one: its subject is recorded.
+    let with_cert = connect(port, &pki.ca, Some(&pki.client)).await.unwrap();
+    let with = TokenServiceClient::new(with_cert.clone())
+        .issue_token(authed(alices_token("with-cert"), &root))
+        .await
+        .unwrap()
+        .into_inner();
+    let event = issued_event(with_cert, &root, &with.token.unwrap().id).await;
+    assert_eq!(
+        event.detail.get("client_certificate").map(String::as_str),
+        Some("CN=billing-service")
+    );
+
+    // Over TLS the connection's peer is still known: alice's token, used as a credential
+    // (for a call it may not make), shows where it was used from.
+    let request = authed(
+        pb::IntrospectRequest {
+            token: with.secret.clone(),
+            ..Default::default()
+        },
+        &with.secret,
+    );
+    let _ = TokenServiceClient::new(plain.clone())
+        .introspect(request)
+        .await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed = TokenServiceClient::new(plain.clone())
+            .list_tokens(authed(
+                pb::ListTokensRequest {
+                    tenant_id: "acme".into(),
+                    actor_user_id: "alice".into(),
+                    ..Default::default()
+                },
+                &root,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let token = listed
+            .tokens
+            .iter()
+            .find(|t| t.name == "with-cert")
+            .unwrap();
+        if let Some(used) = token.recent_uses.first() {
+            assert_eq!(used.client_ip, "127.0.0.1", "{used:?}");
+            assert_eq!(used.service, "", "{used:?}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no use recorded over TLS"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 }

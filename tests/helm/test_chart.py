@@ -893,6 +893,7 @@ class Refusals(unittest.TestCase):
         cases = {
             "typo replicaCont": ({"replicaCont": 3}, "replicaCont"),
             "sampleRatio 2": ({"otel": {"sampleRatio": 2}}, "/otel/sampleRatio"),
+            "otel https": ({"otel": {"endpoint": "https://collector:4317"}}, "/otel/endpoint"),
             "pullPolicy Sometimes": ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
             "mysql url": ({"database": {"url": "mysql://x"}}, "/database/url"),
             "replicaCount 0": ({"replicaCount": 0}, "/replicaCount"),

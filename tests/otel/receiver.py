@@ -35,6 +35,15 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
                         "parent_span_id": span.parent_span_id.hex(),
                         "kind": span.kind,
                         "status": span.status.code,
+                        "status_message": span.status.message,
+                        "trace_state": span.trace_state,
+                        "events": [
+                            {
+                                "name": event.name,
+                                "attributes": {a.key: value(a.value) for a in event.attributes},
+                            }
+                            for event in span.events
+                        ],
                         "attributes": {a.key: value(a.value) for a in span.attributes},
                         "resource": resource,
                     }
