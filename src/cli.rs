@@ -30,6 +30,27 @@ pub struct Connection {
         global = true
     )]
     pub server: String,
+    /// For an https:// server: the CA certificate(s), PEM, that signed its certificate
+    /// (default: the public web roots).
+    #[arg(long, env = "TOKEND_CA_FILE", value_name = "FILE", global = true)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// For a server that asks for client certificates (mTLS): this client's certificate,
+    /// PEM; with --key-file.
+    #[arg(
+        long,
+        env = "TOKEND_CLIENT_CERT_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub cert_file: Option<std::path::PathBuf>,
+    /// The private key of --cert-file, PEM.
+    #[arg(
+        long,
+        env = "TOKEND_CLIENT_KEY_FILE",
+        value_name = "FILE",
+        global = true
+    )]
+    pub key_file: Option<std::path::PathBuf>,
     /// Table for people, JSON for scripts.
     #[arg(long, value_enum, default_value_t = Output::Table, global = true)]
     pub output: Output,
@@ -287,6 +308,41 @@ pub enum ClientCommand {
     Audit(AuditArgs),
 }
 
+/// A channel to `--server`, over TLS (and mTLS) for an https:// one.
+async fn connect(connection: &Connection) -> anyhow::Result<Channel> {
+    use anyhow::Context as _;
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |flag: &str, path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("{flag}: cannot read {}", path.display()))
+    };
+    let mut endpoint = Channel::from_shared(connection.server.clone())
+        .map_err(|_| anyhow::anyhow!("--server: not a URI like http://host:port"))?;
+    let asks_for_tls = connection.ca_file.is_some()
+        || connection.cert_file.is_some()
+        || connection.key_file.is_some();
+    if connection.server.starts_with("https://") {
+        let mut tls = match &connection.ca_file {
+            Some(path) => ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(read("--ca-file", path)?)),
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        match (&connection.cert_file, &connection.key_file) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(
+                    read("--cert-file", cert)?,
+                    read("--key-file", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--cert-file and --key-file go together"),
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    } else if asks_for_tls {
+        anyhow::bail!("--ca-file, --cert-file and --key-file need an https:// --server");
+    }
+    Ok(endpoint.connect().await?)
+}
+
 /// Runs a client subcommand; what it prints goes to stdout.
 pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Result<()> {
     let credential = std::env::var("TOKEND_TOKEN").map_err(|_| {
@@ -294,11 +350,9 @@ pub async fn run(connection: &Connection, command: ClientCommand) -> anyhow::Res
     })?;
     let with_credential = Credential::new(&credential)
         .ok_or_else(|| anyhow::anyhow!("TOKEND_TOKEN is not a token string"))?;
-    let channel = Channel::from_shared(connection.server.clone())
-        .map_err(|_| anyhow::anyhow!("--server: not a URI like http://host:port"))?
-        .connect()
+    let channel = connect(connection)
         .await
-        .map_err(|err| anyhow::anyhow!("cannot reach tokend at {}: {err}", connection.server))?;
+        .map_err(|err| anyhow::anyhow!("cannot reach tokend at {}: {err:#}", connection.server))?;
     let out = connection.output;
     let status = |err: tonic::Status| anyhow::anyhow!("{:?}: {}", err.code(), err.message());
     match command {

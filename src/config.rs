@@ -265,7 +265,13 @@ const KEYS: [&str; 17] = [
 ];
 
 /// Variables the client subcommands read (`tokend token …`), set in operators' shells.
-const CLIENT_ENV: [&str; 2] = ["TOKEND_TOKEN", "TOKEND_SERVER"];
+const CLIENT_ENV: [&str; 5] = [
+    "TOKEND_TOKEN",
+    "TOKEND_SERVER",
+    "TOKEND_CA_FILE",
+    "TOKEND_CLIENT_CERT_FILE",
+    "TOKEND_CLIENT_KEY_FILE",
+];
 
 impl Settings {
     /// Defaults, overlaid by `file` (TOML) if given, overlaid by the `TOKEND_*` entries of

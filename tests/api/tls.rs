@@ -218,6 +218,36 @@ async fn mtls_refuses_clients_without_a_trusted_certificate_and_audits_the_subje
         Some("CN=inventory-service"),
         "{issued_event:?}"
     );
+
+    // The operator CLI speaks mTLS too; without its certificate it is refused.
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_owned()
+    };
+    let (ca, cert, key) = (
+        file("cli-ca.pem", &pki.ca),
+        file("cli.pem", &pki.client.0),
+        file("cli.key", &pki.client.1),
+    );
+    let server = format!("https://localhost:{port}");
+    let cli = |with_cert: bool| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tokend"));
+        command
+            .args(["--server", &server, "--ca-file", &ca, "--output", "json"])
+            .args(["audit", "--tenant", "acme"])
+            .env("TOKEND_TOKEN", &root)
+            .stdin(std::process::Stdio::null());
+        if with_cert {
+            command.args(["--cert-file", &cert, "--key-file", &key]);
+        }
+        command.output().unwrap()
+    };
+    let listed = cli(true);
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("token.issued"));
+    let refused = cli(false);
+    assert!(!refused.status.success(), "{refused:?}");
 }
 
 /// The `token.issued` event of `token_id` in acme.
