@@ -143,6 +143,32 @@ pub fn alices_token(name: &str) -> pb::IssueTokenRequest {
 
 pub struct KillOnDrop(pub Child);
 
+/// Asks a running `tokend serve` to shut down, as Kubernetes does.
+pub fn sigterm(process: &KillOnDrop) {
+    let pid = process.0.id().to_string();
+    let sent = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(sent.success());
+}
+
+/// Alice's tokens in acme, as the root key lists them.
+pub async fn alices_tokens(
+    channel: tonic::transport::Channel,
+    root: &str,
+) -> pb::ListTokensResponse {
+    tokend::proto::v1::token_service_client::TokenServiceClient::new(channel)
+        .list_tokens(authed(
+            pb::ListTokensRequest {
+                tenant_id: "acme".into(),
+                actor_user_id: "alice".into(),
+                ..Default::default()
+            },
+            root,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// `tokend serve` on `port` with extra settings, once it answers health.
 pub async fn serve_binary(
     dir: &std::path::Path,

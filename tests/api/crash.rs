@@ -7,7 +7,8 @@ use tokend::proto::v1::audit_service_client::AuditServiceClient;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    alices_token, authed, binary_database, free_port, root_key, seed_acme, serve_binary, tokend,
+    alices_token, alices_tokens, authed, binary_database, free_port, root_key, seed_acme,
+    serve_binary, tokend,
 };
 use crate::helpers::TestApp;
 
@@ -165,18 +166,7 @@ async fn a_write_killed_at_any_point_is_all_or_nothing(app: TestApp) {
         })
         .await;
         let (_process, channel) = serve_binary(dir, url, free_port(), &[]).await;
-        let listed = TokenServiceClient::new(channel.clone())
-            .list_tokens(authed(
-                pb::ListTokensRequest {
-                    tenant_id: "acme".into(),
-                    actor_user_id: "alice".into(),
-                    ..Default::default()
-                },
-                &root,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let listed = alices_tokens(channel.clone(), &root).await;
         let rows = listed.tokens.iter().filter(|t| t.name == point).count();
         let events = audited(channel, &root, "token.issued", point).await;
         let expected = usize::from(committed);

@@ -14,7 +14,8 @@ use tokend::proto::v1 as pb;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    alices_token, authed, binary_database, free_port, root_key, seed_acme, serve_binary, tokend,
+    alices_token, alices_tokens, authed, binary_database, free_port, root_key, seed_acme,
+    serve_binary, sigterm, tokend,
 };
 use crate::helpers::{Backend, TestApp};
 
@@ -76,6 +77,23 @@ fn introspect(token: &str, credential: &str) -> tonic::Request<pb::IntrospectReq
 }
 
 const INTROSPECT: &str = "/tokend.v1.TokenService/Introspect";
+
+/// Waits until more than `before` argon2 verifications have begun: a slow call is running.
+async fn until_argon2_runs(metrics_port: u16, before: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while sum(
+        &scrape(metrics_port).await,
+        "tokend_argon2_verifications_total",
+        &[],
+    ) <= before
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the slow call never reached argon2"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
 
 async fn metrics_move_as_calls_are_made(app: TestApp) {
     let Some(database) = binary_database(app.backend).await else {
@@ -343,27 +361,8 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(a
         let (mut tokens, request) = (tokens.clone(), introspect(&slow.secret, &root));
         async move { tokens.introspect(request).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sum(
-        &scrape(metrics_port).await,
-        "tokend_argon2_verifications_total",
-        &[],
-    ) <= verifications
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the slow call never reached argon2"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let pid = process.0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    until_argon2_runs(metrics_port, verifications).await;
+    sigterm(&process);
     let signalled = Instant::now();
 
     // Draining: not ready, still alive, and the listener is closed to new connections.
@@ -400,18 +399,7 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(a
 
     // Both uses (the one before and the one drained) were written on the way out.
     let (_process, channel) = serve_binary(dir, url, free_port(), &[]).await;
-    let listed = TokenServiceClient::new(channel)
-        .list_tokens(authed(
-            pb::ListTokensRequest {
-                tenant_id: "acme".into(),
-                actor_user_id: "alice".into(),
-                ..Default::default()
-            },
-            &root,
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = alices_tokens(channel, &root).await;
     for name in ["used-before", "in-flight"] {
         let token = listed.tokens.iter().find(|t| t.name == name).unwrap();
         assert!(
@@ -454,27 +442,8 @@ async fn a_call_outlasting_the_drain_deadline_is_answered_unavailable(app: TestA
         let (mut tokens, request) = (tokens.clone(), introspect(&slow.secret, &root));
         async move { tokens.introspect(request).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while sum(
-        &scrape(metrics_port).await,
-        "tokend_argon2_verifications_total",
-        &[],
-    ) < 1.0
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the slow call never reached argon2"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let pid = process.0.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    until_argon2_runs(metrics_port, 0.0).await;
+    sigterm(&process);
 
     // Its hash takes far longer than the 100 ms drain: the call is told to go elsewhere,
     // rather than held until the orchestrator's SIGKILL drops it without an answer.

@@ -14,8 +14,8 @@ use tokend::proto::v1 as pb;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    KillOnDrop, alices_token, authed, binary_database, free_port, root_key, seed_acme, tokend,
-    wait_until_serving,
+    KillOnDrop, alices_token, authed, binary_database, free_port, root_key, seed_acme, sigterm,
+    tokend, wait_until_serving,
 };
 use crate::helpers::TestApp;
 
@@ -134,14 +134,7 @@ async fn an_introspect_span_joins_the_callers_trace_and_carries_no_secret(app: T
         .unwrap();
 
     // SIGTERM: the batch still queued is exported before the process exits.
-    let pid = server.0.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sigterm(&server);
     let status = tokio::task::spawn_blocking(move || server.0.wait().unwrap())
         .await
         .unwrap();

@@ -14,8 +14,8 @@ use tokend::proto::v1::audit_service_client::AuditServiceClient;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    KillOnDrop, alices_token, authed, binary_database, free_port, root_key, seed_acme, tokend,
-    wait_until_serving,
+    KillOnDrop, alices_token, alices_tokens, authed, binary_database, free_port, root_key,
+    seed_acme, tokend, wait_until_serving,
 };
 use crate::helpers::TestApp;
 
@@ -320,18 +320,7 @@ async fn optional_client_certificates_are_recorded_when_given(app: TestApp) {
         .await;
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let listed = TokenServiceClient::new(plain.clone())
-            .list_tokens(authed(
-                pb::ListTokensRequest {
-                    tenant_id: "acme".into(),
-                    actor_user_id: "alice".into(),
-                    ..Default::default()
-                },
-                &root,
-            ))
-            .await
-            .unwrap()
-            .into_inner();
+        let listed = alices_tokens(plain.clone(), &root).await;
         let token = listed
             .tokens
             .iter()
