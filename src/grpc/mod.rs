@@ -149,7 +149,7 @@ pub async fn serve(
         // The span every log line of a call is nested in. The layers fill in the rest:
         // request id and status (observe), caller and tenant (auth), the introspected
         // token (Introspect).
-        .trace_fn(observe::call_span)
+        // Observe makes each call's span (method, request id, the caller's trace).
         .layer(observe::ObserveLayer::new(cut_watch))
         // Authentication wraps every service; it lets health and reflection through.
         .layer(auth::AuthLayer::new(Arc::clone(&core)))

@@ -15,6 +15,7 @@ use futures::future::BoxFuture;
 use metrics::{Counter, Histogram};
 use prost::Message as _;
 use tower::{Layer, Service};
+use tracing::Instrument as _;
 
 /// The request id header, read and echoed.
 const REQUEST_ID: &str = "x-request-id";
@@ -119,23 +120,21 @@ impl Methods {
     }
 }
 
-/// The span every log line of a call is nested in, made by tonic before any layer runs.
-/// The layers fill in the rest: request id and status (here), caller and tenant (auth),
-/// the introspected token (Introspect). The method is the bounded label, never the raw
-/// path a caller sent.
-pub fn call_span(request: &http::Request<()>) -> tracing::Span {
-    let methods = Methods::get();
-    let method = methods.labels[methods.of(request.uri().path())];
+/// The span every log line of a call is nested in, with what is known before the call
+/// runs; the rest is filled in as it runs: caller and tenant (auth), the introspected token
+/// (Introspect), the status (here, at the end). The method is the bounded label, never the
+/// raw path a caller sent.
+fn call_span(method: &'static str, request_id: &str, headers: &http::HeaderMap) -> tracing::Span {
     let span = if crate::telemetry::otel::exporting() {
         tracing::info_span!(
             "grpc",
             method,
+            request_id,
             code = tracing::field::Empty,
             caller = tracing::field::Empty,
             tenant = tracing::field::Empty,
             token = tracing::field::Empty,
             token_tenant = tracing::field::Empty,
-            request_id = tracing::field::Empty,
             trace_id = tracing::field::Empty,
             otel.name = method,
             otel.kind = "server",
@@ -147,16 +146,16 @@ pub fn call_span(request: &http::Request<()>) -> tracing::Span {
         tracing::info_span!(
             "grpc",
             method,
+            request_id,
             code = tracing::field::Empty,
             caller = tracing::field::Empty,
             tenant = tracing::field::Empty,
             token = tracing::field::Empty,
             token_tenant = tracing::field::Empty,
-            request_id = tracing::field::Empty,
             trace_id = tracing::field::Empty,
         )
     };
-    crate::telemetry::otel::join_callers_trace(&span, request.headers());
+    crate::telemetry::otel::join_callers_trace(&span, headers);
     span
 }
 
@@ -219,46 +218,53 @@ where
             .headers()
             .get("grpc-timeout")
             .and_then(|value| parse_grpc_timeout(value.as_bytes()));
-        let answered = self.inner.call(request);
+        let span = call_span(
+            methods.labels[method],
+            request_id.to_str().unwrap_or_default(),
+            request.headers(),
+        );
+        let answered = {
+            let _entered = span.enter();
+            self.inner.call(request)
+        };
         let mut cut = self.cut.clone();
-        Box::pin(async move {
-            // The call's span is entered while its future runs, not when it is made.
-            let span = tracing::Span::current();
-            if let Ok(id) = request_id.to_str() {
-                span.record("request_id", id);
+        let outer = span.clone();
+        Box::pin(
+            async move {
+                // Until it is answered, a call that goes away (the caller cancelled, its
+                // deadline passed) is counted as such.
+                let mut outcome = Outcome {
+                    methods,
+                    method,
+                    started,
+                    deadline,
+                    span,
+                    code: None,
+                };
+                let mut response = tokio::select! {
+                    biased;
+                    response = answered => response?,
+                    _ = cut.wait_for(|cut| *cut) => {
+                        tonic::Status::unavailable("tokend is shutting down; retry elsewhere")
+                            .into_http()
+                    }
+                };
+                // tonic puts a handler's error in the response head (trailers-only); a success
+                // has its status in the trailers, and every tokend method is unary, so a head
+                // without one is OK (the streaming health Watch and reflection count as OK).
+                outcome.code = Some(match response.headers().get("grpc-status") {
+                    None => 0,
+                    Some(value) => std::str::from_utf8(value.as_bytes())
+                        .ok()
+                        .and_then(|value| value.parse::<usize>().ok())
+                        .filter(|code| *code < CODES.len())
+                        .unwrap_or(UNKNOWN),
+                });
+                response.headers_mut().insert(REQUEST_ID, request_id);
+                Ok(response)
             }
-            // Until it is answered, a call that goes away (the caller cancelled, its
-            // deadline passed) is counted as such.
-            let mut outcome = Outcome {
-                methods,
-                method,
-                started,
-                deadline,
-                span,
-                code: None,
-            };
-            let mut response = tokio::select! {
-                biased;
-                response = answered => response?,
-                _ = cut.wait_for(|cut| *cut) => {
-                    tonic::Status::unavailable("tokend is shutting down; retry elsewhere")
-                        .into_http()
-                }
-            };
-            // tonic puts a handler's error in the response head (trailers-only); a success
-            // has its status in the trailers, and every tokend method is unary, so a head
-            // without one is OK (the streaming health Watch and reflection count as OK).
-            outcome.code = Some(match response.headers().get("grpc-status") {
-                None => 0,
-                Some(value) => std::str::from_utf8(value.as_bytes())
-                    .ok()
-                    .and_then(|value| value.parse::<usize>().ok())
-                    .filter(|code| *code < CODES.len())
-                    .unwrap_or(UNKNOWN),
-            });
-            response.headers_mut().insert(REQUEST_ID, request_id);
-            Ok(response)
-        })
+            .instrument(outer),
+        )
     }
 }
 
