@@ -12,7 +12,8 @@
 //! (in-flight calls, default 64), `BENCH_ROUNDS` (rounds of (a), (b) and (d), each beside
 //! its own ceiling run, default 3), `BENCH_COLD` (cold tokens, default 300),
 //! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults),
-//! `BENCH_POSTGRES_URL` (run (a)–(d) on a fresh PostgreSQL database instead of SQLite),
+//! `BENCH_POSTGRES_URL` (run (a)–(e) on a fresh PostgreSQL database instead of SQLite),
+//! `BENCH_NO_LOGS` (no log subscriber; by default the one `tokend serve` installs),
 //! `BENCH_MEMORY_ONLY` (only the memory figure, e.g. under a heap profiler).
 
 // A benchmark that cannot set itself up should stop loudly, not limp on.
@@ -61,10 +62,23 @@ fn main() -> anyhow::Result<()> {
         .arg("--version")
         .output()
         .context("h2load is needed: apt-get install nghttp2-client")?;
+    // The log subscriber of `tokend serve` (text at info, on stderr), so that each call's
+    // span costs here what it costs in production. `BENCH_NO_LOGS=1` leaves it out.
+    let telemetry = match std::env::var_os("BENCH_NO_LOGS") {
+        Some(_) => None,
+        None => Some(tokend::telemetry::init(
+            &Default::default(),
+            &Default::default(),
+        )?),
+    };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(run())
+    let result = runtime.block_on(run());
+    if let Some(telemetry) = telemetry {
+        telemetry.shutdown();
+    }
+    result
 }
 
 /// A server on its own thread and current-thread runtime, like `tokend serve` with
