@@ -94,9 +94,11 @@ where
                     if let Some(certificates) = certificates {
                         caller.set_client_certificates(certificates);
                     }
-                    let span = tracing::Span::current();
-                    span.record("caller", caller.display_id());
-                    span.record("tenant", caller.tenant_id().as_str());
+                    if crate::telemetry::call_details_wanted() {
+                        let span = tracing::Span::current();
+                        span.record("caller", caller.display_id());
+                        span.record("tenant", caller.tenant_id().as_str());
+                    }
                     request.extensions_mut().insert::<Caller>(caller);
                     inner.call(request).await
                 }

@@ -103,7 +103,9 @@ impl TokenService for TokenApi {
             .core
             .introspect(&caller, &req.token, &required, client_ip)
             .await?;
-        if let Outcome::Active(active) = &answer.outcome {
+        if let Outcome::Active(active) = &answer.outcome
+            && crate::telemetry::call_details_wanted()
+        {
             let span = tracing::Span::current();
             span.record("token", active.token.display_id.as_str());
             span.record("token_tenant", active.token.tenant_id.as_str());

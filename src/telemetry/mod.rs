@@ -17,6 +17,15 @@ use tracing_subscriber::util::SubscriberInitExt as _;
 
 use crate::config::{LogFormat, LogSettings, OtelSettings};
 
+/// Whether a call's span should be given its details (caller, tenant, the introspected
+/// token): when spans are exported, or when tokend logs at debug. At info, the lines inside
+/// a call are its rare warnings and errors, which carry the method and request id; the
+/// details would cost every call a re-render of its span's fields for lines that mostly
+/// never come.
+pub fn call_details_wanted() -> bool {
+    otel::exporting() || tracing::enabled!(target: "tokend::grpc", tracing::Level::DEBUG)
+}
+
 /// What must be flushed before the process exits.
 #[derive(Debug, Default)]
 #[must_use = "dropping it loses the last spans: call shutdown"]
