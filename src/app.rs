@@ -95,6 +95,11 @@ fn tls_config(settings: &TlsSettings) -> anyhow::Result<Option<ServerTlsConfig>>
             .client_ca_root(Certificate::from_pem(read("client_ca_file", ca)?))
             .client_auth_optional(settings.client_auth_optional);
     }
+    // Parsed now, so a bad certificate or key stops startup naming the setting, before
+    // anything listens.
+    tonic::transport::Server::builder()
+        .tls_config(tls.clone())
+        .context("tls: the certificate, key or client CA is not usable")?;
     Ok(Some(tls))
 }
 
@@ -120,6 +125,7 @@ impl App {
         settings: &Settings,
         clock: Arc<dyn Clock>,
     ) -> anyhow::Result<Self> {
+        let tls = tls_config(&settings.tls)?;
         if settings.metrics.listen.is_some() {
             // Installed before anything records, so no series is lost.
             crate::telemetry::metrics::handle();
@@ -153,7 +159,6 @@ impl App {
             Arc::clone(&last_used),
             Some(Arc::clone(&cache)),
         ));
-        let tls = tls_config(&settings.tls)?;
         let listener = bind("listen", settings.listen).await?;
         let health_listener = match settings.health_listen {
             Some(address) => Some(bind("health_listen", address).await?),

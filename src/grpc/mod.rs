@@ -146,10 +146,8 @@ pub async fn serve(
     });
     let (cut, cut_watch) = tokio::sync::watch::channel(false);
     let serving = builder
-        // The span every log line of a call is nested in. The layers fill in the rest:
-        // request id and status (observe), caller and tenant (auth), the introspected
-        // token (Introspect).
-        // Observe makes each call's span (method, request id, the caller's trace).
+        // Observe makes each call's span (method, request id, the caller's trace), counts
+        // and times it.
         .layer(observe::ObserveLayer::new(cut_watch))
         // Authentication wraps every service; it lets health and reflection through.
         .layer(auth::AuthLayer::new(Arc::clone(&core)))
@@ -188,9 +186,10 @@ pub async fn serve(
         );
     tokio::pin!(serving);
     // The listener closes at once; calls already running get `drain` to finish. Those
-    // still running then are answered UNAVAILABLE (safe to retry elsewhere: a write cut
-    // short is rolled back), which lets their connections close.
-    let mut deadline = stopped.clone();
+    // still running then are answered UNAVAILABLE, which lets their connections close (a
+    // write cut short is one transaction: committed whole or not at all, and a retry finds
+    // out which, as names are unique).
+    let mut deadline = stopped;
     let result = tokio::select! {
         served = &mut serving => served.map_err(ServeError::from),
         () = async {

@@ -146,6 +146,24 @@ async fn answered(port: u16, ca: &str, identity: Option<&(String, String)>, root
 }
 
 async fn tls_serves_trusting_clients_and_refuses_plaintext(app: TestApp) {
+    // A key that is not a key stops startup, naming the setting, before anything listens.
+    {
+        let Some(database) = binary_database(app.backend).await else {
+            return;
+        };
+        let (dir, url) = (database.dir.path(), database.url.as_str());
+        std::fs::write(dir.join("c.pem"), "not a certificate").unwrap();
+        let refused = tokend(dir, url)
+            .arg("serve")
+            .env("TOKEND_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("TOKEND_TLS__CERT_FILE", dir.join("c.pem"))
+            .env("TOKEND_TLS__KEY_FILE", dir.join("c.pem"))
+            .output()
+            .unwrap();
+        assert!(!refused.status.success());
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(stderr.contains("tls:"), "{stderr}");
+    }
     let Some(database) = binary_database(app.backend).await else {
         return;
     };
