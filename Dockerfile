@@ -34,9 +34,11 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/usr/local/cargo/git \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin tokend \
- && install -D -m 0755 target/release/tokend /out/tokend
+ && install -D -m 0755 target/release/tokend /out/tokend \
+ && mkdir -p /out/data
 
 FROM ${RUNTIME_IMAGE}
+ARG RUNTIME_IMAGE
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 LABEL org.opencontainers.image.title="tokend" \
@@ -44,12 +46,16 @@ LABEL org.opencontainers.image.title="tokend" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
-      org.opencontainers.image.base.name="gcr.io/distroless/cc-debian12:nonroot"
+      org.opencontainers.image.base.name="${RUNTIME_IMAGE}"
 COPY --from=build /out/tokend /usr/local/bin/tokend
+# A data directory the non-root user owns: a volume mounted here (the `docker run` example
+# at the top, or SQLite without the chart) starts out writable.
+COPY --from=build --chown=65532:65532 /out/data /data
 WORKDIR /home/nonroot
 # distroless "nonroot": uid and gid 65532, the ids the Helm chart's securityContext uses.
 USER 65532:65532
-# gRPC and Prometheus metrics (the chart adds the plaintext health port 50052 with TLS).
-EXPOSE 50051 9090
+# gRPC. Metrics (9090) and the plaintext health port (50052) listen only when configured
+# (metrics.listen, health_listen), as the Helm chart does.
+EXPOSE 50051
 ENTRYPOINT ["/usr/local/bin/tokend"]
 CMD ["serve"]

@@ -54,6 +54,10 @@ const AFTER_CUT: Duration = Duration::from_secs(2);
 /// serves at all, unlike the overall status, which follows readiness.
 pub const LIVENESS: &str = "liveness";
 
+/// The health "service" a readiness probe asks for: SERVING from the first time the
+/// caches are trusted until shutdown begins.
+pub const READINESS: &str = "readiness";
+
 /// How the server runs, beyond what it serves.
 #[derive(Debug)]
 pub struct ServeOptions {
@@ -121,17 +125,37 @@ pub async fn serve(
     // Ready means the caches are trusted: on PostgreSQL, once the change feed is up. Until
     // then (and whenever it is lost) calls still work, reading through to the database, but
     // a load balancer should prefer replicas that are ready.
+    //
+    // `READINESS` is the probe's view: it turns SERVING the first time the caches are
+    // trusted and stays so until shutdown. A database blip untrusts every replica's cache
+    // at once; taking them all out of the Service then would turn a slower path into an
+    // outage.
     let initially = *ready.borrow_and_update();
     set_serving(&reporter, initially).await;
+    let status = |serving: bool| {
+        if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        }
+    };
+    reporter
+        .set_service_status(READINESS, status(initially))
+        .await;
     reporter
         .set_service_status(LIVENESS, tonic_health::ServingStatus::Serving)
         .await;
     let readiness = {
         let reporter = reporter.clone();
         tokio::spawn(async move {
+            let mut ever = initially;
             while ready.changed().await.is_ok() {
                 let now = *ready.borrow_and_update();
                 set_serving(&reporter, now).await;
+                if now && !ever {
+                    ever = true;
+                    reporter.set_service_status(READINESS, status(true)).await;
+                }
             }
         })
     };
@@ -181,6 +205,9 @@ pub async fn serve(
                 shutdown.await;
                 readiness.abort();
                 set_serving(&reporter, false).await;
+                reporter
+                    .set_service_status(READINESS, tonic_health::ServingStatus::NotServing)
+                    .await;
                 let _ = stopping.send(true);
             },
         );

@@ -254,7 +254,12 @@ async fn a_half_open_listener_is_caught_by_the_heartbeat() {
     assert_eq!(
         health(&app).await,
         ServingStatus::NotServing as i32,
-        "not ready while untrusted"
+        "the overall status says the caches are untrusted"
+    );
+    assert_eq!(
+        health_of(&app, "readiness").await,
+        ServingStatus::Serving as i32,
+        "but the probe's readiness holds: a database blip must not empty the Service"
     );
     // Untrusted now: the replica reads through, and the database is out of reach.
     let result = app
@@ -276,11 +281,15 @@ async fn a_half_open_listener_is_caught_by_the_heartbeat() {
 }
 
 async fn health(app: &TestApp) -> i32 {
+    health_of(app, "").await
+}
+
+async fn health_of(app: &TestApp, service: &str) -> i32 {
     // Readiness follows trust through a watch; give the reporter its moment.
     tokio::time::sleep(Duration::from_millis(50)).await;
     HealthClient::new(app.channel())
         .check(HealthCheckRequest {
-            service: String::new(),
+            service: service.into(),
         })
         .await
         .unwrap()

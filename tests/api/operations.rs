@@ -323,6 +323,7 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(a
     );
     assert_eq!(health(health_port, "").await, SERVING);
     assert_eq!(health(health_port, "liveness").await, SERVING);
+    assert_eq!(health(health_port, "readiness").await, SERVING);
 
     // A call whose caller gives up first is counted as DEADLINE_EXCEEDED, not lost.
     let impatient = issue("impatient").await;
@@ -367,10 +368,11 @@ async fn sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses(a
 
     // Draining: not ready, still alive, and the listener is closed to new connections.
     let deadline = Instant::now() + Duration::from_secs(5);
-    while health(health_port, "").await != NOT_SERVING {
+    while health(health_port, "readiness").await != NOT_SERVING {
         assert!(Instant::now() < deadline, "still ready after SIGTERM");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert_eq!(health(health_port, "").await, NOT_SERVING);
     assert_eq!(health(health_port, "liveness").await, SERVING);
     let refused = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()

@@ -54,6 +54,7 @@ ALLOWED_TOML = {
     "health_listen": None,
     "log": {"format", "filter"},
     "database": {"max_connections"},
+    "cache": {"max_tokens"},
     "metrics": {"listen"},
     "otel": {"endpoint", "sample_ratio", "service_name"},
     "tls": {"cert_file", "key_file", "client_ca_file", "client_auth_optional"},
@@ -382,7 +383,7 @@ class PostgresDefaults(unittest.TestCase):
 
     def test_probes_on_the_grpc_port(self):
         c = self.r.container
-        self.assertEqual(c["readinessProbe"]["grpc"], {"port": 50051, "service": ""})
+        self.assertEqual(c["readinessProbe"]["grpc"], {"port": 50051, "service": "readiness"})
         self.assertEqual(c["livenessProbe"]["grpc"], {"port": 50051, "service": "liveness"})
         self.assertEqual(c["startupProbe"]["grpc"], {"port": 50051, "service": "liveness"})
         self.assertNotIn("health", {p["name"] for p in c["ports"]})
@@ -414,10 +415,13 @@ class PostgresDefaults(unittest.TestCase):
         )
         pod = self.r.deployment["spec"]["template"]["spec"]
         self.assertEqual(pod["terminationGracePeriodSeconds"], 30)
-        self.assertEqual(self.r.toml()["drain_timeout_ms"], 20000)
-        # preStop sleep + drain fit inside the grace period with room to exit.
+        self.assertEqual(self.r.toml()["drain_timeout_ms"], 15000)
+        # preStop sleep + drain + the 5 s of exit work after it fit inside the grace period.
         sleep = self.r.container["lifecycle"]["preStop"]["sleep"]["seconds"]
-        self.assertLess(sleep * 1000 + self.r.toml()["drain_timeout_ms"], 30 * 1000)
+        self.assertLessEqual(sleep * 1000 + self.r.toml()["drain_timeout_ms"] + 5000, 30 * 1000)
+        # The cache is sized to the memory limit (about 1.1 KiB a token).
+        self.assertEqual(self.r.toml()["cache"], {"max_tokens": 300000})
+
 
     def test_image_defaults_to_app_version(self):
         app_version = chart().metadata["appVersion"]
@@ -573,18 +577,25 @@ class ExistingSecrets(unittest.TestCase):
 
     def test_pepper_file_from_the_existing_secret(self):
         self.assertEqual(self.r.toml()["pepper_file"], "/etc/tokend/pepper/pepper")
-        for pod in (self.r.deployment["spec"]["template"]["spec"], self.r.get("Job", MIGRATE)["spec"]["template"]["spec"]):
-            volume = self.r.volumes(pod)["pepper"]["secret"]
-            self.assertEqual(volume["secretName"], "tokend-pepper")
-            self.assertEqual(volume["items"], [{"key": "value", "path": "pepper"}])
-            self.assertEqual(volume["defaultMode"], 0o440)
-            self.assertEqual(self.r.mounts(pod["containers"][0])["pepper"]["mountPath"], "/etc/tokend/pepper")
+        pod = self.r.deployment["spec"]["template"]["spec"]
+        volume = self.r.volumes(pod)["pepper"]["secret"]
+        self.assertEqual(volume["secretName"], "tokend-pepper")
+        self.assertEqual(volume["items"], [{"key": "value", "path": "pepper"}])
+        self.assertEqual(volume["defaultMode"], 0o440)
+        self.assertEqual(self.r.mounts(pod["containers"][0])["pepper"]["mountPath"], "/etc/tokend/pepper")
+        # `migrate` never reads the pepper: the hook Job does not hold it.
+        job_pod = self.r.get("Job", MIGRATE)["spec"]["template"]["spec"]
+        self.assertNotIn("pepper", self.r.volumes(job_pod))
         self.assertNotIn("WARNING: no pepper", self.r.notes)
 
 
 class Full(unittest.TestCase):
     def setUp(self):
         self.r = rendered("full")
+
+    def test_a_tls_port_is_not_announced_as_h2c(self):
+        ports = {p["name"]: p for p in self.r.get("Service", FULLNAME)["spec"]["ports"]}
+        self.assertEqual(ports["grpc"]["appProtocol"], "tls")
 
     def test_autoscaling(self):
         hpa = self.r.get("HorizontalPodAutoscaler", FULLNAME)
@@ -610,7 +621,7 @@ class Full(unittest.TestCase):
         )
         c = self.r.container
         self.assertIn({"name": "health", "containerPort": 50052, "protocol": "TCP"}, c["ports"])
-        self.assertEqual(c["readinessProbe"]["grpc"], {"port": 50052, "service": ""})
+        self.assertEqual(c["readinessProbe"]["grpc"], {"port": 50052, "service": "readiness"})
         self.assertEqual(c["livenessProbe"]["grpc"], {"port": 50052, "service": "liveness"})
         self.assertEqual(c["startupProbe"]["grpc"], {"port": 50052, "service": "liveness"})
         tls = self.r.volumes()["tls"]["secret"]
@@ -688,8 +699,11 @@ class Full(unittest.TestCase):
         )
         self.assertEqual(self.r.toml()["pepper_file"], "/etc/tokend/pepper/pepper")
         self.assertEqual(self.r.volumes()["pepper"]["secret"]["secretName"], FULLNAME)
+        # The hook Job needs neither the pepper nor the certificates (`migrate` reads
+        # neither), so it never waits for a TLS Secret made in the same install.
         job_pod = self.r.get("Job", MIGRATE)["spec"]["template"]["spec"]
-        self.assertEqual(self.r.volumes(job_pod)["pepper"]["secret"]["secretName"], MIGRATE)
+        self.assertNotIn("pepper", self.r.volumes(job_pod))
+        self.assertNotIn("tls", self.r.volumes(job_pod))
         self.assertNotIn(value_set("full")["pepper"]["value"], json.dumps(self.r.all("ConfigMap")))
 
     def test_settings(self):
@@ -878,6 +892,17 @@ class Refusals(unittest.TestCase):
         self.assert_render_refused(
             merged(value_set("postgres"), {"tls": {"enabled": True}}),
             "tls.enabled needs tls.existingSecret",
+            helm_python.HelmRenderError,
+        )
+
+    def test_exit_work_after_the_drain_must_fit(self):
+        # 5 + 20 + 5 = 30 fits; with traces on, 5 more s of span export does not.
+        fits = merged(value_set("postgres"), {"drainTimeoutSeconds": 20})
+        rendered_ok = Rendered(fits, "1.37.0")
+        self.assertEqual(rendered_ok.toml()["drain_timeout_ms"], 20000)
+        self.assert_render_refused(
+            merged(fits, {"otel": {"endpoint": "http://collector:4317"}}),
+            "exporting spans",
             helm_python.HelmRenderError,
         )
 

@@ -205,8 +205,11 @@ template that depends on them, so `helm template` and `helm install` both stop.
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
-{{- if ge (add (int $v.drainTimeoutSeconds) (int $v.preStopSleepSeconds)) (int $v.terminationGracePeriodSeconds) }}
-{{- fail "preStopSleepSeconds + drainTimeoutSeconds must be less than terminationGracePeriodSeconds, or the kubelet kills tokend before in-flight calls finish" }}
+{{- /* After the drain tokend still needs up to 2 s to close connections, 3 s to write the
+last uses and, with traces, 5 s to export the last spans. */}}
+{{- $afterDrain := ternary 10 5 (not (empty $v.otel.endpoint)) }}
+{{- if gt (add (int $v.drainTimeoutSeconds) (int $v.preStopSleepSeconds) $afterDrain) (int $v.terminationGracePeriodSeconds) }}
+{{- fail (printf "preStopSleepSeconds + drainTimeoutSeconds + %d s of exit work (closing connections, writing last uses%s) must fit in terminationGracePeriodSeconds, or the kubelet kills tokend before it is done" $afterDrain (ternary ", exporting spans" "" (not (empty $v.otel.endpoint)))) }}
 {{- end }}
 {{- end }}
 
@@ -234,6 +237,9 @@ filter = {{ .Values.log.level | toJson }}
 
 [database]
 max_connections = {{ int .Values.database.maxConnections }}
+
+[cache]
+max_tokens = {{ int .Values.cache.maxTokens }}
 
 [metrics]
 listen = {{ printf "0.0.0.0:%d" (int .Values.metrics.port) | toJson }}
@@ -296,7 +302,9 @@ The pod's volumes. Call with (dict "ctx" $ "hook" true|false).
 - name: tmp
   emptyDir:
     sizeLimit: 64Mi
-{{- if include "tokend.pepperEnabled" $ctx }}
+{{- /* `migrate` reads neither the pepper nor the certificates: the hook Job mounts neither,
+so it never waits for a TLS Secret created in the same install, nor holds the pepper. */}}
+{{- if and (include "tokend.pepperEnabled" $ctx) (not .hook) }}
 - name: pepper
   secret:
     secretName: {{ default $own $ctx.Values.pepper.existingSecret | quote }}
@@ -305,7 +313,7 @@ The pod's volumes. Call with (dict "ctx" $ "hook" true|false).
       - key: {{ ternary $ctx.Values.pepper.existingSecretKey "pepper" (not (empty $ctx.Values.pepper.existingSecret)) | quote }}
         path: pepper
 {{- end }}
-{{- if $ctx.Values.tls.enabled }}
+{{- if and $ctx.Values.tls.enabled (not .hook) }}
 - name: tls
   secret:
     secretName: {{ $ctx.Values.tls.existingSecret | quote }}
@@ -347,12 +355,12 @@ a change of the ConfigMap rolls the pods through the checksum/config annotation.
   readOnly: true
 - name: tmp
   mountPath: /tmp
-{{- if include "tokend.pepperEnabled" $ctx }}
+{{- if and (include "tokend.pepperEnabled" $ctx) (not .hook) }}
 - name: pepper
   mountPath: /etc/tokend/pepper
   readOnly: true
 {{- end }}
-{{- if $ctx.Values.tls.enabled }}
+{{- if and $ctx.Values.tls.enabled (not .hook) }}
 - name: tls
   mountPath: /etc/tokend/tls
   readOnly: true
