@@ -113,13 +113,26 @@ fn serve_side(config: Option<PathBuf>, command: Command) -> ExitCode {
                 if no_migrate {
                     settings.migrate_on_start = false;
                 }
-                App::build(&settings)
-                    .await?
-                    .run_until(shutdown_signal())
-                    .await
+                // Listening for SIGTERM from the start: as a container's PID 1, tokend would
+                // otherwise ignore it during a long migration on start.
+                let stop = shutdown_signal();
+                tokio::pin!(stop);
+                let app = tokio::select! {
+                    app = App::build(&settings) => app?,
+                    () = &mut stop => {
+                        tracing::info!("stopped before serving");
+                        return Ok(());
+                    }
+                };
+                app.run_until(stop).await
             }
             Command::Migrate => {
-                tokend::app::migrate(&settings).await?;
+                let stop = shutdown_signal();
+                tokio::select! {
+                    migrated = tokend::app::migrate(&settings) => migrated?,
+                    // A migration runs in one transaction per step: stopping is safe.
+                    () = stop => anyhow::bail!("stopped before the migrations were applied"),
+                }
                 println!("migrations applied");
                 Ok(())
             }
@@ -177,14 +190,27 @@ fn build_runtime(settings: &Settings) -> std::io::Result<tokio::runtime::Runtime
     builder.enable_all().build()
 }
 
-/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
-async fn shutdown_signal() {
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C. The SIGTERM handler is installed when this is
+/// called, not when it is first awaited.
+fn shutdown_signal() -> impl Future<Output = ()> {
+    #[cfg(unix)]
+    let registered = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    async move {
+        shutdown_requested(
+            #[cfg(unix)]
+            registered,
+        )
+        .await;
+    }
+}
+
+async fn shutdown_requested(#[cfg(unix)] registered: std::io::Result<tokio::signal::unix::Signal>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(unix)]
     let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        match registered {
             Ok(mut signal) => {
                 signal.recv().await;
             }

@@ -457,3 +457,46 @@ async fn a_call_outlasting_the_drain_deadline_is_answered_unavailable(app: TestA
         .unwrap();
     assert!(exited.success(), "{exited:?}");
 }
+
+#[tokio::test]
+async fn sigterm_while_starting_stops_at_once_and_cleanly() {
+    // A database that accepts connections and never answers: `serve` is stuck starting.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut process = crate::cli::KillOnDrop(
+        tokend(
+            dir.path(),
+            &format!("postgres://postgres@127.0.0.1:{port}/tokend"),
+        )
+        .arg("serve")
+        .env("TOKEND_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("TOKEND_DATABASE__ACQUIRE_TIMEOUT_MS", "60000")
+        .env("TOKEND_LOG__FILTER", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sigterm(&process);
+    // As a container's PID 1 an unhandled SIGTERM would be ignored until the grace period
+    // ran out; here (not PID 1) it would kill the process. Either way not a clean exit.
+    let status = tokio::task::spawn_blocking(move || {
+        let status = process.0.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(process.0.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    })
+    .await
+    .unwrap();
+    held.abort();
+    assert!(status.0.success(), "{status:?}");
+    assert!(status.1.contains("stopped before serving"), "{}", status.1);
+}
