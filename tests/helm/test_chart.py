@@ -593,6 +593,19 @@ class Full(unittest.TestCase):
     def setUp(self):
         self.r = rendered("full")
 
+    def test_the_migration_job_has_its_own_egress(self):
+        policy = self.r.get("NetworkPolicy", MIGRATE)
+        self.assertEqual(policy["metadata"]["annotations"]["helm.sh/hook-weight"], "-10")
+        job_labels = self.r.get("Job", MIGRATE)["spec"]["template"]["metadata"]["labels"]
+        selector = policy["spec"]["podSelector"]["matchLabels"]
+        self.assertTrue(selector.items() <= job_labels.items(), (selector, job_labels))
+        ports = {(p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
+        self.assertIn((53, "UDP"), ports)
+        self.assertIn((5432, "TCP"), ports)
+        # The server's policy does not select the Job's pod.
+        server = self.r.get("NetworkPolicy", FULLNAME)["spec"]["podSelector"]["matchLabels"]
+        self.assertFalse(server.items() <= job_labels.items())
+
     def test_a_tls_port_is_not_announced_as_h2c(self):
         ports = {p["name"]: p for p in self.r.get("Service", FULLNAME)["spec"]["ports"]}
         self.assertEqual(ports["grpc"]["appProtocol"], "tls")
@@ -903,6 +916,13 @@ class Refusals(unittest.TestCase):
         self.assert_render_refused(
             merged(fits, {"otel": {"endpoint": "http://collector:4317"}}),
             "exporting spans",
+            helm_python.HelmRenderError,
+        )
+
+    def test_sqlite_on_a_shared_volume(self):
+        self.assert_render_refused(
+            merged(value_set("sqlite"), {"persistence": {"accessModes": ["ReadWriteMany"]}}),
+            "ReadWriteOnce",
             helm_python.HelmRenderError,
         )
 

@@ -202,6 +202,9 @@ template that depends on them, so `helm template` and `helm install` both stop.
 {{- if and (ne $v.tls.clientAuth "none") (not $v.tls.enabled) }}
 {{- fail "tls.clientAuth needs tls.enabled: true" }}
 {{- end }}
+{{- if and $v.database.sqlite (has "ReadWriteMany" $v.persistence.accessModes) }}
+{{- fail "database.sqlite needs a ReadWriteOnce volume: SQLite's locking is not safe on shared (ReadWriteMany, NFS) filesystems" }}
+{{- end }}
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas must not exceed autoscaling.maxReplicas" }}
 {{- end }}
