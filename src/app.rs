@@ -185,20 +185,6 @@ impl App {
         })
     }
 
-    /// The bound metrics address, if the endpoint is on.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_listener
-            .as_ref()
-            .and_then(|listener| listener.local_addr().ok())
-    }
-
-    /// The bound health-only address, if configured.
-    pub fn health_addr(&self) -> Option<SocketAddr> {
-        self.health_listener
-            .as_ref()
-            .and_then(|listener| listener.local_addr().ok())
-    }
-
     /// The bound address (the real port when configured with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.listener

@@ -749,7 +749,16 @@ impl Tokend {
                 // The token's tenant sees its own and tokend's services by name; a caller
                 // from any other tenant stays anonymous to it.
                 let known = caller.is_system() || caller.tenant_id() == &active.token.tenant_id;
-                metrics::counter!("tokend_introspect_total", "result" => "active", "reason" => "")
+                // Every live verdict counts: the handle is looked up once, not per call.
+                static ACTIVE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
+                ACTIVE
+                    .get_or_init(|| {
+                        metrics::counter!(
+                            "tokend_introspect_total",
+                            "result" => "active",
+                            "reason" => ""
+                        )
+                    })
                     .increment(1);
                 self.introspector.note_use(
                     active,

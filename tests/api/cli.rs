@@ -150,6 +150,29 @@ pub fn sigterm(process: &KillOnDrop) {
     assert!(sent.success());
 }
 
+/// acme's audit events (about `token_id`, or all of the newest 200), as the root key reads
+/// them.
+pub async fn acme_audit(
+    channel: tonic::transport::Channel,
+    root: &str,
+    token_id: &str,
+) -> Vec<pb::AuditEvent> {
+    tokend::proto::v1::audit_service_client::AuditServiceClient::new(channel)
+        .list_audit_events(authed(
+            pb::ListAuditEventsRequest {
+                tenant_id: "acme".into(),
+                token_id: token_id.into(),
+                page_size: 200,
+                ..Default::default()
+            },
+            root,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .events
+}
+
 /// Alice's tokens in acme, as the root key lists them.
 pub async fn alices_tokens(
     channel: tonic::transport::Channel,

@@ -3,12 +3,11 @@
 //! builds only).
 
 use tokend::proto::v1 as pb;
-use tokend::proto::v1::audit_service_client::AuditServiceClient;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    alices_token, alices_tokens, authed, binary_database, free_port, root_key, seed_acme,
-    serve_binary, tokend,
+    acme_audit, alices_token, alices_tokens, authed, binary_database, free_port, root_key,
+    seed_acme, serve_binary, tokend,
 };
 use crate::helpers::TestApp;
 
@@ -100,19 +99,8 @@ async fn audited(
     action: &str,
     name: &str,
 ) -> usize {
-    AuditServiceClient::new(channel)
-        .list_audit_events(authed(
-            pb::ListAuditEventsRequest {
-                tenant_id: "acme".into(),
-                page_size: 200,
-                ..Default::default()
-            },
-            root,
-        ))
+    acme_audit(channel, root, "")
         .await
-        .unwrap()
-        .into_inner()
-        .events
         .iter()
         .filter(|e| e.action == action && e.detail.get("name").map(String::as_str) == Some(name))
         .count()

@@ -5,17 +5,16 @@
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair,
+    KeyPair, SanType,
 };
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use tokend::proto::v1 as pb;
-use tokend::proto::v1::audit_service_client::AuditServiceClient;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    KillOnDrop, alices_token, alices_tokens, authed, binary_database, free_port, root_key,
-    seed_acme, tokend, wait_until_serving,
+    KillOnDrop, acme_audit, alices_token, alices_tokens, authed, binary_database, free_port,
+    root_key, seed_acme, tokend, wait_until_serving,
 };
 use crate::helpers::TestApp;
 
@@ -42,6 +41,13 @@ fn make_pki(client_name: &str) -> Pki {
     let leaf = |names: Vec<String>, cn: &str, usage: ExtendedKeyUsagePurpose| {
         let mut params = CertificateParams::new(names).unwrap();
         params.distinguished_name.push(DnType::CommonName, cn);
+        if usage == ExtendedKeyUsagePurpose::ClientAuth {
+            // A workload identity, as SPIFFE issues them.
+            let uri = format!("spiffe://acme.test/{cn}");
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into().unwrap()));
+        }
         params.extended_key_usages = vec![usage];
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &ca).unwrap();
@@ -214,26 +220,21 @@ async fn mtls_refuses_clients_without_a_trusted_certificate_and_audits_the_subje
         .unwrap()
         .into_inner();
     let token_id = issued.token.unwrap().id;
-    let events = AuditServiceClient::new(channel)
-        .list_audit_events(authed(
-            pb::ListAuditEventsRequest {
-                tenant_id: "acme".into(),
-                token_id: token_id.clone(),
-                ..Default::default()
-            },
-            &root,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .events;
-    let issued_event = events.iter().find(|e| e.action == "token.issued").unwrap();
+    let issued_event = issued_event(channel, &root, &token_id).await;
     assert_eq!(
         issued_event
             .detail
             .get("client_certificate")
             .map(String::as_str),
         Some("CN=inventory-service"),
+        "{issued_event:?}"
+    );
+    assert_eq!(
+        issued_event
+            .detail
+            .get("client_certificate_uri")
+            .map(String::as_str),
+        Some("spiffe://acme.test/inventory-service"),
         "{issued_event:?}"
     );
 
@@ -270,19 +271,8 @@ async fn mtls_refuses_clients_without_a_trusted_certificate_and_audits_the_subje
 
 /// The `token.issued` event of `token_id` in acme.
 async fn issued_event(channel: Channel, root: &str, token_id: &str) -> pb::AuditEvent {
-    AuditServiceClient::new(channel)
-        .list_audit_events(authed(
-            pb::ListAuditEventsRequest {
-                tenant_id: "acme".into(),
-                token_id: token_id.into(),
-                ..Default::default()
-            },
-            root,
-        ))
+    acme_audit(channel, root, token_id)
         .await
-        .unwrap()
-        .into_inner()
-        .events
         .into_iter()
         .find(|e| e.action == "token.issued")
         .unwrap()
