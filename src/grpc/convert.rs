@@ -374,32 +374,34 @@ pub fn introspect_response(answer: IntrospectAnswer) -> pb::IntrospectResponse {
     match answer.outcome {
         Outcome::Active(active) => {
             let token = &active.token;
+            // `as_str().to_owned()` rather than `to_string()`, which formats through
+            // `Display`: this runs on every live answer.
             pb::IntrospectResponse {
                 active: true,
                 allowed: answer.allowed,
                 token_id: token.id().to_owned(),
                 display_id: token.display_id.clone(),
                 kind: kind_to_pb(token.kind).into(),
-                tenant_id: token.tenant_id.to_string(),
+                tenant_id: token.tenant_id.as_str().to_owned(),
                 subject: token.subject(),
-                name: token.name.to_string(),
+                name: token.name.as_str().to_owned(),
                 permissions: active
                     .grant
                     .permissions
                     .iter()
-                    .map(ToString::to_string)
+                    .map(|name| name.as_str().to_owned())
                     .collect(),
                 groups: active
                     .grant
                     .groups
                     .iter()
-                    .map(ToString::to_string)
+                    .map(|name| name.as_str().to_owned())
                     .collect(),
                 scopes: token
                     .scopes
                     .iter()
                     .flatten()
-                    .map(ToString::to_string)
+                    .map(|name| name.as_str().to_owned())
                     .collect(),
                 issued_at: Some(timestamp(token.created_at)),
                 // A token in a rotation's grace period ends with it: a caller caching this

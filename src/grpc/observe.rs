@@ -5,9 +5,7 @@
 //! Method labels come from the served descriptors, so a client sending random paths
 //! cannot grow the series without bound: anything else is counted as `other`.
 
-use std::collections::HashMap;
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -17,8 +15,13 @@ use prost::Message as _;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
-/// The request id header, read and echoed.
-const REQUEST_ID: &str = "x-request-id";
+use crate::telemetry::call::{self, CallLabels, RequestId};
+
+/// The request id header, read and echoed. Header names as constants: looking one up by
+/// `&str` parses and hashes the name on every call.
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// gRPC status codes 0–16, as Prometheus labels.
 const CODES: [&str; 17] = [
@@ -47,7 +50,7 @@ const SERVER_FAULTS: [usize; 6] = [2, 4, 12, 13, 14, 15];
 
 /// Every served method, each with its series handles made on first use per code.
 struct Methods {
-    index: HashMap<String, usize>,
+    /// Sorted, then `other`.
     labels: Vec<&'static str>,
     series: Vec<[OnceLock<(Counter, Histogram)>; 17]>,
 }
@@ -83,24 +86,18 @@ impl Methods {
                 .map(|path| &*Box::leak(path.clone().into_boxed_str()))
                 .collect();
             labels.push("other");
-            let index = paths.into_iter().enumerate().map(|(i, p)| (p, i)).collect();
             let series = labels
                 .iter()
                 .map(|_| std::array::from_fn(|_| OnceLock::new()))
                 .collect();
-            Methods {
-                index,
-                labels,
-                series,
-            }
+            Methods { labels, series }
         })
     }
 
     fn of(&self, path: &str) -> usize {
-        self.index
-            .get(path)
-            .copied()
-            .unwrap_or(self.labels.len() - 1)
+        // A binary search over some thirty paths beats hashing one with SipHash.
+        let served = &self.labels[..self.labels.len() - 1];
+        served.binary_search(&path).unwrap_or(self.labels.len() - 1)
     }
 
     fn record(&self, method: usize, code: usize, seconds: f64) {
@@ -124,7 +121,18 @@ impl Methods {
 /// runs; the rest is filled in as it runs: caller and tenant (auth), the introspected token
 /// (Introspect), the status (here, at the end). The method is the bounded label, never the
 /// raw path a caller sent.
-fn call_span(method: &'static str, request_id: &str, headers: &http::HeaderMap) -> tracing::Span {
+fn call_span(
+    method: &'static str,
+    request_id: &RequestId,
+    headers: &http::HeaderMap,
+) -> tracing::Span {
+    // As Display: the log formatter renders a `&str` field through `Debug`, escaping it
+    // character by character, which cost more than the rest of making the span.
+    let (name, method, request_id) = (
+        method,
+        tracing::field::display(method),
+        tracing::field::display(request_id),
+    );
     let span = if crate::telemetry::otel::exporting() {
         tracing::info_span!(
             "grpc",
@@ -136,7 +144,7 @@ fn call_span(method: &'static str, request_id: &str, headers: &http::HeaderMap) 
             token = tracing::field::Empty,
             token_tenant = tracing::field::Empty,
             trace_id = tracing::field::Empty,
-            otel.name = method,
+            otel.name = name,
             otel.kind = "server",
             otel.status_code = tracing::field::Empty,
             rpc.system = "grpc",
@@ -194,6 +202,7 @@ impl<S, B> Service<http::Request<B>> for Observe<S>
 where
     S: Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
     S::Future: Send + 'static,
+    S::Error: 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
@@ -207,65 +216,77 @@ where
         let started = Instant::now();
         let methods = Methods::get();
         let method = methods.of(request.uri().path());
-        // The caller's id is echoed as it came (a reference count, no copy).
-        let request_id = request
-            .headers()
-            .get(REQUEST_ID)
-            .filter(|value| is_sane_request_id(value.as_bytes()))
-            .cloned()
-            .unwrap_or_else(new_request_id);
+        let request_id = RequestId::from_header(request.headers().get(&REQUEST_ID));
         let deadline = request
             .headers()
-            .get("grpc-timeout")
+            .get(&GRPC_TIMEOUT)
             .and_then(|value| parse_grpc_timeout(value.as_bytes()));
-        let span = call_span(
-            methods.labels[method],
-            request_id.to_str().unwrap_or_default(),
-            request.headers(),
-        );
+        let mut outcome = Outcome {
+            methods,
+            method,
+            started,
+            deadline,
+            span: None,
+            code: None,
+        };
+        let cut = self.cut.clone();
+        if !crate::telemetry::call_details_wanted() {
+            // No span: the labels ride along for the rare line the call logs.
+            let trace_id = crate::telemetry::otel::callers_trace_id(request.headers());
+            let labels = CallLabels::new(methods.labels[method], request_id, trace_id);
+            let answered = self.inner.call(request);
+            return Box::pin(labels.scope(answer(answered, cut, outcome, None)));
+        }
+        let span = call_span(methods.labels[method], &request_id, request.headers());
         let answered = {
             let _entered = span.enter();
             self.inner.call(request)
         };
-        let mut cut = self.cut.clone();
-        let outer = span.clone();
-        Box::pin(
-            async move {
-                // Until it is answered, a call that goes away (the caller cancelled, its
-                // deadline passed) is counted as such.
-                let mut outcome = Outcome {
-                    methods,
-                    method,
-                    started,
-                    deadline,
-                    span,
-                    code: None,
-                };
-                let mut response = tokio::select! {
-                    biased;
-                    response = answered => response?,
-                    _ = cut.wait_for(|cut| *cut) => {
-                        tonic::Status::unavailable("tokend is shutting down; retry elsewhere")
-                            .into_http()
-                    }
-                };
-                // tonic puts a handler's error in the response head (trailers-only); a success
-                // has its status in the trailers, and every tokend method is unary, so a head
-                // without one is OK (the streaming health Watch and reflection count as OK).
-                outcome.code = Some(match response.headers().get("grpc-status") {
-                    None => 0,
-                    Some(value) => std::str::from_utf8(value.as_bytes())
-                        .ok()
-                        .and_then(|value| value.parse::<usize>().ok())
-                        .filter(|code| *code < CODES.len())
-                        .unwrap_or(UNKNOWN),
-                });
-                response.headers_mut().insert(REQUEST_ID, request_id);
-                Ok(response)
-            }
-            .instrument(outer),
-        )
+        outcome.span = Some(span.clone());
+        Box::pin(answer(answered, cut, outcome, Some(request_id)).instrument(span))
     }
+}
+
+/// Waits for the inner service's answer (or the drain's cut), records its code, and
+/// echoes the request id: the caller's always; ours (`echo`, when the call has a span)
+/// always, else when the call failed or logged a line with it — where it can be looked up.
+async fn answer<F, E>(
+    answered: F,
+    mut cut: tokio::sync::watch::Receiver<bool>,
+    // Until it is answered, a call that goes away (the caller cancelled, its deadline
+    // passed) is counted as such when this is dropped.
+    mut outcome: Outcome,
+    echo: Option<RequestId>,
+) -> Result<http::Response<tonic::body::Body>, E>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    let mut response = tokio::select! {
+        biased;
+        response = answered => response?,
+        _ = cut.wait_for(|cut| *cut) => {
+            tonic::Status::unavailable("tokend is shutting down; retry elsewhere").into_http()
+        }
+    };
+    // tonic puts a handler's error in the response head (trailers-only); a success has its
+    // status in the trailers, and every tokend method is unary, so a head without one is OK
+    // (the streaming health Watch and reflection count as OK).
+    let code = match response.headers().get(&GRPC_STATUS) {
+        None => 0,
+        Some(value) => std::str::from_utf8(value.as_bytes())
+            .ok()
+            .and_then(|value| value.parse::<usize>().ok())
+            .filter(|code| *code < CODES.len())
+            .unwrap_or(UNKNOWN),
+    };
+    outcome.code = Some(code);
+    let echo = echo.or_else(|| call::worth_echoing(code != 0));
+    if let Some(request_id) = echo {
+        response
+            .headers_mut()
+            .insert(REQUEST_ID, request_id.to_header());
+    }
+    Ok(response)
 }
 
 const UNKNOWN: usize = 2;
@@ -278,7 +299,8 @@ struct Outcome {
     method: usize,
     started: Instant,
     deadline: Option<std::time::Duration>,
-    span: tracing::Span,
+    /// The call's span, if it has one.
+    span: Option<tracing::Span>,
     code: Option<usize>,
 }
 
@@ -294,13 +316,16 @@ impl Drop for Outcome {
         });
         self.methods
             .record(self.method, code, elapsed.as_secs_f64());
+        let Some(span) = &self.span else {
+            return;
+        };
         // In the logs OK needs no mark (a record costs the formatter a re-render of the
         // span's fields); an exported span always carries its code.
         if code != 0 || crate::telemetry::otel::exporting() {
-            self.span.record("code", CODES[code]);
+            span.record("code", CODES[code]);
         }
         if SERVER_FAULTS.contains(&code) {
-            self.span.record("otel.status_code", "ERROR");
+            span.record("otel.status_code", "ERROR");
         }
     }
 }
@@ -322,32 +347,6 @@ fn parse_grpc_timeout(value: &[u8]) -> Option<std::time::Duration> {
         b'n' => Duration::from_nanos(amount),
         _ => return None,
     })
-}
-
-/// A caller's request id is logged and echoed, so it must be short and printable.
-fn is_sane_request_id(id: &[u8]) -> bool {
-    (1..=128).contains(&id.len()) && id.iter().all(u8::is_ascii_graphic)
-}
-
-/// 32 hex digits: a random prefix per process and a counter, so making one costs an
-/// increment and a small copy.
-fn new_request_id() -> http::HeaderValue {
-    static PREFIX: OnceLock<u64> = OnceLock::new();
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let prefix = *PREFIX.get_or_init(rand::random::<u64>);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let mut text = [0u8; 32];
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, byte) in prefix
-        .to_be_bytes()
-        .iter()
-        .chain(&n.to_be_bytes())
-        .enumerate()
-    {
-        text[2 * i] = HEX[usize::from(byte >> 4)];
-        text[2 * i + 1] = HEX[usize::from(byte & 0xf)];
-    }
-    http::HeaderValue::from_bytes(&text).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -376,19 +375,6 @@ mod tests {
             methods.labels[methods.of("/tokend.v1.TokenService/Nope")],
             "other"
         );
-    }
-
-    #[test]
-    fn request_ids_from_callers_are_bounded_and_printable() {
-        assert!(is_sane_request_id(b"0f3c-req"));
-        assert!(!is_sane_request_id(b""));
-        assert!(!is_sane_request_id(b"has space"));
-        assert!(!is_sane_request_id(b"line\nbreak"));
-        assert!(!is_sane_request_id("x".repeat(129).as_bytes()));
-        let (a, b) = (new_request_id(), new_request_id());
-        assert_eq!(a.len(), 32);
-        assert_ne!(a, b);
-        assert!(a.as_bytes().iter().all(u8::is_ascii_hexdigit));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Logs, traces and metrics. Request spans carry method, status, tenant, token display id,
 //! request id and trace id; never a secret.
 
+pub mod call;
 pub mod metrics;
 pub mod otel;
 
@@ -65,12 +66,15 @@ pub fn init(log: &LogSettings, otel: &OtelSettings) -> anyhow::Result<Telemetry>
             .with_current_span(true)
             .with_span_list(false)
             .with_span_events(FmtSpan::NONE)
+            .map_event_format(|format| call::Labelled::new(format, true))
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_ansi(ansi)
             .with_span_events(FmtSpan::NONE)
+            // The labels are written into a buffer first, which has no colour of its own.
+            .map_event_format(|format| call::Labelled::new(format.with_ansi(ansi), false))
             .with_writer(std::io::stderr)
             .with_filter(filter)
             .boxed(),

@@ -20,6 +20,9 @@ use crate::config::OtelSettings;
 /// work for nothing, so only its id is logged.
 static EXPORTING: AtomicBool = AtomicBool::new(false);
 
+/// The W3C trace context header, as a constant: a lookup by `&str` parses the name.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// How long one export may take before the batch is given up.
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -65,22 +68,10 @@ pub fn exporting() -> bool {
 /// may reach the port at all is the network's decision (the chart's NetworkPolicy).
 pub fn join_callers_trace(span: &tracing::Span, headers: &http::HeaderMap) {
     let exporting = exporting();
-    if !exporting && !headers.contains_key("traceparent") {
+    if !exporting && !headers.contains_key(&TRACEPARENT) {
         return;
     }
-    let extracted = TraceContextPropagator::new().extract(&Headers(headers));
-    let remote = extracted.span().span_context().clone();
-    let parent = if remote.is_valid() {
-        opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
-            remote.trace_id(),
-            remote.span_id(),
-            remote.trace_flags(),
-            true,
-            TraceState::default(),
-        ))
-    } else {
-        opentelemetry::Context::new()
-    };
+    let parent = callers_context(headers);
     if exporting {
         // Without a valid parent this starts a new trace; its id is ours to log.
         let _ = span.set_parent(parent);
@@ -94,6 +85,34 @@ pub fn join_callers_trace(span: &tracing::Span, headers: &http::HeaderMap) {
         if theirs.is_valid() {
             span.record("trace_id", tracing::field::display(theirs.trace_id()));
         }
+    }
+}
+
+/// The caller's trace id (W3C `traceparent`), for the log lines of a call without a span.
+pub fn callers_trace_id(headers: &http::HeaderMap) -> Option<opentelemetry::trace::TraceId> {
+    if !headers.contains_key(&TRACEPARENT) {
+        return None;
+    }
+    let context = callers_context(headers);
+    let theirs = context.span().span_context().clone();
+    theirs.is_valid().then(|| theirs.trace_id())
+}
+
+/// The caller's span as a remote parent, without its `tracestate`; an empty context if
+/// it sent none or an invalid one.
+fn callers_context(headers: &http::HeaderMap) -> opentelemetry::Context {
+    let extracted = TraceContextPropagator::new().extract(&Headers(headers));
+    let remote = extracted.span().span_context().clone();
+    if remote.is_valid() {
+        opentelemetry::Context::new().with_remote_span_context(SpanContext::new(
+            remote.trace_id(),
+            remote.span_id(),
+            remote.trace_flags(),
+            true,
+            TraceState::default(),
+        ))
+    } else {
+        opentelemetry::Context::new()
     }
 }
 

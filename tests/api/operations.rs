@@ -14,13 +14,14 @@ use tokend::proto::v1 as pb;
 use tokend::proto::v1::token_service_client::TokenServiceClient;
 
 use crate::cli::{
-    alices_token, alices_tokens, authed, binary_database, free_port, root_key, seed_acme,
-    serve_binary, sigterm, tokend,
+    KillOnDrop, alices_token, alices_tokens, authed, binary_database, free_port, root_key,
+    seed_acme, serve_binary, sigterm, tokend, wait_until_serving,
 };
 use crate::helpers::{Backend, TestApp};
 
 crate::both_backends!(
     metrics_move_as_calls_are_made,
+    log_lines_written_in_a_call_carry_its_method_and_request_id,
     sigterm_drains_in_flight_calls_refuses_new_ones_and_records_last_uses,
     a_call_outlasting_the_drain_deadline_is_answered_unavailable
 );
@@ -231,7 +232,9 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
             .contains("405")
     );
 
-    // Request ids: the caller's is echoed, a missing one is made up.
+    // Request ids: the caller's is echoed; a call without one gets one of ours, echoed
+    // when there is something to look it up by (here: a failed call), not on a silent
+    // success.
     let mut request = introspect(&secret, &root);
     request
         .metadata_mut()
@@ -242,7 +245,15 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
         "checkout-7f3a"
     );
     let answer = tokens.introspect(introspect(&secret, &root)).await.unwrap();
-    let made = answer
+    assert!(answer.metadata().get("x-request-id").is_none());
+    let refused = tokens
+        .introspect(tonic::Request::new(pb::IntrospectRequest {
+            token: secret.clone(),
+            ..Default::default()
+        }))
+        .await
+        .unwrap_err();
+    let made = refused
         .metadata()
         .get("x-request-id")
         .unwrap()
@@ -499,4 +510,126 @@ async fn sigterm_while_starting_stops_at_once_and_cleanly() {
     held.abort();
     assert!(status.0.success(), "{status:?}");
     assert!(status.1.contains("stopped before serving"), "{}", status.1);
+}
+
+/// At info, with no spans exported, a call has no span: the lines it logs must still say
+/// which call wrote them, in either log format, and the id they carry is the one echoed.
+async fn log_lines_written_in_a_call_carry_its_method_and_request_id(app: TestApp) {
+    let Some(database) = binary_database(app.backend).await else {
+        return;
+    };
+    let (dir, url) = (database.dir.path(), database.url.as_str());
+    let root = root_key(&tokend(dir, url).arg("bootstrap").output().unwrap());
+    for format in ["json", "text"] {
+        let log_file = dir.join(format!("tokend-{format}.log"));
+        let port = free_port();
+        let process = KillOnDrop(
+            tokend(dir, url)
+                .arg("serve")
+                .env("TOKEND_LISTEN", format!("127.0.0.1:{port}"))
+                .env("TOKEND_LOG__FORMAT", format)
+                .env("TOKEND_LOG__FILTER", "info")
+                .stdout(std::process::Stdio::null())
+                .stderr(std::fs::File::create(&log_file).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        let channel = wait_until_serving(port).await;
+        if format == "json" {
+            seed_acme(channel.clone(), &root, &["a:read"]).await;
+        }
+        let mut tokens = TokenServiceClient::new(channel);
+        // IssueToken logs "issued a token": once with the caller's id, once with ours.
+        let mut request = authed(alices_token(&format!("{format}-named")), &root);
+        request
+            .metadata_mut()
+            .insert("x-request-id", "issue-\"42\"".parse().unwrap());
+        let named = tokens.issue_token(request).await.unwrap();
+        assert_eq!(
+            named.metadata().get("x-request-id").unwrap(),
+            "issue-\"42\""
+        );
+        let unnamed = tokens
+            .issue_token(authed(alices_token(&format!("{format}-unnamed")), &root))
+            .await
+            .unwrap();
+        let ours = unnamed
+            .metadata()
+            .get("x-request-id")
+            .unwrap_or_else(|| {
+                panic!(
+                    "an id that reached the log is echoed:\n{}",
+                    std::fs::read_to_string(&log_file).unwrap()
+                )
+            })
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!(ours.len(), 32, "{ours}");
+        // A refused credential is logged at info in the call that presented it.
+        let mut forged = root.clone();
+        forged.replace_range(25..26, if &forged[25..26] == "A" { "B" } else { "A" });
+        let refused = tokens
+            .introspect(introspect(&named.into_inner().secret, &forged))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        let refused_id = refused
+            .metadata()
+            .get("x-request-id")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_owned();
+        drop(process);
+
+        let logs = std::fs::read_to_string(&log_file).unwrap();
+        let issued: Vec<&str> = logs
+            .lines()
+            .filter(|line| line.contains("issued a token"))
+            .collect();
+        assert_eq!(issued.len(), 2, "{logs}");
+        let refusal = logs
+            .lines()
+            .find(|line| line.contains("refused an inactive credential"))
+            .unwrap_or_else(|| panic!("no refusal logged in:\n{logs}"));
+        let issue = "/tokend.v1.TokenService/IssueToken";
+        let introspect_method = "/tokend.v1.TokenService/Introspect";
+        if format == "json" {
+            let parse = |line: &str| serde_json::from_str::<serde_json::Value>(line).unwrap();
+            let (first, second, refusal) = (parse(issued[0]), parse(issued[1]), parse(refusal));
+            assert_eq!(first["span"]["method"], issue, "{first}");
+            assert_eq!(first["span"]["request_id"], "issue-\"42\"", "{first}");
+            assert_eq!(second["span"]["request_id"], ours.as_str(), "{second}");
+            assert_eq!(refusal["span"]["method"], introspect_method, "{refusal}");
+            assert_eq!(
+                refusal["span"]["request_id"],
+                refused_id.as_str(),
+                "{refusal}"
+            );
+            assert_eq!(refusal["reason"], "malformed", "{refusal}");
+        } else {
+            assert!(
+                issued[0].ends_with(&format!("method={issue} request_id=issue-\"42\"")),
+                "{logs}"
+            );
+            assert!(
+                issued[1].ends_with(&format!("method={issue} request_id={ours}")),
+                "{logs}"
+            );
+            assert!(
+                refusal.ends_with(&format!(
+                    "method={introspect_method} request_id={refused_id}"
+                )),
+                "{logs}"
+            );
+        }
+        // Lines outside any call carry no call's labels.
+        let serving = logs
+            .lines()
+            .find(|line| line.contains("tokend is serving"))
+            .unwrap();
+        assert!(!serving.contains("request_id"), "{serving}");
+        assert!(!logs.contains(&root[root.len() - 20..]));
+    }
 }
