@@ -14,7 +14,8 @@
 //! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults),
 //! `BENCH_POSTGRES_URL` (run (a)–(e) on a fresh PostgreSQL database instead of SQLite),
 //! `BENCH_NO_LOGS` (no log subscriber; by default the one `tokend serve` installs),
-//! `BENCH_MEMORY_ONLY` (only the memory figure, e.g. under a heap profiler).
+//! `BENCH_MEMORY_ONLY` (only the memory figure, e.g. under a heap profiler), `BENCH_SERVE`
+//! (`tokend` or `ceiling`: only that server, for `benches/callgrind.sh`).
 
 // A benchmark that cannot set itself up should stop loudly, not limp on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -332,14 +333,8 @@ fn figures(mut latencies: Vec<Duration>, wall: Duration, cpu: Duration) -> Figur
     }
 }
 
-/// Runs h2load (on core 1) against Introspect with a fixed body; checks every response
-/// was HTTP 200 and, through `check`, that the answers are right.
-fn h2load(target: Target, key: &str, token: &str) -> anyhow::Result<Figures> {
-    let requests = env_or("BENCH_REQUESTS", 200_000);
-    let concurrency = env_or("BENCH_CONCURRENCY", 64);
-    let dir = tempfile::tempdir()?;
-    let body_path = dir.path().join("body");
-    let log_path = dir.path().join("log");
+/// An Introspect request for `token` as one gRPC message frame: h2load's request body.
+fn introspect_body(token: &str) -> Vec<u8> {
     let message = pb::IntrospectRequest {
         token: token.into(),
         ..Default::default()
@@ -348,7 +343,18 @@ fn h2load(target: Target, key: &str, token: &str) -> anyhow::Result<Figures> {
     let mut framed = vec![0u8];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(&message);
-    std::fs::write(&body_path, framed)?;
+    framed
+}
+
+/// Runs h2load (on core 1) against Introspect with a fixed body; checks every response
+/// was HTTP 200 and, through `check`, that the answers are right.
+fn h2load(target: Target, key: &str, token: &str) -> anyhow::Result<Figures> {
+    let requests = env_or("BENCH_REQUESTS", 200_000);
+    let concurrency = env_or("BENCH_CONCURRENCY", 64);
+    let dir = tempfile::tempdir()?;
+    let body_path = dir.path().join("body");
+    let log_path = dir.path().join("log");
+    std::fs::write(&body_path, introspect_body(token))?;
     let streams = 8.min(concurrency);
     let cpu_before = cpu_ns(target.tid)?;
     let output = Command::new("taskset")
@@ -722,6 +728,10 @@ async fn run() -> anyhow::Result<()> {
         .into_inner();
     assert!(answer.active);
 
+    if let Ok(which) = std::env::var("BENCH_SERVE") {
+        return serve_only(&which, &tokend, answer, &root, &warm).await;
+    }
+
     println!("Introspect over gRPC, servers on core 0 (current-thread runtime), h2load on core 1,");
     println!("database: {database},");
     println!(
@@ -871,6 +881,36 @@ async fn run() -> anyhow::Result<()> {
     }
 
     memory().await
+}
+
+/// `BENCH_SERVE=tokend|ceiling`: only that server, driven from outside (by
+/// `benches/callgrind.sh`, which counts its instructions per call: a figure the machine's
+/// other tenants cannot move). Prints the address, the caller's key and a file holding an
+/// Introspect body for the warm token, then serves until stdin closes.
+async fn serve_only(
+    which: &str,
+    tokend: &Tokend,
+    answer: pb::IntrospectResponse,
+    root: &str,
+    warm: &str,
+) -> anyhow::Result<()> {
+    let ceiling;
+    let target = match which {
+        "tokend" => tokend.server.target(),
+        "ceiling" => {
+            ceiling = start_noop(answer)?;
+            ceiling.target()
+        }
+        other => bail!("BENCH_SERVE: tokend or ceiling, not {other:?}"),
+    };
+    let body = tempfile::NamedTempFile::new()?;
+    std::fs::write(body.path(), introspect_body(warm))?;
+    println!("{} {root} {}", target.addr, body.path().display());
+    tokio::task::spawn_blocking(|| {
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new())
+    })
+    .await??;
+    Ok(())
 }
 
 /// RSS growth from caching 100k tokens (live state and verified secret), per token.

@@ -18,14 +18,19 @@ impl Clock for SystemClock {
         // Microseconds: what both databases store, so a record reads back as it was issued.
         // Truncated before the conversion rather than after it (`trunc_subsecs`), which
         // halves the cost of a call read on every Introspect.
-        let since = std::time::SystemTime::now()
+        // A clock before 1970 or beyond chrono's range takes chrono's own path (which
+        // panics), never a made-up time: a clock stuck in the past would keep expired
+        // tokens live.
+        std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        chrono::DateTime::from_timestamp(
-            i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-            since.subsec_micros() * 1000,
-        )
-        .unwrap_or_else(|| chrono::Utc::now().trunc_subsecs(6))
+            .ok()
+            .and_then(|since| {
+                chrono::DateTime::from_timestamp(
+                    i64::try_from(since.as_secs()).ok()?,
+                    since.subsec_micros() * 1000,
+                )
+            })
+            .unwrap_or_else(|| chrono::Utc::now().trunc_subsecs(6))
     }
 }
 

@@ -193,10 +193,16 @@ impl Token {
     /// The public id: the display id's last part (neither prefix nor id contain `_`).
     pub fn id(&self) -> &str {
         // The id is the display id's fixed-length tail; read off without a search, as a
-        // live answer asks for it several times.
+        // live answer asks for it several times. Exactly what the search would find: a
+        // tail without `_` right after one; anything else (a row written by hand) searches.
         let display_id = self.display_id.as_str();
         match display_id.len().checked_sub(PUBLIC_ID_LEN + 1) {
-            Some(at) if display_id.as_bytes()[at] == b'_' => &display_id[at + 1..],
+            Some(at)
+                if display_id.as_bytes()[at] == b'_'
+                    && !display_id.as_bytes()[at + 1..].contains(&b'_') =>
+            {
+                &display_id[at + 1..]
+            }
             _ => display_id.rsplit_once('_').map_or(display_id, |(_, id)| id),
         }
     }
@@ -270,8 +276,8 @@ pub struct TokenState {
 pub struct Membership {
     /// The member's role.
     pub role: RoleName,
-    /// The member's groups.
-    pub groups: BTreeSet<Group>,
+    /// The member's groups, shared with the verdicts of the member's tokens.
+    pub groups: Arc<BTreeSet<Group>>,
 }
 
 /// A change that makes cached live state stale. Raised locally by every write and, on
@@ -339,8 +345,10 @@ pub struct LiveGrant {
     /// The role's permissions narrowed to the token's scopes (the role's own set, shared,
     /// when it has none).
     pub permissions: Arc<PermissionSet>,
-    /// The owner's groups in the tenant (empty for API keys).
-    pub groups: BTreeSet<Group>,
+    /// The owner's groups in the tenant (empty for API keys). Shared with the cached
+    /// membership: even one group is a B-tree node of some 280 bytes, per cached token if
+    /// each verdict kept its own copy.
+    pub groups: Arc<BTreeSet<Group>>,
 }
 
 /// One audit record to append, in the same transaction as the change it describes.

@@ -90,10 +90,10 @@ pub fn evaluate(state: &TokenState, now: Timestamp) -> Result<LiveGrant, Inactiv
             state
                 .membership
                 .as_ref()
-                .map(|m| m.groups.clone())
+                .map(|m| Arc::clone(&m.groups))
                 .ok_or(InactiveReason::NotAMember)?
         }
-        TokenKind::ApiKey => BTreeSet::new(),
+        TokenKind::ApiKey => no_groups(),
     };
     let role = state
         .role_permissions
@@ -103,6 +103,13 @@ pub fn evaluate(state: &TokenState, now: Timestamp) -> Result<LiveGrant, Inactiv
         permissions: effective_permissions(role, token.scopes.as_ref()),
         groups,
     })
+}
+
+/// The groups of a token without an owner: one empty set for all of them.
+fn no_groups() -> Arc<BTreeSet<super::names::Group>> {
+    static NONE: std::sync::OnceLock<Arc<BTreeSet<super::names::Group>>> =
+        std::sync::OnceLock::new();
+    Arc::clone(NONE.get_or_init(Arc::default))
 }
 
 /// Refuses a request for permissions the grantor lacks, naming every offending string.
@@ -310,7 +317,7 @@ mod tests {
             owner_status: (kind == TokenKind::Personal).then_some(UserStatus::Active),
             membership: (kind == TokenKind::Personal).then(|| Membership {
                 role: RoleName::parse("r", "dev").unwrap(),
-                groups: [Group::parse("g", "eng").unwrap()].into(),
+                groups: Arc::new([Group::parse("g", "eng").unwrap()].into()),
             }),
             role_permissions: Some(Arc::new(perms(&["a:read", "a:write"]))),
         }

@@ -170,8 +170,8 @@ pub async fn serve(
     });
     let (cut, cut_watch) = tokio::sync::watch::channel(false);
     let serving = builder
-        // Observe makes each call's span (method, request id, the caller's trace), counts
-        // and times it.
+        // Observe labels each call (method, request id, the caller's trace) with a span or
+        // on the lines it logs, counts and times it.
         .layer(observe::ObserveLayer::new(cut_watch))
         // Authentication wraps every service; it lets health and reflection through.
         .layer(auth::AuthLayer::new(Arc::clone(&core)))

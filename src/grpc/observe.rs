@@ -1,6 +1,7 @@
 //! Per-call observation as a tower layer, outermost: counts and times every call by method
-//! and status code, gives it a request id (the caller's `x-request-id`, or a new one,
-//! echoed in the response), and records the status on the call's span.
+//! and status code, gives it a request id (the caller's `x-request-id`, or a new one) and
+//! either a span (when spans are exported or logs are at debug) or labels for the lines it
+//! logs (`telemetry::call`), and echoes the id when it can be looked up.
 //!
 //! Method labels come from the served descriptors, so a client sending random paths
 //! cannot grow the series without bound: anything else is counted as `other`.
@@ -85,6 +86,7 @@ impl Methods {
                 .iter()
                 .map(|path| &*Box::leak(path.clone().into_boxed_str()))
                 .collect();
+            debug_assert!(labels.is_sorted(), "`of` searches the labels");
             labels.push("other");
             let series = labels
                 .iter()
@@ -126,8 +128,9 @@ fn call_span(
     request_id: &RequestId,
     headers: &http::HeaderMap,
 ) -> tracing::Span {
-    // As Display: the log formatter renders a `&str` field through `Debug`, escaping it
-    // character by character, which cost more than the rest of making the span.
+    // The fields as Display: the log formatter renders a `&str` through `Debug`, escaping
+    // it character by character, which cost more than the rest of making the span.
+    // `otel.name` stays a `&str`: it names the exported span, not a log field.
     let (name, method, request_id) = (
         method,
         tracing::field::display(method),
@@ -234,6 +237,8 @@ where
             // No span: the labels ride along for the rare line the call logs.
             let trace_id = crate::telemetry::otel::callers_trace_id(request.headers());
             let labels = CallLabels::new(methods.labels[method], request_id, trace_id);
+            // Outside the labels' scope: making the inner future logs nothing (the span
+            // path enters its span here only because entering one is free once made).
             let answered = self.inner.call(request);
             return Box::pin(labels.scope(answer(answered, cut, outcome, None)));
         }
@@ -248,15 +253,17 @@ where
 }
 
 /// Waits for the inner service's answer (or the drain's cut), records its code, and
-/// echoes the request id: the caller's always; ours (`echo`, when the call has a span)
-/// always, else when the call failed or logged a line with it — where it can be looked up.
+/// echoes the request id: `always_echo` (a call with a span, whose id is in every line
+/// and trace), else the caller's always and ours when the call failed or logged a line
+/// with it: when there is something to look it up by.
+///
+/// Until the call is answered, `outcome` counts a call that goes away (the caller
+/// cancelled, its deadline passed) as such when it is dropped.
 async fn answer<F, E>(
     answered: F,
     mut cut: tokio::sync::watch::Receiver<bool>,
-    // Until it is answered, a call that goes away (the caller cancelled, its deadline
-    // passed) is counted as such when this is dropped.
     mut outcome: Outcome,
-    echo: Option<RequestId>,
+    always_echo: Option<RequestId>,
 ) -> Result<http::Response<tonic::body::Body>, E>
 where
     F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
@@ -280,7 +287,7 @@ where
             .unwrap_or(UNKNOWN),
     };
     outcome.code = Some(code);
-    let echo = echo.or_else(|| call::worth_echoing(code != 0));
+    let echo = always_echo.or_else(|| call::worth_echoing(code != 0));
     if let Some(request_id) = echo {
         response
             .headers_mut()

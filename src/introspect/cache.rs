@@ -332,6 +332,18 @@ impl LiveCache {
         }
     }
 
+    /// The same for the owner's groups: all of a member's tokens share the cached set.
+    fn share_member_groups(&self, state: &mut TokenState) {
+        let token = &state.token;
+        if let (TokenKind::Personal, Some(owner), Some(read)) =
+            (&token.kind, &token.owner_user_id, state.membership.as_mut())
+            && let Some(Some(cached)) = self.members.get(&(token.tenant_id.clone(), owner.clone()))
+            && cached.groups == read.groups
+        {
+            read.groups = Arc::clone(&cached.groups);
+        }
+    }
+
     fn flush(&self) {
         self.tokens.clear();
         self.tenants.invalidate_all();
@@ -457,6 +469,7 @@ impl Store for CachingStore {
                 if trusted && self.cache.is_trusted() {
                     if let Some(state) = state.as_mut() {
                         self.cache.share_role_set(state);
+                        self.cache.share_member_groups(state);
                     }
                     self.cache.fill(public_id, state.as_ref(), generation);
                 }

@@ -583,7 +583,9 @@ impl Store for SeaStore {
         let membership = match get("x_member_user")? {
             Some(_) => Some(Membership {
                 role: RoleName::from_trusted(get("x_member_role")?.unwrap_or_default()),
-                groups: convert::groups(&get("x_member_groups")?.unwrap_or_default())?,
+                groups: Arc::new(convert::groups(
+                    &get("x_member_groups")?.unwrap_or_default(),
+                )?),
             }),
             None => None,
         };

@@ -33,7 +33,7 @@ pub enum RequestId {
 
 impl RequestId {
     /// A new id of ours: one atomic increment.
-    pub fn new() -> Self {
+    pub fn ours() -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         Self::Ours(COUNTER.fetch_add(1, Ordering::Relaxed))
     }
@@ -42,7 +42,7 @@ impl RequestId {
     pub fn from_header(value: Option<&http::HeaderValue>) -> Self {
         value
             .filter(|value| is_sane(value.as_bytes()))
-            .map_or_else(Self::new, |value| Self::Callers(value.clone()))
+            .map_or_else(Self::ours, |value| Self::Callers(value.clone()))
     }
 
     /// Whether the caller chose it.
@@ -61,12 +61,6 @@ impl RequestId {
         };
         value.set_sensitive(true);
         value
-    }
-}
-
-impl Default for RequestId {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -173,10 +167,8 @@ where
         mut writer: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let labels = CALL.try_with(|call| {
-            call.logged.set(true);
-            (call.method, call.request_id.to_string(), call.trace_id)
-        });
+        let labels =
+            CALL.try_with(|call| (call.method, call.request_id.to_string(), call.trace_id));
         let Ok((method, request_id, trace_id)) = labels else {
             return self.inner.format_event(ctx, writer, event);
         };
@@ -190,7 +182,9 @@ where
         }
         line.truncate(line.len() - end.len());
         if self.json {
-            let key = if ctx.lookup_current().is_some() {
+            // The span the JSON formatter prints, if any (an explicit parent or the current
+            // one): a second `span` key would make the object ambiguous.
+            let key = if ctx.parent_span().is_some() {
                 "call"
             } else {
                 "span"
@@ -208,12 +202,20 @@ where
             }
             line.push_str("}}\n");
         } else {
-            write!(line, " method={method} request_id={request_id}")?;
+            // A caller's id that a logfmt reader could take for the end of a quoted value
+            // or for another field is quoted and escaped.
+            if request_id.contains(['"', '\\', '=']) {
+                write!(line, " method={method} request_id={request_id:?}")?;
+            } else {
+                write!(line, " method={method} request_id={request_id}")?;
+            }
             if let Some(trace_id) = trace_id {
                 write!(line, " trace_id={trace_id}")?;
             }
             line.push('\n');
         }
+        // Only a line that carries the id makes it worth echoing.
+        let _ = CALL.try_with(|call| call.logged.set(true));
         writer.write_str(&line)
     }
 }
@@ -229,11 +231,11 @@ mod tests {
         assert!(!is_sane(b"has space"));
         assert!(!is_sane(b"line\nbreak"));
         assert!(!is_sane("x".repeat(129).as_bytes()));
-        let (a, b) = (RequestId::new().to_string(), RequestId::new().to_string());
+        let (a, b) = (RequestId::ours().to_string(), RequestId::ours().to_string());
         assert_eq!(a.len(), 32);
         assert_ne!(a, b);
         assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
-        assert_eq!(RequestId::new().to_header().len(), 32);
+        assert_eq!(RequestId::ours().to_header().len(), 32);
         let callers = http::HeaderValue::from_static("checkout-7f3a");
         let id = RequestId::from_header(Some(&callers));
         assert!(id.is_callers());

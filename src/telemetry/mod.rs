@@ -62,7 +62,8 @@ pub fn init(log: &LogSettings, otel: &OtelSettings) -> anyhow::Result<Telemetry>
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            // The request's span (request id, trace id, method, caller) on every line.
+            // The call's span (method, request id, trace id; the caller at debug) on every
+            // line; a call without one gets the same `span` object from `call::Labelled`.
             .with_current_span(true)
             .with_span_list(false)
             .with_span_events(FmtSpan::NONE)

@@ -512,6 +512,8 @@ async fn sigterm_while_starting_stops_at_once_and_cleanly() {
     assert!(status.1.contains("stopped before serving"), "{}", status.1);
 }
 
+const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
 /// At info, with no spans exported, a call has no span: the lines it logs must still say
 /// which call wrote them, in either log format, and the id they carry is the one echoed.
 async fn log_lines_written_in_a_call_carry_its_method_and_request_id(app: TestApp) {
@@ -569,10 +571,13 @@ async fn log_lines_written_in_a_call_carry_its_method_and_request_id(app: TestAp
         // A refused credential is logged at info in the call that presented it.
         let mut forged = root.clone();
         forged.replace_range(25..26, if &forged[25..26] == "A" { "B" } else { "A" });
-        let refused = tokens
-            .introspect(introspect(&named.into_inner().secret, &forged))
-            .await
-            .unwrap_err();
+        // With the caller's trace context: its trace id goes on the line too.
+        let mut request = introspect(&named.into_inner().secret, &forged);
+        request.metadata_mut().insert(
+            "traceparent",
+            format!("00-{TRACE}-00f067aa0ba902b7-01").parse().unwrap(),
+        );
+        let refused = tokens.introspect(request).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated);
         let refused_id = refused
             .metadata()
@@ -608,9 +613,11 @@ async fn log_lines_written_in_a_call_carry_its_method_and_request_id(app: TestAp
                 "{refusal}"
             );
             assert_eq!(refusal["reason"], "malformed", "{refusal}");
+            assert_eq!(refusal["span"]["trace_id"], TRACE, "{refusal}");
         } else {
+            // A caller's id with a quote in it is quoted and escaped in text.
             assert!(
-                issued[0].ends_with(&format!("method={issue} request_id=issue-\"42\"")),
+                issued[0].ends_with(&format!(r#"method={issue} request_id="issue-\"42\"""#)),
                 "{logs}"
             );
             assert!(
@@ -619,7 +626,7 @@ async fn log_lines_written_in_a_call_carry_its_method_and_request_id(app: TestAp
             );
             assert!(
                 refusal.ends_with(&format!(
-                    "method={introspect_method} request_id={refused_id}"
+                    "method={introspect_method} request_id={refused_id} trace_id={TRACE}"
                 )),
                 "{logs}"
             );
