@@ -856,6 +856,44 @@ mod tests {
     }
 
     #[test]
+    fn tokens_of_one_member_share_their_groups_but_only_while_equal() {
+        use crate::domain::names::Group;
+        let personal = |id: &str, groups: &[&str]| {
+            let mut state = state(id);
+            let token = Arc::make_mut(&mut state.token);
+            token.kind = TokenKind::Personal;
+            token.owner_user_id = Some(UserId::parse("u", "alice").unwrap());
+            token.role = None;
+            state.owner_status = Some(crate::domain::model::UserStatus::Active);
+            state.membership = Some(Membership {
+                role: RoleName::parse("r", "reader").unwrap(),
+                groups: Arc::new(
+                    groups
+                        .iter()
+                        .map(|g| Group::parse("g", g).unwrap())
+                        .collect(),
+                ),
+            });
+            state
+        };
+        let groups = |state: &TokenState| Arc::clone(&state.membership.as_ref().unwrap().groups);
+        let cache = LiveCache::new(&CacheSettings::default(), false);
+        let first = personal("AAAAAAAAAAAA", &["eng"]);
+        cache.fill("AAAAAAAAAAAA", Some(&first), cache.generation());
+
+        let mut second = personal("BBBBBBBBBBBB", &["eng"]);
+        assert!(!Arc::ptr_eq(&groups(&second), &groups(&first)));
+        cache.share_member_groups(&mut second);
+        assert!(Arc::ptr_eq(&groups(&second), &groups(&first)));
+
+        // Groups that differ from the cached ones (changed since) are kept as read.
+        let mut changed = personal("CCCCCCCCCCCC", &["eng", "ops"]);
+        let read = groups(&changed);
+        cache.share_member_groups(&mut changed);
+        assert!(Arc::ptr_eq(&groups(&changed), &read));
+    }
+
+    #[test]
     fn a_fill_that_raced_an_invalidation_is_not_kept() {
         let cache = LiveCache::new(&CacheSettings::default(), false);
         let s = state("BBBBBBBBBBBB");
