@@ -308,6 +308,12 @@ mod tests {
         assert_eq!(t.id(), "AAAAAAAAAAAA");
         t.display_id = "acme2_key_0123456789ab".into();
         assert_eq!(t.id(), "0123456789ab");
+        // A row written by hand with an id of another length: the part after the last `_`,
+        // never a tail of fixed length that spans it.
+        t.display_id = "tkd_pat_abcdefgh".into();
+        assert_eq!(t.id(), "abcdefgh");
+        t.display_id = "tkd_pat_abcdefghijklmnop".into();
+        assert_eq!(t.id(), "abcdefghijklmnop");
     }
 
     fn live_state(kind: TokenKind) -> TokenState {
