@@ -67,6 +67,26 @@ pub struct SeaStore {
 
 /// Connection-level failures mean "cannot know", everything else is a bug or a conflict the
 /// caller classifies.
+/// `.one()` for a primary-key lookup, without the `LIMIT ?` that `.one()` adds: SQLite's
+/// planner reads a bound LIMIT's value, so it re-prepares such a statement every time it
+/// runs (about 60 000 instructions, three quarters of the SQLite work of an IssueToken, on
+/// the core that also answers Introspect). A key selects at most one row with no limit.
+trait ByKey<E: EntityTrait> {
+    async fn by_key(
+        self,
+        db: &impl ConnectionTrait,
+    ) -> std::result::Result<Option<E::Model>, DbErr>;
+}
+
+impl<E: EntityTrait> ByKey<E> for sea_orm::Select<E> {
+    async fn by_key(
+        self,
+        db: &impl ConnectionTrait,
+    ) -> std::result::Result<Option<E::Model>, DbErr> {
+        Ok(self.all(db).await?.into_iter().next())
+    }
+}
+
 fn db_err(err: DbErr) -> Error {
     let unavailable = match &err {
         DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
@@ -263,7 +283,7 @@ impl Store for SeaStore {
             .map_err(db_err)?;
         append(&txn, audit).await?;
         let stored = tenants::Entity::find_by_id(tenant.id.as_str())
-            .one(&txn)
+            .by_key(&txn)
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::internal("tenant vanished inside its own transaction"))?;
@@ -273,7 +293,7 @@ impl Store for SeaStore {
 
     async fn get_tenant(&self, id: &TenantId) -> Result<Option<Tenant>> {
         tenants::Entity::find_by_id(id.as_str())
-            .one(&self.db)
+            .by_key(&self.db)
             .await
             .map_err(db_err)?
             .map(convert::tenant)
@@ -347,7 +367,7 @@ impl Store for SeaStore {
 
     async fn get_role(&self, tenant: &TenantId, name: &RoleName) -> Result<Option<Role>> {
         roles::Entity::find_by_id((tenant.to_string(), name.to_string()))
-            .one(&self.db)
+            .by_key(&self.db)
             .await
             .map_err(db_err)?
             .map(convert::role)
@@ -376,7 +396,7 @@ impl Store for SeaStore {
             }
             let role =
                 roles::Entity::find_by_id((member.tenant_id.to_string(), member.role.to_string()))
-                    .one(&txn)
+                    .by_key(&txn)
                     .await
                     .map_err(db_err)?;
             if role.is_none() {
@@ -432,7 +452,7 @@ impl Store for SeaStore {
 
     async fn get_member(&self, tenant: &TenantId, user: &UserId) -> Result<Option<Member>> {
         memberships::Entity::find_by_id((tenant.to_string(), user.to_string()))
-            .one(&self.db)
+            .by_key(&self.db)
             .await
             .map_err(db_err)?
             .map(convert::member)
@@ -479,7 +499,7 @@ impl Store for SeaStore {
 
     async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
         users::Entity::find_by_id(id.as_str())
-            .one(&self.db)
+            .by_key(&self.db)
             .await
             .map_err(db_err)?
             .map(convert::user)
@@ -541,7 +561,7 @@ impl Store for SeaStore {
         }
         let row = tokens::Entity::find_by_id(id)
             .filter(tokens::Column::TenantId.eq(tenant.as_str()))
-            .one(&txn)
+            .by_key(&txn)
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::internal(format!("token {id} vanished mid-rotation")))?;
@@ -608,7 +628,7 @@ impl Store for SeaStore {
     async fn get_token(&self, tenant: &TenantId, id: &str) -> Result<Option<Token>> {
         tokens::Entity::find_by_id(id)
             .filter(tokens::Column::TenantId.eq(tenant.as_str()))
-            .one(&self.db)
+            .by_key(&self.db)
             .await
             .map_err(db_err)?
             .map(|m| self.to_token(m))
@@ -704,7 +724,7 @@ impl Store for SeaStore {
         }
         let row = tokens::Entity::find_by_id(id)
             .filter(tokens::Column::TenantId.eq(tenant.as_str()))
-            .one(&txn)
+            .by_key(&txn)
             .await
             .map_err(db_err)?;
         crash_point("revoke.before_commit");
@@ -879,7 +899,7 @@ impl Store for SeaStore {
     ) -> Result<()> {
         let txn = self.begin().await?;
         let exists = tenants::Entity::find_by_id(tenant.id.as_str())
-            .one(&txn)
+            .by_key(&txn)
             .await
             .map_err(db_err)?;
         if exists.is_some() {
@@ -1024,7 +1044,7 @@ async fn insert_token_in(
 
 async fn require_tenant(txn: &DatabaseTransaction, tenant: &TenantId) -> Result<()> {
     let found = tenants::Entity::find_by_id(tenant.as_str())
-        .one(txn)
+        .by_key(txn)
         .await
         .map_err(db_err)?;
     match found {
