@@ -103,7 +103,7 @@ pub struct Member {
 
 /// An argon2id PHC string. Redacted in `Debug`: a hash is never logged.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SecretHash(pub String);
+pub struct SecretHash(pub Box<str>);
 
 impl fmt::Debug for SecretHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

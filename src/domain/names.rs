@@ -13,7 +13,9 @@ macro_rules! string_newtype {
         $(#[$doc])*
         #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
         #[serde(transparent)]
-        pub struct $name(String);
+        // Boxed, not `String`: 16 bytes instead of 24 and no spare capacity, in each of the
+        // several a cached token holds, a million times over.
+        pub struct $name(Box<str>);
 
         impl $name {
             /// The validated string.
@@ -23,7 +25,7 @@ macro_rules! string_newtype {
 
             /// Wraps a string read back from the store, where it was validated on the way in.
             pub fn from_trusted(value: String) -> Self {
-                Self(value)
+                Self(value.into_boxed_str())
             }
         }
 
@@ -140,17 +142,17 @@ impl TenantId {
             |b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b),
             "[A-Za-z0-9._:@-]",
         )?;
-        Ok(Self(value.to_owned()))
+        Ok(Self(value.into()))
     }
 
     /// tokend's own tenant.
     pub fn system() -> Self {
-        Self(SYSTEM_TENANT.to_owned())
+        Self(SYSTEM_TENANT.into())
     }
 
     /// Whether this is tokend's own tenant.
     pub fn is_system(&self) -> bool {
-        self.0 == SYSTEM_TENANT
+        &*self.0 == SYSTEM_TENANT
     }
 }
 
@@ -158,7 +160,7 @@ impl UserId {
     /// Parses request field `field`.
     pub fn parse(field: &str, value: &str) -> Result<Self> {
         printable_rule(field, value, 255, "bytes")?;
-        Ok(Self(value.to_owned()))
+        Ok(Self(value.into()))
     }
 }
 
@@ -172,7 +174,7 @@ impl RoleName {
             |b| b.is_ascii_alphanumeric() || b"._:-".contains(&b),
             "[A-Za-z0-9._:-]",
         )?;
-        Ok(Self(value.to_owned()))
+        Ok(Self(value.into()))
     }
 }
 
@@ -186,7 +188,7 @@ impl Permission {
             |b| b.is_ascii_alphanumeric() || b"._:*/-".contains(&b),
             "[A-Za-z0-9._:*/-]",
         )?;
-        Ok(Self(value.to_owned()))
+        Ok(Self(value.into()))
     }
 
     /// A permission tokend defines itself.
@@ -206,7 +208,7 @@ impl TokenName {
     pub fn parse(field: &str, value: &str) -> Result<Self> {
         let normalised: String = value.nfc().collect();
         printable_rule(field, &normalised, 100, "characters")?;
-        Ok(Self(normalised))
+        Ok(Self(normalised.into_boxed_str()))
     }
 
     /// The form names are compared in: case-folded, for uniqueness and search.
@@ -219,7 +221,7 @@ impl Group {
     /// Parses request field `field`.
     pub fn parse(field: &str, value: &str) -> Result<Self> {
         printable_rule(field, value, 128, "characters")?;
-        Ok(Self(value.to_owned()))
+        Ok(Self(value.into()))
     }
 }
 
@@ -246,6 +248,16 @@ mod tests {
 
     fn rule_of(err: Error) -> String {
         err.to_string()
+    }
+
+    #[test]
+    fn a_name_is_a_boxed_str_not_a_string() {
+        // A cached token holds up to four of these; a `String` would be 8 bytes more each.
+        assert_eq!(std::mem::size_of::<TenantId>(), 16);
+        assert_eq!(std::mem::size_of::<Option<UserId>>(), 16);
+        let parsed = TenantId::parse("tenant_id", "acme").unwrap();
+        assert_eq!(parsed.as_str(), "acme");
+        assert_eq!(TenantId::from_trusted("acme".to_owned()), parsed);
     }
 
     #[test]

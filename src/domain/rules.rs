@@ -293,7 +293,7 @@ mod tests {
                 .then(|| UserId::parse("u", "alice").unwrap()),
             role: (kind == TokenKind::ApiKey).then(|| RoleName::parse("r", "reader").unwrap()),
             scopes: None,
-            secret_hash: SecretHash(String::new()),
+            secret_hash: SecretHash("".into()),
             created_at: now() - TimeDelta::days(1),
             created_by: "alice".into(),
             expires_at: None,

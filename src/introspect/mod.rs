@@ -307,7 +307,7 @@ impl Introspector {
         if self.rejected.get(&key) == Some(hash) {
             return Ok(false);
         }
-        let phc = token.secret_hash.0.clone();
+        let phc = token.secret_hash.0.to_string();
         match self.hasher.verify(SecretString::from(secret), phc).await? {
             Verification::Match { needs_rehash } => {
                 if needs_rehash {

@@ -52,7 +52,7 @@ pub async fn bootstrap(core: &Tokend) -> Result<SecretString> {
         owner_user_id: None,
         role: Some(role.name.clone()),
         scopes: None,
-        secret_hash: SecretHash(hash),
+        secret_hash: SecretHash(hash.into()),
         created_at: now,
         created_by: "bootstrap".to_owned(),
         expires_at: None,

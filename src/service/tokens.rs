@@ -211,7 +211,7 @@ impl Tokend {
                 owner_user_id: owner,
                 role,
                 scopes,
-                secret_hash: SecretHash(String::new()),
+                secret_hash: SecretHash("".into()),
                 created_at: now,
                 created_by: actor.subject.label(),
                 expires_at,
@@ -257,7 +257,7 @@ impl Tokend {
             .await?;
         let token = Token {
             display_id: generated.display_id.clone(),
-            secret_hash: SecretHash(secret_hash),
+            secret_hash: SecretHash(secret_hash.into()),
             ..draft
         };
         Ok((SecretString::from(generated.full), token))

@@ -185,7 +185,7 @@ pub(super) fn token_row(t: &Token) -> tokens::ActiveModel {
             .scopes
             .as_ref()
             .map(|s| json_list(s.iter().map(|p| p.as_str())))),
-        secret_hash: Set(t.secret_hash.0.clone()),
+        secret_hash: Set(t.secret_hash.0.to_string()),
         created_at: Set(micros(t.created_at)),
         created_by: Set(t.created_by.clone()),
         expires_at: Set(t.expires_at.map(micros)),
@@ -225,7 +225,7 @@ pub(super) fn token(
             .as_deref()
             .map(|s| permissions("scopes", s))
             .transpose()?,
-        secret_hash: SecretHash(m.secret_hash),
+        secret_hash: SecretHash(m.secret_hash.into()),
         created_at: time(m.created_at)?,
         created_by: m.created_by,
         expires_at: opt_time(m.expires_at)?,

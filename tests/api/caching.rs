@@ -329,7 +329,7 @@ async fn stored_hash(app: &TestApp, id: &str) -> String {
         .token
         .secret_hash
         .0
-        .clone()
+        .to_string()
 }
 
 /// A token whose hash was made with older (cheaper) argon2 parameters is rehashed with the
