@@ -2,7 +2,8 @@
 //! response, measured in the same run by the same load generator (h2load).
 //!
 //! `cargo bench --bench introspect` (needs `h2load` from Debian's nghttp2-client and
-//! `taskset`). The servers run on core 0, the load generator on core 1. Scenarios:
+//! `taskset`). The servers run on core 0; the load generator and the bench's own clients on
+//! core 1. Scenarios:
 //! (a) a warm valid token, (b) garbage, (c) cold valid tokens (first sight, argon2),
 //! (d) the warm token while IssueToken runs at 50/s, (e) the warm token while another
 //! token's public id is flooded with distinct wrong secrets (each a real argon2
@@ -72,6 +73,8 @@ fn main() -> anyhow::Result<()> {
             &Default::default(),
         )?),
     };
+    // From here on the main thread is a client; each server thread pins itself back.
+    pin_to(CLIENT_CORE);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -131,8 +134,52 @@ fn cpu_ns(tid: i32) -> anyhow::Result<u64> {
         .parse()?)
 }
 
+/// The servers' core; h2load and the bench's own clients run on `CLIENT_CORE`.
+const SERVER_CORE: usize = 0;
+const CLIENT_CORE: usize = 1;
+
+/// Pins the calling thread (and the threads it starts later) to `core`. The bench's own
+/// clients (the IssueToken caller of (d), the flood of (e), the cold calls of (c)) run on
+/// the client core beside h2load, so that the server core's time is the servers' work
+/// alone, as it is when their callers are on other machines.
+fn pin_to(core: usize) {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(core);
+    rustix::thread::sched_setaffinity(None, &set).expect("sched_setaffinity");
+}
+
 fn this_tid() -> i32 {
     rustix::thread::gettid().as_raw_nonzero().get()
+}
+
+/// CPU time (ns) of every thread of this process, summed by thread name: where the server
+/// core's time went while IssueToken ran beside the load.
+fn cpu_by_thread() -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+    let mut times = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        // A thread that ended between the listing and the read is simply left out.
+        let (Ok(name), Ok(stat), Ok(status)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("schedstat")),
+            std::fs::read_to_string(task.join("status")),
+        ) else {
+            continue;
+        };
+        // Numbered pool threads (`tokend-argon2-3`) count as one pool; the core tells the
+        // servers' threads from the clients'.
+        let name = name
+            .trim()
+            .trim_end_matches(|c: char| c.is_ascii_digit() || c == '-');
+        let cores = status
+            .lines()
+            .find_map(|line| line.strip_prefix("Cpus_allowed_list:"))
+            .unwrap_or("?")
+            .trim();
+        let ns: u64 = stat.split_whitespace().next().unwrap_or("0").parse()?;
+        *times.entry(format!("{name} (core {cores})")).or_default() += ns;
+    }
+    Ok(times)
 }
 
 /// What a running tokend exposes to the bench.
@@ -151,6 +198,7 @@ fn start_tokend(settings: Settings) -> anyhow::Result<Tokend> {
     let thread = std::thread::Builder::new()
         .name("tokend".into())
         .spawn(move || {
+            pin_to(SERVER_CORE);
             let tid = this_tid();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -262,6 +310,7 @@ fn start_noop(answer: pb::IntrospectResponse) -> anyhow::Result<ServerThread> {
     let thread = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            pin_to(SERVER_CORE);
             let tid = this_tid();
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -358,7 +407,7 @@ fn h2load(target: Target, key: &str, token: &str) -> anyhow::Result<Figures> {
     let streams = 8.min(concurrency);
     let cpu_before = cpu_ns(target.tid)?;
     let output = Command::new("taskset")
-        .args(["-c", "1", "h2load"])
+        .args(["-c", &CLIENT_CORE.to_string(), "h2load"])
         .arg(format!("-n{requests}"))
         .arg(format!("-c{}", concurrency / streams))
         .arg(format!("-m{streams}"))
@@ -754,6 +803,7 @@ async fn run() -> anyhow::Result<()> {
     let requests = env_or("BENCH_REQUESTS", 200_000) as u64;
     let (mut warm_runs, mut garbage_runs, mut loaded_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut lookups, mut verifications, mut issued) = (0, 0, 0);
+    let mut issuing_cpu = std::collections::BTreeMap::<String, u64>::new();
     let (mut flooded_runs, mut flood_calls, mut flood_secs) = (Vec::new(), 0, 0.0);
     let victim = api
         .issue_token(issue("flooded".into()))
@@ -777,8 +827,13 @@ async fn run() -> anyhow::Result<()> {
         garbage_runs.push((run, ceiling));
 
         // (d) warm while IssueToken runs at 50/s, beside this round's (a) ceiling.
+        let threads_before = cpu_by_thread()?;
         let (run, count) = while_issuing(&tokend, &api, &root, &warm).await?;
         issued += count;
+        for (name, ns) in cpu_by_thread()? {
+            let spent = ns.saturating_sub(threads_before.get(&name).copied().unwrap_or(0));
+            *issuing_cpu.entry(name).or_default() += spent;
+        }
         print_row(
             &format!("(d) warm, IssueToken at 50/s, round {round}"),
             run,
@@ -851,6 +906,27 @@ async fn run() -> anyhow::Result<()> {
     println!(
         "- (d) p99 / (a) p99 of the same round: {:.2}× ({issued} tokens issued during the (d) runs)",
         p99(&loaded_runs)
+    );
+    // The server thread's share is what it spent beyond serving the same load as in (a).
+    let serving: f64 = warm_runs
+        .iter()
+        .map(|(run, _)| run.cpu.as_secs_f64() * requests as f64)
+        .sum();
+    let per_token = |ns: f64| ns / 1e3 / issued.max(1) as f64;
+    let mut spent: Vec<String> = Vec::new();
+    for (name, ns) in &issuing_cpu {
+        let ns = if name.starts_with("tokend (") {
+            *ns as f64 - serving * 1e9
+        } else {
+            *ns as f64
+        };
+        if ns.abs() >= 1e6 {
+            spent.push(format!("{name} {:.0} µs", per_token(ns)));
+        }
+    }
+    println!(
+        "  CPU per issued token by thread (the tokend thread beyond what (a)'s load took): {}",
+        spent.join(", ")
     );
     println!(
         "- (e) p99 / (a) p99 of the same round: {:.2}× ({:.0} wrong secrets/s for one real id, {FLOOD_IN_FLIGHT} in flight; the real token still active after each run)",
