@@ -925,7 +925,7 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     println!(
-        "  CPU per issued token by thread (the tokend thread beyond what (a)'s load took): {}",
+        "  CPU per issued token by thread (all of a thread's time in the (d) runs, the tokend thread's beyond what (a)'s load took): {}",
         spent.join(", ")
     );
     println!(

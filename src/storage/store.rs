@@ -65,11 +65,9 @@ pub struct SeaStore {
     state_read_timeout: Duration,
 }
 
-/// Connection-level failures mean "cannot know", everything else is a bug or a conflict the
-/// caller classifies.
 /// `.one()` for a primary-key lookup, without the `LIMIT ?` that `.one()` adds: SQLite's
 /// planner reads a bound LIMIT's value, so it re-prepares such a statement every time it
-/// runs (about 60 000 instructions, three quarters of the SQLite work of an IssueToken, on
+/// runs (about 70 000 instructions, three quarters of the SQLite work of an IssueToken, on
 /// the core that also answers Introspect). A key selects at most one row with no limit.
 trait ByKey<E: EntityTrait> {
     async fn by_key(
@@ -87,6 +85,8 @@ impl<E: EntityTrait> ByKey<E> for sea_orm::Select<E> {
     }
 }
 
+/// Connection-level failures mean "cannot know", everything else is a bug or a conflict the
+/// caller classifies.
 fn db_err(err: DbErr) -> Error {
     let unavailable = match &err {
         DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
