@@ -15,6 +15,7 @@
 //! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults),
 //! `BENCH_POSTGRES_URL` (run (a)–(e) on a fresh PostgreSQL database instead of SQLite),
 //! `BENCH_NO_LOGS` (no log subscriber; by default the one `tokend serve` installs),
+//! `BENCH_SQLITE_WORKER_CORE` (in (d), move the SQLite worker thread to that core),
 //! `BENCH_MEMORY_ONLY` (only the memory figure, e.g. under a heap profiler), `BENCH_SERVE`
 //! (`tokend` or `ceiling`: only that server, for `benches/callgrind.sh`).
 
@@ -504,6 +505,28 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     values[values.len() / 2]
 }
 
+/// Moves the embedded SQLite database's worker threads (sqlx names them `sqlx-sqlite-worker-N`)
+/// to `core`: (d) with the server's database work off the server's core, as on a machine
+/// with a second core for it, to show how much of (d) that work is. Moved back after (d).
+fn move_sqlite_worker(core: usize) -> anyhow::Result<()> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(core);
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if name.starts_with("sqlx-sqlite-wor") {
+            let tid: i32 = task
+                .file_name()
+                .and_then(|name| name.to_str())
+                .context("a task without a numeric name")?
+                .parse()?;
+            let tid = rustix::process::Pid::from_raw(tid).context("task id 0")?;
+            rustix::thread::sched_setaffinity(Some(tid), &set)?;
+        }
+    }
+    Ok(())
+}
+
 /// (d): h2load on the warm token while a client issues a token every 20 ms; returns the
 /// figures and how many tokens were issued meanwhile.
 async fn while_issuing(
@@ -512,6 +535,12 @@ async fn while_issuing(
     root: &str,
     warm: &str,
 ) -> anyhow::Result<(Figures, u64)> {
+    if let Ok(core) = std::env::var("BENCH_SQLITE_WORKER_CORE") {
+        move_sqlite_worker(
+            core.parse()
+                .context("BENCH_SQLITE_WORKER_CORE: a core number")?,
+        )?;
+    }
     let running = Arc::new(AtomicBool::new(true));
     let issuer = {
         let running = Arc::clone(&running);
@@ -547,6 +576,9 @@ async fn while_issuing(
     })
     .await??;
     running.store(false, Ordering::Relaxed);
+    if std::env::var_os("BENCH_SQLITE_WORKER_CORE").is_some() {
+        move_sqlite_worker(SERVER_CORE)?;
+    }
     Ok((loaded, issuer.await?))
 }
 
@@ -928,6 +960,9 @@ async fn run() -> anyhow::Result<()> {
         "  CPU per issued token by thread (all of a thread's time in the (d) runs, the tokend thread's beyond what (a)'s load took): {}",
         spent.join(", ")
     );
+    if let Ok(core) = std::env::var("BENCH_SQLITE_WORKER_CORE") {
+        println!("  (BENCH_SQLITE_WORKER_CORE: the SQLite worker ran on core {core} during (d))");
+    }
     println!(
         "- (e) p99 / (a) p99 of the same round: {:.2}× ({:.0} wrong secrets/s for one real id, {FLOOD_IN_FLIGHT} in flight; the real token still active after each run)",
         p99(&flooded_runs),
