@@ -16,6 +16,7 @@
 //! `BENCH_POSTGRES_URL` (run (a)–(e) on a fresh PostgreSQL database instead of SQLite),
 //! `BENCH_NO_LOGS` (no log subscriber; by default the one `tokend serve` installs),
 //! `BENCH_SQLITE_WORKER_CORE` (in (d), move the SQLite worker thread to that core),
+//! `BENCH_METRICS` (the Prometheus recorder installed, as where `/metrics` is scraped),
 //! `BENCH_MEMORY_ONLY` (only the memory figure, e.g. under a heap profiler), `BENCH_SERVE`
 //! (`tokend` or `ceiling`: only that server, for `benches/callgrind.sh`).
 
@@ -679,6 +680,10 @@ fn settings(dir: &std::path::Path) -> Settings {
     let mut settings = Settings::load(None, Vec::new()).unwrap();
     settings.listen = "127.0.0.1:0".parse().unwrap();
     settings.database_url = format!("sqlite://{}?mode=rwc", dir.join("tokend.db").display()).into();
+    if std::env::var_os("BENCH_METRICS").is_some() {
+        // The Prometheus recorder installed and `/metrics` served, as where it is scraped.
+        settings.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+    }
     if let Ok(kib) = std::env::var("BENCH_ARGON2_KIB") {
         settings.argon2.memory_kib = kib.parse().expect("BENCH_ARGON2_KIB: KiB");
     }
