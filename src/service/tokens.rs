@@ -1,6 +1,7 @@
 //! Issue, list, revoke, delete and introspect tokens.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
 
 use secrecy::SecretString;
 
@@ -749,17 +750,7 @@ impl Tokend {
                 // The token's tenant sees its own and tokend's services by name; a caller
                 // from any other tenant stays anonymous to it.
                 let known = caller.is_system() || caller.tenant_id() == &active.token.tenant_id;
-                // Every live verdict counts: the handle is looked up once, not per call.
-                static ACTIVE: std::sync::OnceLock<metrics::Counter> = std::sync::OnceLock::new();
-                ACTIVE
-                    .get_or_init(|| {
-                        metrics::counter!(
-                            "tokend_introspect_total",
-                            "result" => "active",
-                            "reason" => ""
-                        )
-                    })
-                    .increment(1);
+                count_verdict(None);
                 self.introspector.note_use(
                     active,
                     client_ip,
@@ -781,12 +772,7 @@ impl Tokend {
             Outcome::Inactive(reason) => {
                 // The reason is for tokend's operators; the caller sees it only if trusted.
                 // A counter, not an info line: garbage at gateway rates would flood the log.
-                metrics::counter!(
-                    "tokend_introspect_total",
-                    "result" => "inactive",
-                    "reason" => reason.as_str()
-                )
-                .increment(1);
+                count_verdict(Some(*reason));
                 tracing::debug!(reason = reason.as_str(), "introspected an inactive token");
                 (
                     false,
@@ -799,6 +785,25 @@ impl Tokend {
             allowed,
             reason,
         })
+    }
+}
+
+/// Counts a verdict (`None`: active) in `tokend_introspect_total`. Each series' handle is
+/// looked up once: a labelled `counter!` builds and hashes its key on every call, and
+/// Introspect runs at gateway rates, garbage included.
+fn count_verdict(reason: Option<InactiveReason>) {
+    // One slot for active, one per reason; a reason added later without a slot is counted
+    // uncached rather than in another's series.
+    static SERIES: [OnceLock<metrics::Counter>; 10] = [const { OnceLock::new() }; 10];
+    let (result, label, slot) = match reason {
+        None => ("active", "", 0),
+        Some(reason) => ("inactive", reason.as_str(), reason as usize + 1),
+    };
+    let series =
+        || metrics::counter!("tokend_introspect_total", "result" => result, "reason" => label);
+    match SERIES.get(slot) {
+        Some(cell) => cell.get_or_init(series).increment(1),
+        None => series().increment(1),
     }
 }
 

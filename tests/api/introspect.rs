@@ -335,7 +335,7 @@ async fn lookups_during(app: &TestApp, call: impl std::future::Future<Output = (
 }
 
 /// A string with a valid shape and checksum whose id no token has.
-fn well_formed_unknown_token() -> String {
+pub(crate) fn well_formed_unknown_token() -> String {
     let random =
         uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
     let body = format!("tkd_pat_{}_{}", &random[..12], &random[12..55]);

@@ -126,13 +126,17 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
         .secret;
 
     let before = scrape(metrics_port).await;
-    // Cold (one argon2 verification), then warm, then garbage, then no credential at all.
+    // Cold (one argon2 verification), then warm, then garbage, an unknown id, then no
+    // credential at all.
     for _ in 0..2 {
         let answer = tokens.introspect(introspect(&secret, &root)).await.unwrap();
         assert!(answer.into_inner().active);
     }
     let garbage = tokens.introspect(introspect("tkd_pat_nope", &root)).await;
     assert!(!garbage.unwrap().into_inner().active);
+    let unknown = super::introspect::well_formed_unknown_token();
+    let unknown = tokens.introspect(introspect(&unknown, &root)).await;
+    assert!(!unknown.unwrap().into_inner().active);
     let anonymous = tokens
         .introspect(tonic::Request::new(pb::IntrospectRequest {
             token: secret.clone(),
@@ -149,7 +153,7 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
         sum(&after, name, labels) - sum(&before, name, labels)
     };
     let ok = [("method", INTROSPECT), ("code", "OK")];
-    assert_eq!(moved("tokend_grpc_requests_total", &ok), 3.0);
+    assert_eq!(moved("tokend_grpc_requests_total", &ok), 4.0);
     assert_eq!(
         moved(
             "tokend_grpc_requests_total",
@@ -159,7 +163,7 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
     );
     assert_eq!(
         moved("tokend_grpc_request_duration_seconds_count", &ok),
-        3.0
+        4.0
     );
     assert!(moved("tokend_grpc_request_duration_seconds_sum", &ok) > 0.0);
     assert_eq!(
@@ -171,6 +175,14 @@ async fn metrics_move_as_calls_are_made(app: TestApp) {
         moved(
             "tokend_introspect_total",
             &[("result", "inactive"), ("reason", "malformed")]
+        ),
+        1.0
+    );
+    // Each reason its own series.
+    assert_eq!(
+        moved(
+            "tokend_introspect_total",
+            &[("result", "inactive"), ("reason", "unknown")]
         ),
         1.0
     );
