@@ -160,13 +160,19 @@ impl Introspector {
 
     /// The verdict on `candidate`. An `Err` means tokend cannot know (database
     /// unreachable): it is never turned into "inactive".
-    pub async fn introspect(&self, candidate: &str) -> Result<Outcome> {
+    ///
+    /// `now` is the call's time (see [`now`](Self::now)), read once per call and shared with
+    /// [`note_use`](Self::note_use), so the use noted is the time of the verdict.
+    pub async fn introspect(
+        &self,
+        candidate: &str,
+        now: crate::domain::model::Timestamp,
+    ) -> Result<Outcome> {
         // Malformed strings stop here: no cache, no query, no hash.
         let Some(parsed) = self.format.parse(candidate) else {
             return Ok(Outcome::Inactive(InactiveReason::Malformed));
         };
         let key = digest(candidate.as_bytes());
-        let now = self.clock.now();
         // Read before any state: an invalidation after this point voids what we compute.
         let generation = self
             .live
@@ -235,9 +241,15 @@ impl Introspector {
         active: &ActiveToken,
         client_ip: Option<std::net::IpAddr>,
         service: Option<last_used::Service<'_>>,
+        now: crate::domain::model::Timestamp,
     ) {
-        self.last_used
-            .note_site(active, client_ip, service, self.clock.now());
+        self.last_used.note_site(active, client_ip, service, now);
+    }
+
+    /// The time of a call, for [`introspect`](Self::introspect) and
+    /// [`note_use`](Self::note_use).
+    pub fn now(&self) -> crate::domain::model::Timestamp {
+        self.clock.now()
     }
 
     /// The state of the token whose secret `parsed` holds, whatever that state is; `None`

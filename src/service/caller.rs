@@ -287,9 +287,10 @@ impl Tokend {
                 Error::Unauthenticated("authorization metadata must be `Bearer <token>`".to_owned())
             })?
             .trim();
-        match self.introspector.introspect(token).await? {
+        let now = self.introspector.now();
+        match self.introspector.introspect(token, now).await? {
             Outcome::Active(active) => {
-                self.introspector.note_use(&active, peer, None);
+                self.introspector.note_use(&active, peer, None, now);
                 Ok(Caller {
                     active,
                     client_certificates: None,

@@ -744,7 +744,8 @@ impl Tokend {
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<IntrospectAnswer> {
         caller.require(rules::INTROSPECT)?;
-        let outcome = self.introspector.introspect(token).await?;
+        let now = self.introspector.now();
+        let outcome = self.introspector.introspect(token, now).await?;
         let (allowed, reason) = match &outcome {
             Outcome::Active(active) => {
                 // The token's tenant sees its own and tokend's services by name; a caller
@@ -763,6 +764,7 @@ impl Tokend {
                         },
                         name: if known { caller.name() } else { "" },
                     }),
+                    now,
                 );
                 (
                     rules::missing(required, &active.grant.permissions).is_empty(),
