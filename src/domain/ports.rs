@@ -24,9 +24,15 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 pub trait InvalidationSink: Send + Sync + std::fmt::Debug + 'static {
     /// Evicts what `what` names.
     fn invalidate(&self, what: &Invalidation);
-    /// Reports that the change feed delivered `what` (after invalidating it), for writers
-    /// waiting to see their own change come back.
-    fn echo(&self, _what: &Invalidation) {}
+    /// Reports that the change feed delivered `what` (after invalidating it), with its
+    /// change-log sequence number, for writers waiting to see their own change come back.
+    fn echo(&self, _seq: Option<i64>, _what: &Invalidation) {}
+    /// Reports a replica's acknowledgement (its heartbeat): every change up to `seq` is
+    /// applied to its caches. `replica` names one listener connection of one replica.
+    fn acknowledged(&self, _replica: &str, _seq: i64) {}
+    /// Reports that listener `replica` of this replica is gone (its connection was lost):
+    /// a new one, under a new name, acknowledges from now on.
+    fn gone(&self, _replica: &str) {}
     /// Reports that the change feed's connection just proved alive (any message arrived).
     /// Trust is a lease on this: without it, a stuck feed would leave the cache trusted.
     fn heard(&self) {}

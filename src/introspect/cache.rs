@@ -64,6 +64,18 @@ type TenantRole = (TenantId, RoleName);
 /// cached token. Public ids are 12 characters; anything longer is simply not cached.
 type TokenKey = arrayvec::ArrayString<16>;
 
+/// A change as the feed delivered it: its change-log sequence number (absent in a forged
+/// notification) and what it names.
+type Echo = (Option<i64>, Invalidation);
+
+/// A replica's last acknowledgement: when it was heard, and the change-log sequence number
+/// up to which it has applied every change.
+#[derive(Clone, Copy, Debug)]
+struct Ack {
+    heard: Instant,
+    applied: i64,
+}
+
 /// A cached token row (`None`: no such id), and when it was read.
 #[derive(Clone, Debug)]
 struct TokenEntry {
@@ -90,9 +102,13 @@ pub struct LiveCache {
     /// Trust changes, for readiness.
     trust_watch: tokio::sync::watch::Sender<bool>,
     /// Changes as the change feed delivered them, for writers waiting on their own echo.
-    echoes: tokio::sync::broadcast::Sender<Invalidation>,
+    echoes: tokio::sync::broadcast::Sender<Echo>,
     /// How long a writer waits for its echo.
     echo_timeout: Duration,
+    /// Every replica's last acknowledgement, by listener (see [`LiveCache::await_echo`]).
+    acks: std::sync::Mutex<std::collections::HashMap<String, Ack>>,
+    /// Rung on every acknowledgement, for writers waiting on them.
+    acked: tokio::sync::Notify,
     /// Whether a change feed (PostgreSQL) runs; without one (SQLite) there is no echo.
     has_feed: bool,
     /// When the feed last proved alive, as microseconds since `born`: trust is a lease.
@@ -146,6 +162,8 @@ impl LiveCache {
             trust_watch: tokio::sync::watch::Sender::new(trusted),
             echoes: tokio::sync::broadcast::Sender::new(4096),
             echo_timeout: Duration::from_millis(settings.feed_timeout_ms.clamp(10, 250)),
+            acks: std::sync::Mutex::default(),
+            acked: tokio::sync::Notify::new(),
             has_feed,
             heard: AtomicU64::new(0),
             born: Instant::now(),
@@ -180,33 +198,88 @@ impl LiveCache {
 
     /// Before a write: a receiver for the feed's echo of it, when a feed is running and
     /// trusted (other replicas then learn of the write from the same notification).
-    fn expect_echo(&self) -> Option<tokio::sync::broadcast::Receiver<Invalidation>> {
+    fn expect_echo(&self) -> Option<tokio::sync::broadcast::Receiver<Echo>> {
         (self.has_feed && self.is_trusted()).then(|| self.echoes.subscribe())
     }
 
-    /// After a write: waits, briefly, until the change feed has delivered `change` back to
-    /// this replica. PostgreSQL sends a notification to every listening replica at commit,
-    /// so once it is back here the others have it too: a write that returns has, as near as
-    /// one can tell, reached every replica's cache.
+    /// After a write: waits until the change feed has delivered `change` back to this
+    /// replica, then until every other replica has acknowledged it, so that once the write
+    /// returns no replica answers from a cache that predates it.
+    ///
+    /// PostgreSQL notifies every listening replica at commit, but a replica applies the
+    /// notification when its listener task next runs, which may be after it has answered a
+    /// call that arrived just then. So each replica acknowledges what it has applied (the
+    /// change-log sequence number, in its heartbeat, sent at once after each change), and the
+    /// writer waits for every replica heard from within the lease. One that does not answer
+    /// within the lease cannot be hearing the feed (notifications arrive in commit order, so
+    /// hearing anything later means having applied this): by then its own lease has run out
+    /// and it reads through to the database. Waiting is bounded by that lease.
     async fn await_echo(
         &self,
-        echo: Option<tokio::sync::broadcast::Receiver<Invalidation>>,
+        echo: Option<tokio::sync::broadcast::Receiver<Echo>>,
         change: &Invalidation,
     ) {
         let Some(mut echo) = echo else { return };
+        let committed = Instant::now();
         let waited = tokio::time::timeout(self.echo_timeout, async {
             loop {
                 match echo.recv().await {
-                    Ok(seen) if seen == *change || seen == Invalidation::All => return,
+                    Ok((seq, seen)) if seen == *change || seen == Invalidation::All => {
+                        return seq;
+                    }
                     Ok(_) => {}
-                    Err(_) => return,
+                    Err(_) => return None,
                 }
             }
         })
         .await;
-        if waited.is_err() {
-            metrics::counter!("tokend_change_feed_echo_timeouts_total").increment(1);
+        let seq = match waited {
+            Ok(seq) => seq,
+            Err(_) => {
+                metrics::counter!("tokend_change_feed_echo_timeouts_total").increment(1);
+                None
+            }
+        };
+        // Without the sequence number there is nothing to ask the others for; the lease
+        // still bounds how long any of them can serve what this write changed.
+        let Some(seq) = seq else { return };
+        let deadline = committed + self.lease;
+        loop {
+            // Registered before checking, so an acknowledgement in between is not missed.
+            let acked = self.acked.notified();
+            if self.behind(seq).is_empty() {
+                return;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                metrics::counter!("tokend_change_feed_ack_timeouts_total").increment(1);
+                tracing::warn!(
+                    replicas = ?self.behind(seq),
+                    "change feed: not every replica acknowledged a write within the lease"
+                );
+                return;
+            }
+            // Re-checked at least every 50 ms: a replica that went silent drops out of the
+            // set once its last heartbeat is older than the lease.
+            let _ =
+                tokio::time::timeout((deadline - now).min(Duration::from_millis(50)), acked).await;
         }
+    }
+
+    /// Replicas heard from within the lease that have not yet applied change `seq`.
+    fn behind(&self, seq: i64) -> Vec<String> {
+        let now = Instant::now();
+        let mut acks = self
+            .acks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Replicas gone for good (stopped, or a listener that reconnected under a new name)
+        // are forgotten here rather than kept forever.
+        acks.retain(|_, ack| now.duration_since(ack.heard) < self.lease * 4);
+        acks.iter()
+            .filter(|(_, ack)| now.duration_since(ack.heard) < self.lease && ack.applied < seq)
+            .map(|(replica, _)| replica.clone())
+            .collect()
     }
 
     /// Follows trust changes: readiness is trust.
@@ -391,8 +464,28 @@ impl InvalidationSink for LiveCache {
         self.heard.store(now, Ordering::SeqCst);
     }
 
-    fn echo(&self, what: &Invalidation) {
-        let _ = self.echoes.send(what.clone());
+    fn echo(&self, seq: Option<i64>, what: &Invalidation) {
+        let _ = self.echoes.send((seq, what.clone()));
+    }
+
+    fn acknowledged(&self, replica: &str, seq: i64) {
+        let ack = Ack {
+            heard: Instant::now(),
+            applied: seq,
+        };
+        self.acks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(replica.to_owned(), ack);
+        self.acked.notify_waiters();
+    }
+
+    fn gone(&self, replica: &str) {
+        self.acks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(replica);
+        self.acked.notify_waiters();
     }
 
     fn set_trusted(&self, trusted: bool) {
@@ -446,7 +539,7 @@ impl CachingStore {
     /// Evicts locally, then waits for the change feed's echo of the write, if any.
     async fn settle(
         &self,
-        echo: Option<tokio::sync::broadcast::Receiver<Invalidation>>,
+        echo: Option<tokio::sync::broadcast::Receiver<Echo>>,
         what: Invalidation,
     ) {
         self.cache.invalidate(&what);

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sea_orm::sqlx::postgres::{PgListener, PgPool};
@@ -136,6 +137,14 @@ async fn listen_until_lost(
     let mut listener = PgListener::connect_with(pool).await?;
     listener.eager_reconnect(false);
     listener.listen_all([CHANGES, HEARTBEAT]).await?;
+    // Everything up to here was committed before we listened: a cache trusted from now on
+    // starts empty, so it has in effect applied it. That is what we acknowledge until the
+    // first change arrives.
+    let latest: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_log")
+        .fetch_one(pool)
+        .await?;
+    let applied_seq = Arc::new(std::sync::atomic::AtomicI64::new(latest));
+    let ack_now = Arc::new(tokio::sync::Notify::new());
     // Everything committed from here on will be notified: start trusting, from empty.
     sink.set_trusted(true);
     sink.heard();
@@ -144,6 +153,8 @@ async fn listen_until_lost(
     // Our heartbeats carry this listener's mark and when they left, so the round trip back
     // to our own connection measures how late notifications arrive.
     let mark = format!("{:016x}", rand::random::<u64>());
+    // However this session ends, its name stops counting as a replica to wait for.
+    let _forget = ForgetOnDrop(Arc::clone(sink), mark.clone());
     let started = Instant::now();
 
     // The receiver owns the listener in its own task, so it is never cancelled mid-message;
@@ -162,16 +173,23 @@ async fn listen_until_lost(
         }
     }));
     // Any replica's heartbeat proves our connection alive; send ours so there always is one.
+    // It is also our acknowledgement (`"<mark> <sent> <applied>"`): sent at once after each
+    // change we apply, so a writer waiting for every replica hears from us in a round trip.
     let _heartbeat = AbortOnDrop(tokio::spawn({
         let (pool, mark) = (pool.clone(), mark.clone());
+        let (applied_seq, ack_now) = (Arc::clone(&applied_seq), Arc::clone(&ack_now));
         async move {
             let mut tick = tokio::time::interval(timing.heartbeat);
             loop {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = ack_now.notified() => {}
+                }
                 let sent = started.elapsed().as_micros();
+                let applied = applied_seq.load(Ordering::SeqCst);
                 let send = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(HEARTBEAT)
-                    .bind(format!("{mark} {sent}"))
+                    .bind(format!("{mark} {sent} {applied}"))
                     .execute(&pool);
                 let _ = tokio::time::timeout(timing.timeout, send).await;
             }
@@ -210,9 +228,20 @@ async fn listen_until_lost(
                             lock(&applied).insert(seq, (body.to_owned(), Instant::now()));
                         }
                         sink.invalidate(&change);
-                        sink.echo(&change);
-                    } else if let Some(lag) = heartbeat_lag(&payload, &mark, started) {
-                        metrics::histogram!("tokend_invalidation_lag_seconds").record(lag);
+                        if let Some(seq) = seq {
+                            applied_seq.fetch_max(seq, Ordering::SeqCst);
+                            ack_now.notify_one();
+                        }
+                        sink.echo(seq, &change);
+                    } else if let Some(heartbeat) = Heartbeat::parse(&payload) {
+                        if heartbeat.from == mark {
+                            let now = started.elapsed().as_micros() as u64;
+                            let lag = now.saturating_sub(heartbeat.sent) as f64 / 1e6;
+                            metrics::histogram!("tokend_invalidation_lag_seconds").record(lag);
+                        }
+                        if let Some(applied) = heartbeat.applied {
+                            sink.acknowledged(heartbeat.from, applied);
+                        }
                     }
                 }
                 _ => {
@@ -228,13 +257,37 @@ async fn listen_until_lost(
     }
 }
 
-/// Seconds since one of our own heartbeats (`"<mark> <micros since started>"`) was sent;
-/// `None` for another replica's.
-fn heartbeat_lag(payload: &str, mark: &str, started: Instant) -> Option<f64> {
-    let (from, sent) = payload.split_once(' ')?;
-    let sent: u64 = sent.parse().ok().filter(|_| from == mark)?;
-    let now = started.elapsed().as_micros() as u64;
-    Some(now.saturating_sub(sent) as f64 / 1e6)
+/// Reports listener `.1` gone to the sink when dropped.
+struct ForgetOnDrop(Arc<dyn InvalidationSink>, String);
+
+impl Drop for ForgetOnDrop {
+    fn drop(&mut self) {
+        self.0.gone(&self.1);
+    }
+}
+
+/// A heartbeat: which listener sent it, when (microseconds since that listener started),
+/// and, from replicas that acknowledge, the change-log sequence number up to which it has
+/// applied every change.
+#[derive(Debug, PartialEq, Eq)]
+struct Heartbeat<'a> {
+    from: &'a str,
+    sent: u64,
+    applied: Option<i64>,
+}
+
+impl<'a> Heartbeat<'a> {
+    fn parse(payload: &'a str) -> Option<Self> {
+        let mut fields = payload.split(' ');
+        let from = fields.next()?;
+        let sent = fields.next()?.parse().ok()?;
+        let applied = fields.next().and_then(|applied| applied.parse().ok());
+        Some(Self {
+            from,
+            sent,
+            applied,
+        })
+    }
 }
 
 fn lock(applied: &Applied) -> std::sync::MutexGuard<'_, HashMap<i64, (String, Instant)>> {
@@ -318,6 +371,29 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn heartbeats_name_their_listener_and_what_it_has_applied() {
+        assert_eq!(
+            Heartbeat::parse("00ab 1500 42"),
+            Some(Heartbeat {
+                from: "00ab",
+                sent: 1500,
+                applied: Some(42)
+            })
+        );
+        // A replica that does not acknowledge (an older version) is heard, not waited for.
+        assert_eq!(
+            Heartbeat::parse("00ab 1500"),
+            Some(Heartbeat {
+                from: "00ab",
+                sent: 1500,
+                applied: None
+            })
+        );
+        assert_eq!(Heartbeat::parse("00ab"), None);
+        assert_eq!(Heartbeat::parse("00ab soon 42"), None);
+    }
 
     #[test]
     fn payloads_name_keys_and_anything_else_evicts_everything() {

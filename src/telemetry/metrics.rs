@@ -207,6 +207,15 @@ fn describe() {
          a change notification arrives"
     );
     describe_counter!(
+        "tokend_change_feed_echo_timeouts_total",
+        "writes whose own change the feed did not deliver back in time"
+    );
+    describe_counter!(
+        "tokend_change_feed_ack_timeouts_total",
+        "writes that returned at the end of the lease because a replica heard from within \
+         it did not acknowledge them"
+    );
+    describe_counter!(
         "tokend_change_feed_losses_total",
         "times the change feed was lost (connection or heartbeat)"
     );

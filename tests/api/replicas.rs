@@ -23,7 +23,7 @@ use crate::helpers::{Backend, fresh_database};
 const TOKEND: &str = env!("CARGO_BIN_EXE_tokend");
 
 struct Replica {
-    _process: KillOnDrop,
+    process: KillOnDrop,
     channel: Channel,
 }
 
@@ -75,10 +75,7 @@ impl Replica {
                     .map(|r| r.into_inner().status);
                 // Ready means the change feed is up and the caches are trusted.
                 if status.ok() == Some(ServingStatus::Serving as i32) {
-                    return Self {
-                        _process: process,
-                        channel,
-                    };
+                    return Self { process, channel };
                 }
             }
             assert!(
@@ -149,29 +146,26 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
-    let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
-        return;
-    };
+/// Bootstraps the database at `url`; returns the root key.
+fn bootstrap(url: &str) -> String {
     let bootstrap = Command::new(TOKEND)
         .arg("bootstrap")
-        .env("TOKEND_DATABASE_URL", &url)
+        .env("TOKEND_DATABASE_URL", url)
         .env("TOKEND_LOG__FILTER", "warn")
         .env_remove("TOKEND_TEST_POSTGRES_URL")
         .output()
         .unwrap();
     assert!(bootstrap.status.success(), "{bootstrap:?}");
-    let root = String::from_utf8(bootstrap.stdout)
+    String::from_utf8(bootstrap.stdout)
         .unwrap()
         .lines()
         .last()
         .unwrap()
-        .to_owned();
-    let a = Replica::start(&url).await;
-    let b = Replica::start(&url).await;
+        .to_owned()
+}
 
-    let mut dir = a.directory(&root);
+/// Tenant `acme` with roles `dev` (a:read, a:write) and `viewer` (a:read); alice a dev.
+async fn seed(dir: &mut DirectoryServiceClient<InterceptedService<Channel, Bearer>>) {
     dir.put_tenant(pb::PutTenantRequest {
         tenant: Some(pb::Tenant {
             id: "acme".into(),
@@ -192,13 +186,33 @@ async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
         .await
         .unwrap();
     }
+    dir.put_member(pb::PutMemberRequest {
+        tenant_id: "acme".into(),
+        user_id: "alice".into(),
+        role: "dev".into(),
+        groups: vec![],
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
+    let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
+        return;
+    };
+    let root = bootstrap(&url);
+    let a = Replica::start(&url).await;
+    let b = Replica::start(&url).await;
+
+    let mut dir = a.directory(&root);
+    seed(&mut dir).await;
     let member = |role: &str| pb::PutMemberRequest {
         tenant_id: "acme".into(),
         user_id: "alice".into(),
         role: role.into(),
         groups: vec![],
     };
-    dir.put_member(member("dev")).await.unwrap();
     let issue = |name: String| pb::IssueTokenRequest {
         tenant_id: "acme".into(),
         actor_user_id: "alice".into(),
@@ -248,6 +262,12 @@ async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
         percentile(&times, 0.50),
         percentile(&times, 0.99),
         times[times.len() - 1],
+    );
+    // Once RevokeToken has returned, the other replica has applied it: its very next answer
+    // is inactive, every time.
+    assert_eq!(
+        at_once, trials,
+        "a replica answered active after the revocation returned"
     );
 
     // Rotation through A: at once, the old token dies on B too; with a grace it lives on B
@@ -336,4 +356,59 @@ async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
     .await
     .unwrap();
     until(&b, &root, &token, Instant::now(), |answer| !answer.active).await;
+}
+
+/// A replica that cannot acknowledge (here: stopped) holds a revocation back for at most the
+/// change feed's lease, and by the time the revocation returns that replica no longer trusts
+/// its cache: its very first answer afterwards is inactive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_waits_for_a_silent_replica_no_longer_than_its_lease() {
+    let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
+        return;
+    };
+    let root = bootstrap(&url);
+    let a = Replica::start(&url).await;
+    let b = Replica::start(&url).await;
+    seed(&mut a.directory(&root)).await;
+    let issued = a
+        .tokens(&root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            kind: pb::TokenKind::Personal.into(),
+            name: "laptop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        introspect(&b, &root, &issued.secret).await.active,
+        "warm on B"
+    );
+
+    let pid = rustix::process::Pid::from_raw(b.process.0.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
+    let started = Instant::now();
+    a.tokens(&root)
+        .revoke_token(pb::RevokeTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            token_id: issued.token.unwrap().id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
+    // The default lease (`cache.feed_timeout_ms`) is 2 s: the write waits that long for
+    // the replica that cannot acknowledge it, and no longer.
+    assert!(
+        took >= Duration::from_millis(1900) && took < Duration::from_secs(4),
+        "the revocation waited {took:?} for a silent replica"
+    );
+    assert!(
+        !introspect(&b, &root, &issued.secret).await.active,
+        "the stopped replica answered active after the revocation returned (it took {took:?})"
+    );
 }
