@@ -217,11 +217,17 @@ async fn listen_until_lost(
     let mut last_heard = Instant::now();
     loop {
         let silence = tokio::time::sleep_until((last_heard + timing.timeout).into());
+        // Silence first: after a pause longer than the timeout (a stopped or frozen process),
+        // the feed counts as lost before any message queued meanwhile can renew the lease
+        // ahead of the changes queued behind it.
         tokio::select! {
+            biased;
+            () = silence => {
+                tracing::warn!("change feed: no heartbeat back in time; caches untrusted");
+                return Ok(());
+            },
             message = rx.recv() => match message {
                 Some(Some((channel, payload))) => {
-                    last_heard = Instant::now();
-                    sink.heard();
                     if channel == CHANGES {
                         let (seq, change) = split_notification(&payload);
                         if let (Some(seq), Some((_, body))) = (seq, payload.split_once(' ')) {
@@ -243,15 +249,14 @@ async fn listen_until_lost(
                             sink.acknowledged(heartbeat.from, applied);
                         }
                     }
+                    // The lease is renewed only once the message is applied.
+                    last_heard = Instant::now();
+                    sink.heard();
                 }
                 _ => {
                     tracing::warn!("change feed: listener connection lost; caches untrusted");
                     return Ok(());
                 }
-            },
-            () = silence => {
-                tracing::warn!("change feed: no heartbeat back in time; caches untrusted");
-                return Ok(());
             },
         }
     }
