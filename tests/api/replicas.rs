@@ -117,6 +117,20 @@ async fn introspect(replica: &Replica, root: &str, token: &str) -> pb::Introspec
         .into_inner()
 }
 
+/// Revokes alice's token `token_id` in `acme` through `replica`.
+async fn revoke(replica: &Replica, root: &str, token_id: String) {
+    replica
+        .tokens(root)
+        .revoke_token(pb::RevokeTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            token_id,
+            reason: String::new(),
+        })
+        .await
+        .unwrap();
+}
+
 /// Polls `replica` until `done` holds; returns the time since `since` and whether the very
 /// first call already held.
 async fn until(
@@ -241,15 +255,7 @@ async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
                 "warm on the other replica"
             );
         }
-        a.tokens(&root)
-            .revoke_token(pb::RevokeTokenRequest {
-                tenant_id: "acme".into(),
-                actor_user_id: "alice".into(),
-                token_id: issued.token.unwrap().id,
-                reason: String::new(),
-            })
-            .await
-            .unwrap();
+        revoke(&a, &root, issued.token.unwrap().id).await;
         let returned = Instant::now();
         let (took, first) =
             until(&b, &root, &issued.secret, returned, |answer| !answer.active).await;
@@ -390,15 +396,7 @@ async fn a_revocation_waits_for_a_silent_replica_no_longer_than_its_lease() {
     let pid = rustix::process::Pid::from_raw(b.process.0.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::STOP).unwrap();
     let started = Instant::now();
-    a.tokens(&root)
-        .revoke_token(pb::RevokeTokenRequest {
-            tenant_id: "acme".into(),
-            actor_user_id: "alice".into(),
-            token_id: issued.token.unwrap().id,
-            reason: String::new(),
-        })
-        .await
-        .unwrap();
+    revoke(&a, &root, issued.token.unwrap().id).await;
     let took = started.elapsed();
     rustix::process::kill_process(pid, rustix::process::Signal::CONT).unwrap();
     // The default lease (`cache.feed_timeout_ms`) is 2 s, heartbeats every 0.5 s: the write
