@@ -9,6 +9,9 @@
 # tokend's own work, the allocator). Kernel work (the socket calls) is not counted.
 #
 #   bash benches/callgrind.sh          # needs valgrind and h2load (nghttp2-client)
+#   CALLGRIND_GARBAGE=1 bash benches/callgrind.sh   # a garbage token (the ceiling still
+#                                                   # answers its active response)
+#   BENCH_METRICS=1 bash benches/callgrind.sh       # with the Prometheus recorder installed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 calls=${CALLGRIND_CALLS:-20000}
@@ -40,6 +43,11 @@ count() {
   [[ -n "$line" ]] || { cat "$work/$which.stderr" >&2; exit 1; }
   local addr key body
   read -r addr key body <<<"$line"
+  if [[ -n "${CALLGRIND_GARBAGE:-}" ]]; then
+    # Introspect of "garbage": a gRPC frame holding IntrospectRequest { token: "garbage" }.
+    body="$work/garbage.body"
+    printf '\x00\x00\x00\x00\x09\x0a\x07garbage' >"$body"
+  fi
   load() {
     taskset -c 1 h2load -n"$1" -c8 -m8 -t1 -d "$body" \
       -H 'content-type: application/grpc' -H 'te: trailers' \
@@ -61,7 +69,9 @@ count() {
 
 tokend=$(count tokend)
 ceiling=$(count ceiling)
-echo "instructions per warm Introspect ($calls calls, 64 in flight, with the log subscriber):"
+kind=warm
+[[ -n "${CALLGRIND_GARBAGE:-}" ]] && kind=garbage
+echo "instructions per $kind Introspect ($calls calls, 64 in flight, with the log subscriber):"
 echo "  tokend  $tokend"
 echo "  ceiling $ceiling"
 awk -v t="$tokend" -v c="$ceiling" 'BEGIN { printf "  ratio   %.3f×\n", t / c }'

@@ -27,7 +27,7 @@ pub trait InvalidationSink: Send + Sync + std::fmt::Debug + 'static {
     /// Reports that the change feed delivered `what` (after invalidating it), with its
     /// change-log sequence number, for writers waiting to see their own change come back.
     fn echo(&self, _seq: Option<i64>, _what: &Invalidation) {}
-    /// Reports a replica's acknowledgement (its heartbeat): every change up to `seq` is
+    /// Reports a replica's acknowledgement (its heartbeat): change `seq` is the latest it has
     /// applied to its caches. `replica` names one listener connection of one replica.
     fn acknowledged(&self, _replica: &str, _seq: i64) {}
     /// Reports that listener `replica` of this replica is gone (its connection was lost):

@@ -69,7 +69,7 @@ type TokenKey = arrayvec::ArrayString<16>;
 type Echo = (Option<i64>, Invalidation);
 
 /// A replica's last acknowledgement: when it was heard, and the change-log sequence number
-/// up to which it has applied every change.
+/// of the latest change it has applied.
 #[derive(Clone, Copy, Debug)]
 struct Ack {
     heard: Instant,
@@ -203,17 +203,18 @@ impl LiveCache {
     }
 
     /// After a write: waits until the change feed has delivered `change` back to this
-    /// replica, then until every other replica has acknowledged it, so that once the write
-    /// returns no replica answers from a cache that predates it.
+    /// replica, then until every replica heard from within the lease has acknowledged it.
     ///
     /// PostgreSQL notifies every listening replica at commit, but a replica applies the
     /// notification when its listener task next runs, which may be after it has answered a
     /// call that arrived just then. So each replica acknowledges what it has applied (the
-    /// change-log sequence number, in its heartbeat, sent at once after each change), and the
-    /// writer waits for every replica heard from within the lease. One that does not answer
-    /// within the lease cannot be hearing the feed (notifications arrive in commit order, so
-    /// hearing anything later means having applied this): by then its own lease has run out
-    /// and it reads through to the database. Waiting is bounded by that lease.
+    /// change-log sequence number of its latest change, in its heartbeat, sent at once after
+    /// each change), and the writer waits for them, for at most the lease. This narrows the
+    /// window; it does not yet close it. Sequence numbers are taken at insert, not at
+    /// commit, so with concurrent writers a later number can be acknowledged first. Answers
+    /// travel through the pool while the lease follows the listener. A NOTIFY can be forged.
+    /// A write whose echo does not come back does not wait. README, "Invalidation", has the
+    /// design that closes it.
     async fn await_echo(
         &self,
         echo: Option<tokio::sync::broadcast::Receiver<Echo>>,

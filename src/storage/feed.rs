@@ -272,8 +272,8 @@ impl Drop for ForgetOnDrop {
 }
 
 /// A heartbeat: which listener sent it, when (microseconds since that listener started),
-/// and, from replicas that acknowledge, the change-log sequence number up to which it has
-/// applied every change.
+/// and, from replicas that acknowledge, the change-log sequence number of the latest change
+/// it has applied.
 #[derive(Debug, PartialEq, Eq)]
 struct Heartbeat<'a> {
     from: &'a str,
