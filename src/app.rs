@@ -137,10 +137,6 @@ impl App {
         // PostgreSQL replicas trust their caches only once the change feed is up; until then
         // every Introspect reads the database. SQLite is one replica: trusted from the start.
         let cache = Arc::new(LiveCache::new(&settings.cache, store.is_postgres()));
-        let cached: Arc<dyn Store> = Arc::new(CachingStore::new(
-            Arc::clone(&store) as Arc<dyn Store>,
-            Arc::clone(&cache),
-        ));
         let feed = store.spawn_change_feed(
             Arc::clone(&cache) as Arc<dyn InvalidationSink>,
             FeedTiming {
@@ -149,6 +145,12 @@ impl App {
                 poll: Duration::from_millis(settings.cache.feed_poll_ms.max(10)),
             },
         );
+        let cached: Arc<dyn Store> = Arc::new(CachingStore::new(
+            Arc::clone(&store) as Arc<dyn Store>,
+            Arc::clone(&cache),
+            feed.as_ref().map(|feed| Arc::clone(&feed.fence)),
+        ));
+        let feed = feed.map(|feed| feed.task);
         let hasher = hasher(settings)?;
         let last_used = Arc::new(LastUsed::new(Arc::clone(&cached)));
         let core = Arc::new(Tokend::new(

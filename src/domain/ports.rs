@@ -24,20 +24,21 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 pub trait InvalidationSink: Send + Sync + std::fmt::Debug + 'static {
     /// Evicts what `what` names.
     fn invalidate(&self, what: &Invalidation);
-    /// Reports that the change feed delivered `what` (after invalidating it), with its
-    /// change-log sequence number, for writers waiting to see their own change come back.
-    fn echo(&self, _seq: Option<i64>, _what: &Invalidation) {}
-    /// Reports a replica's acknowledgement (its heartbeat): change `seq` is the latest it has
-    /// applied to its caches. `replica` names one listener connection of one replica.
-    fn acknowledged(&self, _replica: &str, _seq: i64) {}
-    /// Reports that listener `replica` of this replica is gone (its connection was lost):
-    /// a new one, under a new name, acknowledges from now on.
-    fn gone(&self, _replica: &str) {}
-    /// Reports that the change feed's connection just proved alive (any message arrived).
-    /// Trust is a lease on this: without it, a stuck feed would leave the cache trusted.
-    fn heard(&self) {}
+    /// Reports that this replica's own heartbeat, sent at `sent`, came back through the
+    /// change feed: everything committed before it has been applied. Trust is a lease from
+    /// `sent`; a feed that stops proving itself this way stops being trusted.
+    fn renewed(&self, _sent: std::time::Instant) {}
     /// Whether every change is being seen. Becoming trusted starts from an empty cache.
     fn set_trusted(&self, trusted: bool);
+}
+
+/// Holds a committed write back until no replica can still serve what it changed.
+#[async_trait]
+pub trait WriteFence: Send + Sync + std::fmt::Debug + 'static {
+    /// Returns once every replica that may answer from its cache has applied everything
+    /// committed before `committed` (taken after the commit returned), or once the longest
+    /// any replica can go on trusting its cache without having applied it has passed.
+    async fn settle(&self, committed: std::time::Instant);
 }
 
 /// The outcome of checking a secret against a stored hash.

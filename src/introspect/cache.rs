@@ -22,7 +22,7 @@ use crate::domain::model::{
     Tenant, TenantStatus, Timestamp, Token, TokenState, TokenUse, User, UserStatus,
 };
 use crate::domain::names::{RoleName, TenantId, UserId};
-use crate::domain::ports::{AuditQuery, InvalidationSink, Store, TokenQuery};
+use crate::domain::ports::{AuditQuery, InvalidationSink, Store, TokenQuery, WriteFence};
 use crate::domain::token_format::TokenKind;
 
 /// Cache sizes and backstop.
@@ -64,18 +64,6 @@ type TenantRole = (TenantId, RoleName);
 /// cached token. Public ids are 12 characters; anything longer is simply not cached.
 type TokenKey = arrayvec::ArrayString<16>;
 
-/// A change as the feed delivered it: its change-log sequence number (absent in a forged
-/// notification) and what it names.
-type Echo = (Option<i64>, Invalidation);
-
-/// A replica's last acknowledgement: when it was heard, and the change-log sequence number
-/// of the latest change it has applied.
-#[derive(Clone, Copy, Debug)]
-struct Ack {
-    heard: Instant,
-    applied: i64,
-}
-
 /// A cached token row (`None`: no such id), and when it was read.
 #[derive(Clone, Debug)]
 struct TokenEntry {
@@ -101,18 +89,11 @@ pub struct LiveCache {
     untrusted_since: std::sync::Mutex<Option<Instant>>,
     /// Trust changes, for readiness.
     trust_watch: tokio::sync::watch::Sender<bool>,
-    /// Changes as the change feed delivered them, for writers waiting on their own echo.
-    echoes: tokio::sync::broadcast::Sender<Echo>,
-    /// How long a writer waits for its echo.
-    echo_timeout: Duration,
-    /// Every replica's last acknowledgement, by listener (see [`LiveCache::await_echo`]).
-    acks: std::sync::Mutex<std::collections::HashMap<String, Ack>>,
-    /// Rung on every acknowledgement, for writers waiting on them.
-    acked: tokio::sync::Notify,
-    /// Whether a change feed (PostgreSQL) runs; without one (SQLite) there is no echo.
+    /// Whether a change feed (PostgreSQL) runs; without one (SQLite) there is no lease.
     has_feed: bool,
-    /// When the feed last proved alive, as microseconds since `born`: trust is a lease.
-    heard: AtomicU64,
+    /// When this replica's latest heartbeat that came back through the feed was sent, as
+    /// microseconds since `born`: trust is a lease from there (see `storage::fence`).
+    renewed: AtomicU64,
     born: Instant,
     lease: Duration,
     max_staleness: Duration,
@@ -160,12 +141,8 @@ impl LiveCache {
             trusted: AtomicBool::new(trusted),
             untrusted_since: std::sync::Mutex::new((!trusted).then(Instant::now)),
             trust_watch: tokio::sync::watch::Sender::new(trusted),
-            echoes: tokio::sync::broadcast::Sender::new(4096),
-            echo_timeout: Duration::from_millis(settings.feed_timeout_ms.clamp(10, 250)),
-            acks: std::sync::Mutex::default(),
-            acked: tokio::sync::Notify::new(),
             has_feed,
-            heard: AtomicU64::new(0),
+            renewed: AtomicU64::new(0),
             born: Instant::now(),
             lease: Duration::from_millis(settings.feed_timeout_ms.max(20)),
             max_staleness: Duration::from_millis(settings.max_staleness_ms),
@@ -188,99 +165,12 @@ impl LiveCache {
         self.trusted.load(Ordering::SeqCst) && (!self.has_feed || self.lease_held())
     }
 
-    /// Whether the change feed proved alive within the lease: a feed that went quiet (a
-    /// half-open socket, a stuck task) stops the cache being served before the feed's own
-    /// timer notices.
+    /// Whether this replica's own heartbeat came back within the lease since it was sent:
+    /// a feed that went quiet (a half-open socket, a stuck task, a paused process) stops the
+    /// cache being served before the feed's own timer notices.
     fn lease_held(&self) -> bool {
-        let heard = Duration::from_micros(self.heard.load(Ordering::SeqCst));
-        self.born.elapsed().saturating_sub(heard) < self.lease
-    }
-
-    /// Before a write: a receiver for the feed's echo of it, when a feed is running and
-    /// trusted (other replicas then learn of the write from the same notification).
-    fn expect_echo(&self) -> Option<tokio::sync::broadcast::Receiver<Echo>> {
-        (self.has_feed && self.is_trusted()).then(|| self.echoes.subscribe())
-    }
-
-    /// After a write: waits until the change feed has delivered `change` back to this
-    /// replica, then until every replica heard from within the lease has acknowledged it.
-    ///
-    /// PostgreSQL notifies every listening replica at commit, but a replica applies the
-    /// notification when its listener task next runs, which may be after it has answered a
-    /// call that arrived just then. So each replica acknowledges what it has applied (the
-    /// change-log sequence number of its latest change, in its heartbeat, sent at once after
-    /// each change), and the writer waits for them, for at most the lease. This narrows the
-    /// window; it does not yet close it. Sequence numbers are taken at insert, not at
-    /// commit, so with concurrent writers a later number can be acknowledged first. Answers
-    /// travel through the pool while the lease follows the listener. A NOTIFY can be forged.
-    /// A write whose echo does not come back does not wait. README, "Invalidation", has the
-    /// design that closes it.
-    async fn await_echo(
-        &self,
-        echo: Option<tokio::sync::broadcast::Receiver<Echo>>,
-        change: &Invalidation,
-    ) {
-        let Some(mut echo) = echo else { return };
-        let committed = Instant::now();
-        let waited = tokio::time::timeout(self.echo_timeout, async {
-            loop {
-                match echo.recv().await {
-                    Ok((seq, seen)) if seen == *change || seen == Invalidation::All => {
-                        return seq;
-                    }
-                    Ok(_) => {}
-                    Err(_) => return None,
-                }
-            }
-        })
-        .await;
-        let seq = match waited {
-            Ok(seq) => seq,
-            Err(_) => {
-                metrics::counter!("tokend_change_feed_echo_timeouts_total").increment(1);
-                None
-            }
-        };
-        // Without the sequence number there is nothing to ask the others for; the lease
-        // still bounds how long any of them can serve what this write changed.
-        let Some(seq) = seq else { return };
-        let deadline = committed + self.lease;
-        loop {
-            // Registered before checking, so an acknowledgement in between is not missed.
-            let acked = self.acked.notified();
-            if self.behind(seq).is_empty() {
-                return;
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                metrics::counter!("tokend_change_feed_ack_timeouts_total").increment(1);
-                tracing::warn!(
-                    replicas = ?self.behind(seq),
-                    "change feed: not every replica acknowledged a write within the lease"
-                );
-                return;
-            }
-            // Re-checked at least every 50 ms: a replica that went silent drops out of the
-            // set once its last heartbeat is older than the lease.
-            let _ =
-                tokio::time::timeout((deadline - now).min(Duration::from_millis(50)), acked).await;
-        }
-    }
-
-    /// Replicas heard from within the lease that have not yet applied change `seq`.
-    fn behind(&self, seq: i64) -> Vec<String> {
-        let now = Instant::now();
-        let mut acks = self
-            .acks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        // Replicas gone for good (stopped, or a listener that reconnected under a new name)
-        // are forgotten here rather than kept forever.
-        acks.retain(|_, ack| now.duration_since(ack.heard) < self.lease * 4);
-        acks.iter()
-            .filter(|(_, ack)| now.duration_since(ack.heard) < self.lease && ack.applied < seq)
-            .map(|(replica, _)| replica.clone())
-            .collect()
+        let renewed = Duration::from_micros(self.renewed.load(Ordering::SeqCst));
+        self.born.elapsed().saturating_sub(renewed) < self.lease
     }
 
     /// Follows trust changes: readiness is trust.
@@ -460,33 +350,10 @@ impl InvalidationSink for LiveCache {
         metrics::counter!("tokend_cache_invalidations_total").increment(1);
     }
 
-    fn heard(&self) {
-        let now = u64::try_from(self.born.elapsed().as_micros()).unwrap_or(u64::MAX);
-        self.heard.store(now, Ordering::SeqCst);
-    }
-
-    fn echo(&self, seq: Option<i64>, what: &Invalidation) {
-        let _ = self.echoes.send((seq, what.clone()));
-    }
-
-    fn acknowledged(&self, replica: &str, seq: i64) {
-        let ack = Ack {
-            heard: Instant::now(),
-            applied: seq,
-        };
-        self.acks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(replica.to_owned(), ack);
-        self.acked.notify_waiters();
-    }
-
-    fn gone(&self, replica: &str) {
-        self.acks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(replica);
-        self.acked.notify_waiters();
+    fn renewed(&self, sent: Instant) {
+        let sent = sent.saturating_duration_since(self.born).as_micros();
+        self.renewed
+            .fetch_max(u64::try_from(sent).unwrap_or(u64::MAX), Ordering::SeqCst);
     }
 
     fn set_trusted(&self, trusted: bool) {
@@ -525,26 +392,37 @@ impl Drop for EvictOnDrop<'_> {
 pub struct CachingStore {
     inner: Arc<dyn Store>,
     cache: Arc<LiveCache>,
+    /// What holds a write back until every replica has it (PostgreSQL); `None` for one
+    /// replica alone (SQLite).
+    fence: Option<Arc<dyn WriteFence>>,
 }
 
 impl CachingStore {
     /// Wraps `inner`.
-    pub fn new(inner: Arc<dyn Store>, cache: Arc<LiveCache>) -> Self {
-        Self { inner, cache }
+    pub fn new(
+        inner: Arc<dyn Store>,
+        cache: Arc<LiveCache>,
+        fence: Option<Arc<dyn WriteFence>>,
+    ) -> Self {
+        Self {
+            inner,
+            cache,
+            fence,
+        }
     }
 
     fn evict(&self, what: Invalidation) {
         self.cache.invalidate(&what);
     }
 
-    /// Evicts locally, then waits for the change feed's echo of the write, if any.
-    async fn settle(
-        &self,
-        echo: Option<tokio::sync::broadcast::Receiver<Echo>>,
-        what: Invalidation,
-    ) {
+    /// Evicts locally; then, if the write `changed` anything, holds it back until no other
+    /// replica can still answer from a cache that lacks it.
+    async fn settle(&self, changed: bool, what: Invalidation) {
+        let committed = Instant::now();
         self.cache.invalidate(&what);
-        self.cache.await_echo(echo, &what).await;
+        if let (true, Some(fence)) = (changed, &self.fence) {
+            fence.settle(committed).await;
+        }
     }
 }
 
@@ -584,13 +462,12 @@ impl Store for CachingStore {
     }
 
     async fn put_tenant(&self, tenant: &Tenant, audit: &AuditRecord) -> Result<Tenant> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Tenant(tenant.id.clone())]);
         let stored = self.inner.put_tenant(tenant, audit).await;
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| stored.is_ok());
-        self.settle(echo, Invalidation::Tenant(tenant.id.clone()))
+        // Nothing changed, nothing to wait for.
+        let changed = stored.is_ok();
+        self.settle(changed, Invalidation::Tenant(tenant.id.clone()))
             .await;
         stored
     }
@@ -609,7 +486,6 @@ impl Store for CachingStore {
     }
 
     async fn put_role(&self, role: &Role, audit: &AuditRecord) -> Result<()> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(
             &self.cache,
@@ -619,10 +495,10 @@ impl Store for CachingStore {
             )],
         );
         let result = self.inner.put_role(role, audit).await;
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| result.is_ok());
+        // Nothing changed, nothing to wait for.
+        let changed = result.is_ok();
         self.settle(
-            echo,
+            changed,
             Invalidation::Role(role.tenant_id.clone(), role.name.clone()),
         )
         .await;
@@ -635,16 +511,15 @@ impl Store for CachingStore {
         name: &RoleName,
         audit: &AuditRecord,
     ) -> Result<bool> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(
             &self.cache,
             vec![Invalidation::Role(tenant.clone(), name.clone())],
         );
         let result = self.inner.delete_role(tenant, name, audit).await;
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| matches!(result, Ok(true)));
-        self.settle(echo, Invalidation::Role(tenant.clone(), name.clone()))
+        // Nothing changed, nothing to wait for.
+        let changed = matches!(result, Ok(true));
+        self.settle(changed, Invalidation::Role(tenant.clone(), name.clone()))
             .await;
         result
     }
@@ -658,7 +533,6 @@ impl Store for CachingStore {
     }
 
     async fn put_members(&self, members: &[(Member, AuditRecord)]) -> Result<()> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(
             &self.cache,
@@ -672,21 +546,20 @@ impl Store for CachingStore {
                 })
                 .collect(),
         );
-        // Evicts even if this call is cancelled after the commit (a client deadline).
         let result = self.inner.put_members(members).await;
         for (member, _) in members {
             self.evict(Invalidation::User(member.user_id.clone()));
-            self.evict(Invalidation::Member(
-                member.tenant_id.clone(),
-                member.user_id.clone(),
-            ));
         }
-        // The feed delivers in commit order: the last membership's echo covers the batch.
+        // One fence covers the whole batch: it follows the commit of all of it.
         if let Some((member, _)) = members.last() {
+            for (member, _) in members {
+                self.evict(Invalidation::Member(
+                    member.tenant_id.clone(),
+                    member.user_id.clone(),
+                ));
+            }
             let last = Invalidation::Member(member.tenant_id.clone(), member.user_id.clone());
-            // Nothing changed, nothing to wait for: no notification will come.
-            let echo = echo.filter(|_| result.is_ok());
-            self.settle(echo, last).await;
+            self.settle(result.is_ok(), last).await;
         }
         result
     }
@@ -697,16 +570,15 @@ impl Store for CachingStore {
         user: &UserId,
         audit: &AuditRecord,
     ) -> Result<bool> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(
             &self.cache,
             vec![Invalidation::Member(tenant.clone(), user.clone())],
         );
         let result = self.inner.remove_member(tenant, user, audit).await;
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| matches!(result, Ok(true)));
-        self.settle(echo, Invalidation::Member(tenant.clone(), user.clone()))
+        // Nothing changed, nothing to wait for.
+        let changed = matches!(result, Ok(true));
+        self.settle(changed, Invalidation::Member(tenant.clone(), user.clone()))
             .await;
         result
     }
@@ -725,13 +597,13 @@ impl Store for CachingStore {
     }
 
     async fn put_user(&self, user: &User, audit: &AuditRecord) -> Result<User> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::User(user.id.clone())]);
         let result = self.inner.put_user(user, audit).await;
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| result.is_ok());
-        self.settle(echo, Invalidation::User(user.id.clone())).await;
+        // Nothing changed, nothing to wait for.
+        let changed = result.is_ok();
+        self.settle(changed, Invalidation::User(user.id.clone()))
+            .await;
         result
     }
 
@@ -764,13 +636,13 @@ impl Store for CachingStore {
         revocation: &Revocation,
         audit: &AuditRecord,
     ) -> Result<Option<Token>> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.revoke_token(tenant, id, revocation, audit).await;
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| matches!(result, Ok(Some(_))));
-        self.settle(echo, Invalidation::Token(id.to_owned())).await;
+        // Nothing changed, nothing to wait for.
+        let changed = matches!(result, Ok(Some(_)));
+        self.settle(changed, Invalidation::Token(id.to_owned()))
+            .await;
         result
     }
 
@@ -782,7 +654,6 @@ impl Store for CachingStore {
         successor: &Token,
         audit: &[AuditRecord],
     ) -> Result<Token> {
-        let echo = self.cache.expect_echo();
         // The predecessor's cached row lacks its revocation (due now or at the end of the
         // grace): evict it everywhere, as for a revocation.
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
@@ -791,9 +662,10 @@ impl Store for CachingStore {
             .rotate_token(tenant, id, revocation, successor, audit)
             .await;
         self.cache.forget_token(successor.id());
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| result.is_ok());
-        self.settle(echo, Invalidation::Token(id.to_owned())).await;
+        // Nothing changed, nothing to wait for.
+        let changed = result.is_ok();
+        self.settle(changed, Invalidation::Token(id.to_owned()))
+            .await;
         result
     }
 
@@ -803,13 +675,13 @@ impl Store for CachingStore {
         id: &str,
         audit: &[AuditRecord],
     ) -> Result<bool> {
-        let echo = self.cache.expect_echo();
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.delete_token(tenant, id, audit).await;
-        // Nothing changed, nothing to wait for: no notification will come.
-        let echo = echo.filter(|_| matches!(result, Ok(true)));
-        self.settle(echo, Invalidation::Token(id.to_owned())).await;
+        // Nothing changed, nothing to wait for.
+        let changed = matches!(result, Ok(true));
+        self.settle(changed, Invalidation::Token(id.to_owned()))
+            .await;
         result
     }
 
@@ -1020,7 +892,7 @@ mod tests {
     }
 
     #[test]
-    fn trust_is_a_lease_on_the_feed_proving_alive() {
+    fn trust_is_a_lease_from_the_sending_of_a_heartbeat_that_came_back() {
         let settings = CacheSettings {
             feed_timeout_ms: 30,
             ..CacheSettings::default()
@@ -1028,14 +900,20 @@ mod tests {
         let cache = LiveCache::new(&settings, true);
         assert!(!cache.is_trusted(), "a feed-backed cache starts untrusted");
         cache.set_trusted(true);
-        cache.heard();
+        cache.renewed(Instant::now());
         assert!(cache.is_trusted());
         std::thread::sleep(Duration::from_millis(40));
         assert!(
             !cache.is_trusted(),
             "a quiet feed stops the cache being served"
         );
-        cache.heard();
+        // A heartbeat that took longer than the lease to come back renews nothing.
+        cache.renewed(Instant::now() - Duration::from_millis(35));
+        assert!(!cache.is_trusted());
+        cache.renewed(Instant::now());
+        assert!(cache.is_trusted());
+        // A late (or replayed) older heartbeat does not move the lease back.
+        cache.renewed(Instant::now() - Duration::from_secs(1));
         assert!(cache.is_trusted());
     }
 

@@ -4,13 +4,14 @@
 //! - LISTEN first, then trust: caches start empty once the listener is in place, so nothing
 //!   committed after that point can be missed.
 //! - A lost connection is seen (`try_recv` returns `None`, unlike `recv`, which reconnects
-//!   silently and hides the gap); a half-open one is caught by a heartbeat that must come
-//!   back within a timeout. Either way the caches are untrusted until a new listener is up.
+//!   silently and hides the gap); a half-open one is caught by this replica's own heartbeat,
+//!   which must come back within a timeout. Either way the caches are untrusted until a new
+//!   listener is up and its first heartbeat is back.
+//! - The same channel carries the write fence's messages (`super::fence`).
 //! - A slow poll of `change_log` is the backstop for anything a lost message missed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use sea_orm::sqlx::postgres::{PgListener, PgPool};
@@ -19,12 +20,12 @@ use tokio::sync::mpsc;
 
 use crate::domain::model::Invalidation;
 use crate::domain::names::{RoleName, TenantId, UserId};
-use crate::domain::ports::InvalidationSink;
+use crate::domain::ports::{InvalidationSink, WriteFence};
 
 use super::SeaStore;
+use super::fence::{CONTROL, Control, Fences, Key, Kind};
 
 const CHANGES: &str = "tokend_changes";
-const HEARTBEAT: &str = "tokend_heartbeat";
 /// Change-log rows one poll reads.
 const POLL_LIMIT: i64 = 10_000;
 
@@ -33,7 +34,8 @@ const POLL_LIMIT: i64 = 10_000;
 pub struct FeedTiming {
     /// How often a heartbeat is sent through the database.
     pub heartbeat: Duration,
-    /// Silence after which the listener connection is presumed dead.
+    /// Silence (no own heartbeat back) after which the listener connection is presumed
+    /// dead; also the lease a replica trusts its caches for after a heartbeat was sent.
     pub timeout: Duration,
     /// How often `change_log` is polled.
     pub poll: Duration,
@@ -88,6 +90,13 @@ pub fn parse_payload(payload: &str) -> Invalidation {
     }
 }
 
+/// A running change feed: the task, and the fence its replica's writers wait on.
+#[derive(Debug)]
+pub struct ChangeFeed {
+    pub task: tokio::task::JoinHandle<()>,
+    pub fence: Arc<dyn WriteFence>,
+}
+
 impl SeaStore {
     /// Runs the change feed into `sink` until the returned task is aborted. PostgreSQL only;
     /// on SQLite it returns `None` and the caller trusts local invalidation.
@@ -95,19 +104,29 @@ impl SeaStore {
         &self,
         sink: Arc<dyn InvalidationSink>,
         timing: FeedTiming,
-    ) -> Option<tokio::task::JoinHandle<()>> {
+    ) -> Option<ChangeFeed> {
         if !self.is_postgres() {
             return None;
         }
         let pool = self.db.get_postgres_connection_pool().clone();
-        Some(tokio::spawn(run(pool, sink, timing)))
+        let fences = Arc::new(Fences::new(pool.clone(), timing.timeout));
+        let task = tokio::spawn(run(pool, sink, Arc::clone(&fences), timing));
+        Some(ChangeFeed {
+            task,
+            fence: fences,
+        })
     }
 }
 
-async fn run(pool: PgPool, sink: Arc<dyn InvalidationSink>, timing: FeedTiming) {
+async fn run(
+    pool: PgPool,
+    sink: Arc<dyn InvalidationSink>,
+    fences: Arc<Fences>,
+    timing: FeedTiming,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match listen_until_lost(&pool, &sink, timing).await {
+        match listen_until_lost(&pool, &sink, &fences, timing).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(err) => tracing::warn!(error = %err, "change feed: cannot listen"),
         }
@@ -126,36 +145,34 @@ type Applied = Arc<std::sync::Mutex<HashMap<i64, (String, Instant)>>>;
 
 /// One listener connection's life: returns when it is lost.
 ///
-/// The loop that applies notifications never waits on the database: the heartbeat sender
-/// and the change-log poll run in their own tasks, so a slow or unreachable database cannot
-/// hold back an eviction or hide a silent connection.
+/// The loop that applies notifications never waits on the database: heartbeats and
+/// acknowledgements are sent, and the change log polled, by their own tasks, so a slow or
+/// unreachable database cannot hold back an eviction or hide a silent connection.
 async fn listen_until_lost(
     pool: &PgPool,
     sink: &Arc<dyn InvalidationSink>,
+    fences: &Arc<Fences>,
     timing: FeedTiming,
 ) -> Result<(), sqlx::Error> {
+    let key = match fences.key() {
+        Some(key) => key.clone(),
+        None => {
+            let key = Key::load(pool).await?;
+            fences.set_key(key.clone());
+            key
+        }
+    };
     let mut listener = PgListener::connect_with(pool).await?;
     listener.eager_reconnect(false);
-    listener.listen_all([CHANGES, HEARTBEAT]).await?;
-    // Everything up to here was committed before we listened: a cache trusted from now on
-    // starts empty, so it has in effect applied it. That is what we acknowledge until the
-    // first change arrives.
-    let latest: i64 = sqlx::query_scalar("SELECT coalesce(max(seq), 0) FROM change_log")
-        .fetch_one(pool)
-        .await?;
-    let applied_seq = Arc::new(std::sync::atomic::AtomicI64::new(latest));
-    let ack_now = Arc::new(tokio::sync::Notify::new());
-    // Everything committed from here on will be notified: start trusting, from empty.
-    sink.set_trusted(true);
-    sink.heard();
+    listener.listen_all([CHANGES, CONTROL]).await?;
+    // Everything committed from here on will be delivered. The caches are trusted, from
+    // empty, once our own heartbeat comes back: that is what every later renewal of the
+    // lease rests on too (see `fence`).
+    let since = Instant::now();
+    fences.listening(Some(since));
+    let _listening = NotListeningOnDrop(Arc::clone(fences));
     metrics::gauge!("tokend_change_feed_listening").set(1.0);
-    tracing::info!("change feed: listening; caches trusted");
-    // Our heartbeats carry this listener's mark and when they left, so the round trip back
-    // to our own connection measures how late notifications arrive.
-    let mark = format!("{:016x}", rand::random::<u64>());
-    // However this session ends, its name stops counting as a replica to wait for.
-    let _forget = ForgetOnDrop(Arc::clone(sink), mark.clone());
-    let started = Instant::now();
+    tracing::info!("change feed: listening");
 
     // The receiver owns the listener in its own task, so it is never cancelled mid-message;
     // it is dropped (closing the connection) when this function returns.
@@ -172,29 +189,14 @@ async fn listen_until_lost(
             }
         }
     }));
-    // Any replica's heartbeat proves our connection alive; send ours so there always is one.
-    // It is also our acknowledgement (`"<mark> <sent> <applied>"`): sent at once after each
-    // change we apply, so a writer waiting for every replica hears from us in a round trip.
-    let _heartbeat = AbortOnDrop(tokio::spawn({
-        let (pool, mark) = (pool.clone(), mark.clone());
-        let (applied_seq, ack_now) = (Arc::clone(&applied_seq), Arc::clone(&ack_now));
-        async move {
-            let mut tick = tokio::time::interval(timing.heartbeat);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = ack_now.notified() => {}
-                }
-                let sent = started.elapsed().as_micros();
-                let applied = applied_seq.load(Ordering::SeqCst);
-                let send = sqlx::query("SELECT pg_notify($1, $2)")
-                    .bind(HEARTBEAT)
-                    .bind(format!("{mark} {sent} {applied}"))
-                    .execute(&pool);
-                let _ = tokio::time::timeout(timing.timeout, send).await;
-            }
-        }
-    }));
+    let (acks, outgoing) = mpsc::channel::<String>(4096);
+    let _sender = AbortOnDrop(tokio::spawn(send_control(
+        pool.clone(),
+        Arc::clone(fences),
+        key.clone(),
+        outgoing,
+        timing,
+    )));
     let applied: Applied = Arc::default();
     let _poll = AbortOnDrop(tokio::spawn({
         let (pool, sink, applied) = (pool.clone(), Arc::clone(sink), Arc::clone(&applied));
@@ -214,44 +216,57 @@ async fn listen_until_lost(
         }
     }));
 
-    let mut last_heard = Instant::now();
+    let mut trusted = false;
+    // Only our own heartbeat coming back proves the round trip works; anyone else's
+    // traffic does not.
+    let mut last_own = since;
     loop {
-        let silence = tokio::time::sleep_until((last_heard + timing.timeout).into());
+        let silence = tokio::time::sleep_until((last_own + timing.timeout).into());
         // Silence first: after a pause longer than the timeout (a stopped or frozen process),
-        // the feed counts as lost before any message queued meanwhile can renew the lease
-        // ahead of the changes queued behind it.
+        // the feed counts as lost before any message queued meanwhile is looked at.
         tokio::select! {
             biased;
             () = silence => {
-                tracing::warn!("change feed: no heartbeat back in time; caches untrusted");
+                tracing::warn!("change feed: own heartbeat not back in time; caches untrusted");
                 return Ok(());
             },
             message = rx.recv() => match message {
-                Some(Some((channel, payload))) => {
-                    if channel == CHANGES {
-                        let (seq, change) = split_notification(&payload);
-                        if let (Some(seq), Some((_, body))) = (seq, payload.split_once(' ')) {
-                            lock(&applied).insert(seq, (body.to_owned(), Instant::now()));
-                        }
-                        sink.invalidate(&change);
-                        if let Some(seq) = seq {
-                            applied_seq.fetch_max(seq, Ordering::SeqCst);
-                            ack_now.notify_one();
-                        }
-                        sink.echo(seq, &change);
-                    } else if let Some(heartbeat) = Heartbeat::parse(&payload) {
-                        if heartbeat.from == mark {
-                            let now = started.elapsed().as_micros() as u64;
-                            let lag = now.saturating_sub(heartbeat.sent) as f64 / 1e6;
-                            metrics::histogram!("tokend_invalidation_lag_seconds").record(lag);
-                        }
-                        if let Some(applied) = heartbeat.applied {
-                            sink.acknowledged(heartbeat.from, applied);
-                        }
+                Some(Some((channel, payload))) if channel == CHANGES => {
+                    let (seq, change) = split_notification(&payload);
+                    if let (Some(seq), Some((_, body))) = (seq, payload.split_once(' ')) {
+                        lock(&applied).insert(seq, (body.to_owned(), Instant::now()));
                     }
-                    // The lease is renewed only once the message is applied.
-                    last_heard = Instant::now();
-                    sink.heard();
+                    sink.invalidate(&change);
+                }
+                Some(Some((_, payload))) => {
+                    let Some(message) = Control::verify(&payload, &key) else {
+                        metrics::counter!("tokend_change_feed_forged_total").increment(1);
+                        continue;
+                    };
+                    let own = message.from == fences.me();
+                    match (message.kind, own) {
+                        (Kind::Heartbeat, true) => {
+                            let sent = fences.sent_at(message.value);
+                            let lag = sent.elapsed().as_secs_f64();
+                            metrics::histogram!("tokend_invalidation_lag_seconds").record(lag);
+                            sink.renewed(sent);
+                            last_own = Instant::now();
+                            if !trusted {
+                                sink.set_trusted(true);
+                                trusted = true;
+                                tracing::info!("change feed: heartbeat back; caches trusted");
+                            }
+                        }
+                        (Kind::Heartbeat, false) => fences.heard(message.from),
+                        (Kind::Fence, true) => fences.echoed(message.value),
+                        (Kind::Fence, false) => {
+                            // Everything committed before this fence has been applied. If
+                            // the queue is full the writer waits out the lease instead.
+                            let _ = acks.try_send(fences.ack(&key, message.value));
+                        }
+                        (Kind::Ack, false) => fences.acked(message.value, message.from),
+                        (Kind::Ack, true) => {}
+                    }
                 }
                 _ => {
                     tracing::warn!("change feed: listener connection lost; caches untrusted");
@@ -262,36 +277,55 @@ async fn listen_until_lost(
     }
 }
 
-/// Reports listener `.1` gone to the sink when dropped.
-struct ForgetOnDrop(Arc<dyn InvalidationSink>, String);
-
-impl Drop for ForgetOnDrop {
-    fn drop(&mut self) {
-        self.0.gone(&self.1);
+/// Sends this replica's heartbeats (on a timer) and acknowledgements (as fences arrive),
+/// in order, until aborted. A heartbeat also records the replica in `tokend_replicas`, in
+/// the same statement, for writers whose listener is too young to have heard it.
+async fn send_control(
+    pool: PgPool,
+    fences: Arc<Fences>,
+    key: Key,
+    mut outgoing: mpsc::Receiver<String>,
+    timing: FeedTiming,
+) {
+    let mut tick = tokio::time::interval(timing.heartbeat);
+    let mut batch = Vec::new();
+    loop {
+        let send = tokio::select! {
+            _ = tick.tick() => sqlx::query(
+                "WITH registered AS (
+                     INSERT INTO tokend_replicas (id, seen) VALUES ($1, clock_timestamp())
+                     ON CONFLICT (id) DO UPDATE SET seen = excluded.seen RETURNING 1)
+                 SELECT pg_notify($2, $3) FROM registered",
+            )
+            .bind(fences.me().to_owned())
+            .bind(CONTROL)
+            // Stamped now, before the statement runs: the lease it renews starts no later
+            // than the heartbeat's commit.
+            .bind(fences.heartbeat(&key)),
+            received = outgoing.recv_many(&mut batch, 256) => {
+                if received == 0 {
+                    return;
+                }
+                sqlx::query("SELECT pg_notify($1, m) FROM unnest($2::text[]) AS m")
+                    .bind(CONTROL)
+                    .bind(std::mem::take(&mut batch))
+            }
+        };
+        if let Err(err) = tokio::time::timeout(timing.timeout, send.execute(&pool))
+            .await
+            .unwrap_or(Err(sqlx::Error::PoolTimedOut))
+        {
+            tracing::debug!(error = %err, "change feed: control message not sent");
+        }
     }
 }
 
-/// A heartbeat: which listener sent it, when (microseconds since that listener started),
-/// and, from replicas that acknowledge, the change-log sequence number of the latest change
-/// it has applied.
-#[derive(Debug, PartialEq, Eq)]
-struct Heartbeat<'a> {
-    from: &'a str,
-    sent: u64,
-    applied: Option<i64>,
-}
+/// Marks the replica as not listening when dropped, however the connection ended.
+struct NotListeningOnDrop(Arc<Fences>);
 
-impl<'a> Heartbeat<'a> {
-    fn parse(payload: &'a str) -> Option<Self> {
-        let mut fields = payload.split(' ');
-        let from = fields.next()?;
-        let sent = fields.next()?.parse().ok()?;
-        let applied = fields.next().and_then(|applied| applied.parse().ok());
-        Some(Self {
-            from,
-            sent,
-            applied,
-        })
+impl Drop for NotListeningOnDrop {
+    fn drop(&mut self) {
+        self.0.listening(None);
     }
 }
 
@@ -355,9 +389,16 @@ async fn poll_change_log(
         sink.invalidate(&change);
     }
     *polled_until = Some(now);
-    // Keep the log short; any replica may prune.
+    // Keep the log and the replica table short; any replica may prune.
     sqlx::query(
         "DELETE FROM change_log WHERE at < to_timestamp($1::float8 / 1000000) - interval '1 hour'",
+    )
+    .bind(now)
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "DELETE FROM tokend_replicas
+         WHERE seen < to_timestamp($1::float8 / 1000000) - interval '1 hour'",
     )
     .bind(now)
     .execute(pool)
@@ -376,29 +417,6 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn heartbeats_name_their_listener_and_what_it_has_applied() {
-        assert_eq!(
-            Heartbeat::parse("00ab 1500 42"),
-            Some(Heartbeat {
-                from: "00ab",
-                sent: 1500,
-                applied: Some(42)
-            })
-        );
-        // A replica that does not acknowledge (an older version) is heard, not waited for.
-        assert_eq!(
-            Heartbeat::parse("00ab 1500"),
-            Some(Heartbeat {
-                from: "00ab",
-                sent: 1500,
-                applied: None
-            })
-        );
-        assert_eq!(Heartbeat::parse("00ab"), None);
-        assert_eq!(Heartbeat::parse("00ab soon 42"), None);
-    }
 
     #[test]
     fn payloads_name_keys_and_anything_else_evicts_everything() {

@@ -5,8 +5,9 @@ mod convert;
 pub mod entities;
 mod fault;
 mod feed;
+mod fence;
 pub mod migration;
 mod store;
 
-pub use feed::FeedTiming;
+pub use feed::{ChangeFeed, FeedTiming};
 pub use store::{DatabaseOptions, SeaStore};

@@ -207,13 +207,14 @@ fn describe() {
          a change notification arrives"
     );
     describe_counter!(
-        "tokend_change_feed_echo_timeouts_total",
-        "writes whose own change the feed did not deliver back in time"
+        "tokend_change_feed_forged_total",
+        "messages on the control channel whose signature did not verify (another database \
+         role NOTIFYing, or a replica with another key), ignored"
     );
     describe_counter!(
         "tokend_change_feed_ack_timeouts_total",
-        "writes that returned at the end of the lease because a replica heard from within \
-         it did not acknowledge them"
+        "writes that waited out the lease because not every replica acknowledged their \
+         fence (a replica stopped or slow, or this replica's feed down)"
     );
     describe_counter!(
         "tokend_change_feed_losses_total",

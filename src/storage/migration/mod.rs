@@ -7,6 +7,7 @@ mod m0001_initial;
 mod m0002_change_feed;
 mod m0003_rotation;
 mod m0004_token_uses;
+mod m0005_replicas;
 
 /// Every migration, oldest first.
 #[derive(Debug)]
@@ -20,6 +21,7 @@ impl MigratorTrait for Migrator {
             Box::new(m0002_change_feed::Migration),
             Box::new(m0003_rotation::Migration),
             Box::new(m0004_token_uses::Migration),
+            Box::new(m0005_replicas::Migration),
         ]
     }
 }
