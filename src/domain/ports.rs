@@ -219,4 +219,39 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
         token: &Token,
         audit: &AuditRecord,
     ) -> Result<()>;
+
+    /// Returns once no replica can still answer from a cache that lacks anything committed
+    /// before this call: for a write that found its change already made (by a call that may
+    /// still be waiting on its own fence), and after a batch (see [`one_fence_for`]). A
+    /// no-op with one replica.
+    async fn fence(&self) {}
+}
+
+tokio::task_local! {
+    /// Set inside [`one_fence_for`]: whether a write there deferred its fence.
+    static FENCE_DEFERRED: std::cell::Cell<bool>;
+}
+
+/// Runs `batch`, whose writes skip their own fences, then one fence for all of them (a fence
+/// follows every commit before it): a bulk revocation waits for a silent replica once, not
+/// once per token. The fence runs even if `batch` fails partway, for what it committed.
+pub async fn one_fence_for<F: std::future::Future>(store: &dyn Store, batch: F) -> F::Output {
+    let (output, deferred) = FENCE_DEFERRED
+        .scope(std::cell::Cell::new(false), async {
+            let output = batch.await;
+            (output, FENCE_DEFERRED.with(std::cell::Cell::get))
+        })
+        .await;
+    if deferred {
+        store.fence().await;
+    }
+    output
+}
+
+/// For a write that went through: `true` if it runs inside [`one_fence_for`], which then
+/// fences for it; `false` if it must fence itself.
+pub fn defer_fence() -> bool {
+    FENCE_DEFERRED
+        .try_with(|deferred| deferred.set(true))
+        .is_ok()
 }

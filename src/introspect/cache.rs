@@ -415,12 +415,15 @@ impl CachingStore {
         self.cache.invalidate(&what);
     }
 
-    /// Evicts locally; then, if the write `changed` anything, holds it back until no other
-    /// replica can still answer from a cache that lacks it.
-    async fn settle(&self, changed: bool, what: Invalidation) {
+    /// Evicts locally; then, if the write went through (`done`), holds it back until no
+    /// other replica can still answer from a cache that lacks it. Also when it changed
+    /// nothing: what it found may be another call's change, still waiting on its fence.
+    async fn settle(&self, done: bool, what: Invalidation) {
         let committed = Instant::now();
         self.cache.invalidate(&what);
-        if let (true, Some(fence)) = (changed, &self.fence) {
+        if let (true, Some(fence)) = (done, &self.fence)
+            && !crate::domain::ports::defer_fence()
+        {
             fence.settle(committed).await;
         }
     }
@@ -465,9 +468,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Tenant(tenant.id.clone())]);
         let stored = self.inner.put_tenant(tenant, audit).await;
-        // Nothing changed, nothing to wait for.
-        let changed = stored.is_ok();
-        self.settle(changed, Invalidation::Tenant(tenant.id.clone()))
+        let done = stored.is_ok();
+        self.settle(done, Invalidation::Tenant(tenant.id.clone()))
             .await;
         stored
     }
@@ -495,10 +497,9 @@ impl Store for CachingStore {
             )],
         );
         let result = self.inner.put_role(role, audit).await;
-        // Nothing changed, nothing to wait for.
-        let changed = result.is_ok();
+        let done = result.is_ok();
         self.settle(
-            changed,
+            done,
             Invalidation::Role(role.tenant_id.clone(), role.name.clone()),
         )
         .await;
@@ -517,9 +518,8 @@ impl Store for CachingStore {
             vec![Invalidation::Role(tenant.clone(), name.clone())],
         );
         let result = self.inner.delete_role(tenant, name, audit).await;
-        // Nothing changed, nothing to wait for.
-        let changed = matches!(result, Ok(true));
-        self.settle(changed, Invalidation::Role(tenant.clone(), name.clone()))
+        let done = result.is_ok();
+        self.settle(done, Invalidation::Role(tenant.clone(), name.clone()))
             .await;
         result
     }
@@ -576,9 +576,8 @@ impl Store for CachingStore {
             vec![Invalidation::Member(tenant.clone(), user.clone())],
         );
         let result = self.inner.remove_member(tenant, user, audit).await;
-        // Nothing changed, nothing to wait for.
-        let changed = matches!(result, Ok(true));
-        self.settle(changed, Invalidation::Member(tenant.clone(), user.clone()))
+        let done = result.is_ok();
+        self.settle(done, Invalidation::Member(tenant.clone(), user.clone()))
             .await;
         result
     }
@@ -600,10 +599,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::User(user.id.clone())]);
         let result = self.inner.put_user(user, audit).await;
-        // Nothing changed, nothing to wait for.
-        let changed = result.is_ok();
-        self.settle(changed, Invalidation::User(user.id.clone()))
-            .await;
+        let done = result.is_ok();
+        self.settle(done, Invalidation::User(user.id.clone())).await;
         result
     }
 
@@ -639,10 +636,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.revoke_token(tenant, id, revocation, audit).await;
-        // Nothing changed, nothing to wait for.
-        let changed = matches!(result, Ok(Some(_)));
-        self.settle(changed, Invalidation::Token(id.to_owned()))
-            .await;
+        let done = result.is_ok();
+        self.settle(done, Invalidation::Token(id.to_owned())).await;
         result
     }
 
@@ -662,10 +657,8 @@ impl Store for CachingStore {
             .rotate_token(tenant, id, revocation, successor, audit)
             .await;
         self.cache.forget_token(successor.id());
-        // Nothing changed, nothing to wait for.
-        let changed = result.is_ok();
-        self.settle(changed, Invalidation::Token(id.to_owned()))
-            .await;
+        let done = result.is_ok();
+        self.settle(done, Invalidation::Token(id.to_owned())).await;
         result
     }
 
@@ -678,10 +671,8 @@ impl Store for CachingStore {
         // Evicts even if this call is cancelled after the commit (a client deadline).
         let _evict = EvictOnDrop(&self.cache, vec![Invalidation::Token(id.to_owned())]);
         let result = self.inner.delete_token(tenant, id, audit).await;
-        // Nothing changed, nothing to wait for.
-        let changed = matches!(result, Ok(true));
-        self.settle(changed, Invalidation::Token(id.to_owned()))
-            .await;
+        let done = result.is_ok();
+        self.settle(done, Invalidation::Token(id.to_owned())).await;
         result
     }
 
@@ -725,6 +716,12 @@ impl Store for CachingStore {
         let result = self.inner.bootstrap(tenant, role, token, audit).await;
         self.evict(Invalidation::All);
         result
+    }
+
+    async fn fence(&self) {
+        if let Some(fence) = &self.fence {
+            fence.settle(Instant::now()).await;
+        }
     }
 }
 

@@ -99,6 +99,9 @@ pub struct Introspector {
     last_used: Arc<LastUsed>,
 }
 
+/// How many times a call decides again because an invalidation landed while it decided.
+const REDECIDE_LIMIT: usize = 4;
+
 /// A verdict and the generation it was computed at.
 #[derive(Clone, Debug)]
 struct Remembered {
@@ -174,11 +177,9 @@ impl Introspector {
         };
         let key = digest(candidate.as_bytes());
         // Read before any state: an invalidation after this point voids what we compute.
-        let generation = self
-            .live
-            .as_ref()
-            .filter(|live| live.is_trusted())
-            .map(|live| live.generation());
+        let trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
+        let mut observed = self.live.as_ref().map(|live| live.generation());
+        let generation = observed.filter(|_| trusted);
         let known = self.answers.get(&key);
         if let Some(generation) = generation
             && let Some(known) = &known
@@ -194,8 +195,26 @@ impl Introspector {
             Outcome::Active(active) => Some(active.last_noted.load(Ordering::Relaxed)),
             Outcome::Inactive(_) => None,
         });
-        let outcome = self.decide(key, &parsed, now, noted).await?;
-        if let Some(generation) = generation {
+        let mut outcome = self.decide(key, &parsed, now, noted).await?;
+        // An invalidation applied while this call decided (its state read from the cache or
+        // the database, then perhaps an argon2 verification) may be a revocation whose write
+        // has returned since, this replica having acknowledged it: decide again rather than
+        // answer "active" from what was read before it. Bounded, so a storm of unrelated
+        // writes cannot hold a call forever; each round reads after the previous one's
+        // invalidations.
+        for _ in 0..REDECIDE_LIMIT {
+            let (Outcome::Active(_), Some(live), Some(before)) = (&outcome, &self.live, observed)
+            else {
+                break;
+            };
+            let current = live.generation();
+            if current == before {
+                break;
+            }
+            observed = Some(current);
+            outcome = self.decide(key, &parsed, now, noted).await?;
+        }
+        if let (true, Some(generation)) = (trusted, observed) {
             self.answers.insert(
                 key,
                 Remembered {

@@ -524,6 +524,9 @@ impl Tokend {
             .await?;
         // A rotated token in its grace period is not revoked yet: this brings it forward.
         if token.revoked(self.clock.now()) {
+            // The revocation that got here first may still be waiting for the other
+            // replicas (or its caller gave up on it): this answer must not come sooner.
+            self.store.fence().await;
             return Ok(token);
         }
         let (_, after) = self
@@ -633,6 +636,8 @@ impl Tokend {
             return Ok(());
         };
         if token.revoked(self.clock.now()) {
+            // As for RevokeToken: the earlier revocation may not be enforced everywhere yet.
+            self.store.fence().await;
             return Ok(());
         }
         let reporter_tenant = caller.tenant_id().to_string();
@@ -656,17 +661,20 @@ impl Tokend {
 
     /// Revokes every live token of a tenant that `req` selects; returns the ids revoked.
     /// Each token gets its own revocation and audit event, through the same store call as
-    /// RevokeToken, so each is enforced on every replica as it goes; tokens issued while
-    /// this runs are not included (the scan pages by issue time).
+    /// RevokeToken; one fence after the last makes them all enforced on every replica before
+    /// the call returns. Tokens issued while this runs are not included (the scan pages by
+    /// issue time).
     pub async fn revoke_tokens(&self, caller: &Caller, req: RevokeMany) -> Result<Vec<String>> {
         let actor = self
             .actor(caller, req.tenant_id.clone(), req.actor_user_id.clone())
             .await?;
         actor.require(rules::TOKENS_ADMIN)?;
         let mut revoked = Vec::new();
-        let outcome = self
-            .revoke_selected(caller, &actor, &req, &mut revoked)
-            .await;
+        let outcome = crate::domain::ports::one_fence_for(
+            self.store.as_ref(),
+            self.revoke_selected(caller, &actor, &req, &mut revoked),
+        )
+        .await;
         metrics::counter!("tokend_bulk_revoked_total").increment(revoked.len() as u64);
         match outcome {
             Ok(()) => {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sea_orm::sqlx::postgres::{PgListener, PgPool};
+use sea_orm::sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 use sea_orm::sqlx::{self, Row as _};
 use tokio::sync::mpsc;
 
@@ -23,7 +23,7 @@ use crate::domain::names::{RoleName, TenantId, UserId};
 use crate::domain::ports::{InvalidationSink, WriteFence};
 
 use super::SeaStore;
-use super::fence::{CONTROL, Control, Fences, Key, Kind};
+use super::fence::{CONTROL, Control, Fences, Key, Kind, LEGACY_HEARTBEAT};
 
 const CHANGES: &str = "tokend_changes";
 /// Change-log rows one poll reads.
@@ -108,9 +108,17 @@ impl SeaStore {
         if !self.is_postgres() {
             return None;
         }
-        let pool = self.db.get_postgres_connection_pool().clone();
+        let pool = self.db.get_postgres_connection_pool();
+        // The feed's own few connections (listener, heartbeats and acknowledgements, poll):
+        // calls that read through to the database while the caches are untrusted could
+        // otherwise hold every pooled connection, so that the heartbeats that would restore
+        // trust, and the acknowledgements writers wait on, queue behind them.
+        let control = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(timing.timeout)
+            .connect_lazy_with((*pool.connect_options()).clone());
         let fences = Arc::new(Fences::new(pool.clone(), timing.timeout));
-        let task = tokio::spawn(run(pool, sink, Arc::clone(&fences), timing));
+        let task = tokio::spawn(run(control, sink, Arc::clone(&fences), timing));
         Some(ChangeFeed {
             task,
             fence: fences,
@@ -164,7 +172,9 @@ async fn listen_until_lost(
     };
     let mut listener = PgListener::connect_with(pool).await?;
     listener.eager_reconnect(false);
-    listener.listen_all([CHANGES, CONTROL]).await?;
+    listener
+        .listen_all([CHANGES, CONTROL, LEGACY_HEARTBEAT])
+        .await?;
     // Everything committed from here on will be delivered. The caches are trusted, from
     // empty, once our own heartbeat comes back: that is what every later renewal of the
     // lease rests on too (see `fence`).
@@ -220,6 +230,7 @@ async fn listen_until_lost(
     // Only our own heartbeat coming back proves the round trip works; anyone else's
     // traffic does not.
     let mut last_own = since;
+    let mut last_own_sent = 0;
     loop {
         let silence = tokio::time::sleep_until((last_own + timing.timeout).into());
         // Silence first: after a pause longer than the timeout (a stopped or frozen process),
@@ -238,6 +249,7 @@ async fn listen_until_lost(
                     }
                     sink.invalidate(&change);
                 }
+                Some(Some((channel, _))) if channel == LEGACY_HEARTBEAT => fences.heard_legacy(),
                 Some(Some((_, payload))) => {
                     let Some(message) = Control::verify(&payload, &key) else {
                         metrics::counter!("tokend_change_feed_forged_total").increment(1);
@@ -245,7 +257,10 @@ async fn listen_until_lost(
                     };
                     let own = message.from == fences.me();
                     match (message.kind, own) {
+                        // A replayed heartbeat of ours proves nothing about now.
+                        (Kind::Heartbeat, true) if message.value <= last_own_sent => {}
                         (Kind::Heartbeat, true) => {
+                            last_own_sent = message.value;
                             let sent = fences.sent_at(message.value);
                             let lag = sent.elapsed().as_secs_f64();
                             metrics::histogram!("tokend_invalidation_lag_seconds").record(lag);
@@ -257,7 +272,9 @@ async fn listen_until_lost(
                                 tracing::info!("change feed: heartbeat back; caches trusted");
                             }
                         }
-                        (Kind::Heartbeat, false) => fences.heard(message.from),
+                        (Kind::Heartbeat, false) => {
+                            fences.heard(message.from, message.value, message.lease_ms);
+                        }
                         (Kind::Fence, true) => fences.echoed(message.value),
                         (Kind::Fence, false) => {
                             // Everything committed before this fence has been applied. If
@@ -293,15 +310,19 @@ async fn send_control(
         let send = tokio::select! {
             _ = tick.tick() => sqlx::query(
                 "WITH registered AS (
-                     INSERT INTO tokend_replicas (id, seen) VALUES ($1, clock_timestamp())
-                     ON CONFLICT (id) DO UPDATE SET seen = excluded.seen RETURNING 1)
+                     INSERT INTO tokend_replicas (id, seen, lease_ms)
+                     VALUES ($1, clock_timestamp(), $4)
+                     ON CONFLICT (id) DO UPDATE
+                     SET seen = excluded.seen, lease_ms = excluded.lease_ms
+                     RETURNING 1)
                  SELECT pg_notify($2, $3) FROM registered",
             )
             .bind(fences.me().to_owned())
             .bind(CONTROL)
             // Stamped now, before the statement runs: the lease it renews starts no later
             // than the heartbeat's commit.
-            .bind(fences.heartbeat(&key)),
+            .bind(fences.heartbeat(&key))
+            .bind(i64::try_from(fences.lease_ms()).unwrap_or(i64::MAX)),
             received = outgoing.recv_many(&mut batch, 256) => {
                 if received == 0 {
                     return;

@@ -5,24 +5,27 @@
 //! commits, the writer NOTIFYs a *fence*; a replica whose listener has delivered the fence
 //! has applied every change committed before it, and answers with an *acknowledgement*. The
 //! writer returns when every replica that might be serving from its cache has acknowledged,
-//! and otherwise when the lease has run out since the commit.
+//! and otherwise when the longest lease heard has run out since the commit.
 //!
-//! Why the lease bounds the wait: a replica trusts its cache only for the lease after the
+//! Why the lease bounds the wait: a replica trusts its cache only for its lease after the
 //! *sending* of its own latest heartbeat that came back through its listener (see
 //! `InvalidationSink::renewed`). A heartbeat sent after the write's commit is delivered after
-//! the write's notification, so a replica still trusted once the lease since the commit has
-//! passed has applied the write.
+//! the write's notification, so a replica still trusted once its lease since the commit has
+//! passed has applied the write. Heartbeats carry their sender's lease, as replicas may be
+//! configured differently.
 //!
 //! Which replicas "might be serving": those whose heartbeat this replica's listener delivered
-//! within the lease before the fence came back. A replica serving later than that on an
+//! within their lease before the fence came back. A replica serving later than that on an
 //! older heartbeat would have sent it before the commit, so it was delivered here before the
 //! fence. That needs our listener to have been up for the whole lease; a younger listener
-//! also waits for every replica the `tokend_replicas` table saw recently.
+//! also waits for every replica the `tokend_replicas` table saw recently. A replica of an
+//! older version, which never acknowledges, makes every round wait out the lease.
 //!
 //! Heartbeats, fences and acknowledgements are signed with a key kept in the database
 //! (`tokend_feed_key`), readable by tokend's role only: any role may NOTIFY, and a forged
-//! acknowledgement would cut a write's wait short. Change notifications are not signed:
-//! they only ever evict.
+//! acknowledgement would cut a write's wait short. A heartbeat no later than the last one
+//! from its sender is a replay, and ignored. Change notifications are not signed: they only
+//! ever evict.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -35,6 +38,12 @@ use crate::domain::ports::WriteFence;
 
 /// The channel heartbeats, fences and acknowledgements travel on.
 pub(super) const CONTROL: &str = "tokend_control";
+
+/// The channel older versions sent their unsigned heartbeats on.
+pub(super) const LEGACY_HEARTBEAT: &str = "tokend_heartbeat";
+
+/// How long another replica's last heartbeat is remembered.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// Signs and checks control messages: a keyed BLAKE3 hash.
 #[derive(Clone)]
@@ -106,17 +115,26 @@ impl Kind {
     }
 }
 
-/// A control message: `"<kind> <replica> <value> <tag>"`.
+/// A control message: `"<kind> <replica> <value> <lease> <tag>"`. Every message carries its
+/// sender's lease (milliseconds): replicas may be configured differently, and a writer must
+/// wait out the longest.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Control<'a> {
     pub kind: Kind,
     pub from: &'a str,
     pub value: u64,
+    pub lease_ms: u64,
 }
 
 impl<'a> Control<'a> {
     pub fn signed(&self, key: &Key) -> String {
-        let body = format!("{} {} {}", self.kind.letter(), self.from, self.value);
+        let body = format!(
+            "{} {} {} {}",
+            self.kind.letter(),
+            self.from,
+            self.value,
+            self.lease_ms
+        );
         let tag = key.tag(&body).to_hex();
         format!("{body} {tag}")
     }
@@ -137,10 +155,13 @@ impl<'a> Control<'a> {
         };
         let from = fields.next()?;
         let value = fields.next()?.parse().ok()?;
-        fields
-            .next()
-            .is_none()
-            .then_some(Self { kind, from, value })
+        let lease_ms = fields.next()?.parse().ok()?;
+        fields.next().is_none().then_some(Self {
+            kind,
+            from,
+            value,
+            lease_ms,
+        })
     }
 }
 
@@ -166,10 +187,24 @@ pub struct Fences {
 struct State {
     /// When the current listener connection started listening; `None` while there is none.
     listening_since: Option<Instant>,
-    /// Other replicas, by id: when their latest heartbeat was delivered here.
-    heard: HashMap<Box<str>, Instant>,
+    /// Other replicas, by id.
+    heard: HashMap<Box<str>, Heard>,
+    /// When a replica of an older version (unsigned heartbeats on the old channel, no
+    /// acknowledgements) was last heard: while one may be serving, no round completes.
+    legacy: Option<Instant>,
     /// Fences this replica's writers are waiting on, by nonce.
     pending: HashMap<u64, Pending>,
+}
+
+/// Another replica, as its heartbeats told us.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    /// When its latest heartbeat was delivered here.
+    at: Instant,
+    /// That heartbeat's sending time on the replica's clock: a heartbeat not later than
+    /// the last is a replay, and ignored.
+    sent: u64,
+    lease: Duration,
 }
 
 #[derive(Debug, Default)]
@@ -181,10 +216,13 @@ struct Pending {
 
 #[derive(Debug)]
 struct Expected {
-    /// Replicas heard within the lease before the fence came back.
+    /// Replicas heard within their lease before the fence came back.
     heard: Vec<Box<str>>,
-    /// Whether our listener was younger than the lease then: the replica table counts too.
+    /// Whether our listener was younger than the longest lease then: the replica table
+    /// counts too.
     young: bool,
+    /// Whether a replica that cannot acknowledge was heard within the lease.
+    legacy: bool,
 }
 
 impl Fences {
@@ -228,6 +266,7 @@ impl Fences {
             kind: Kind::Heartbeat,
             from: &self.me,
             value: self.clock(),
+            lease_ms: self.lease_ms(),
         };
         message.signed(key)
     }
@@ -237,6 +276,7 @@ impl Fences {
             kind: Kind::Ack,
             from: &self.me,
             value: nonce,
+            lease_ms: self.lease_ms(),
         };
         message.signed(key)
     }
@@ -245,23 +285,57 @@ impl Fences {
         self.lock().listening_since = since;
     }
 
-    /// Another replica's heartbeat was delivered.
-    pub(super) fn heard(&self, replica: &str) {
+    /// This replica's lease, in milliseconds, as its messages carry it.
+    pub(super) fn lease_ms(&self) -> u64 {
+        u64::try_from(self.lease.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Another replica's heartbeat (`sent` on its clock, its lease) was delivered; `false`
+    /// for a replay of one already seen.
+    pub(super) fn heard(&self, replica: &str, sent: u64, lease_ms: u64) -> bool {
         let now = Instant::now();
+        let heard = Heard {
+            at: now,
+            sent,
+            lease: Duration::from_millis(lease_ms),
+        };
         let mut state = self.lock();
-        // Replicas gone for good are forgotten rather than kept forever.
-        let lease = self.lease;
-        if state.heard.len() > 64 {
+        // Replicas gone for good are forgotten after a while, not at once: what they last
+        // sent is what tells a replay from a heartbeat.
+        if state.heard.len() > 256 {
             state
                 .heard
-                .retain(|_, at| now.duration_since(*at) < lease * 4);
+                .retain(|_, heard| now.duration_since(heard.at) < FORGET_AFTER);
         }
         match state.heard.get_mut(replica) {
-            Some(at) => *at = now,
+            Some(known) if known.sent >= sent => false,
+            Some(known) => {
+                *known = heard;
+                true
+            }
             None => {
-                state.heard.insert(replica.into(), now);
+                state.heard.insert(replica.into(), heard);
+                true
             }
         }
+    }
+
+    /// A replica of an older version was heard.
+    pub(super) fn heard_legacy(&self) {
+        self.lock().legacy = Some(Instant::now());
+    }
+
+    /// The longest lease of this replica and every replica heard lately: how long a write
+    /// that cannot complete its round waits.
+    fn longest_lease(&self) -> Duration {
+        let now = Instant::now();
+        let state = self.lock();
+        state
+            .heard
+            .values()
+            .filter(|heard| now.duration_since(heard.at) < FORGET_AFTER)
+            .map(|heard| heard.lease)
+            .fold(self.lease, Duration::max)
     }
 
     /// One of our own fences came back: every replica heard within the lease must now
@@ -269,17 +343,28 @@ impl Fences {
     pub(super) fn echoed(&self, nonce: u64) {
         let now = Instant::now();
         let mut state = self.lock();
+        let within = |at: Instant, lease: Duration| now.duration_since(at) < lease;
+        let longest = state
+            .heard
+            .values()
+            .map(|heard| heard.lease)
+            .fold(self.lease, Duration::max);
         let young = state
             .listening_since
-            .is_none_or(|since| now.duration_since(since) < self.lease);
+            .is_none_or(|since| within(since, longest));
+        let legacy = state.legacy.is_some_and(|at| within(at, longest));
         let heard = state
             .heard
             .iter()
-            .filter(|(_, at)| now.duration_since(**at) < self.lease)
+            .filter(|(_, heard)| within(heard.at, heard.lease))
             .map(|(replica, _)| replica.clone())
             .collect();
         if let Some(pending) = state.pending.get_mut(&nonce) {
-            pending.expected = Some(Expected { heard, young });
+            pending.expected = Some(Expected {
+                heard,
+                young,
+                legacy,
+            });
             drop(state);
             self.changed.notify_waiters();
         }
@@ -302,8 +387,10 @@ impl Fences {
     }
 
     /// Sends a fence and waits for every replica that must acknowledge it. `false`: the
-    /// round cannot complete (no listener, no key, the database refused the fence).
-    async fn round(&self) -> bool {
+    /// round cannot complete by `deadline` (no listener, no key, the database refused the
+    /// fence, a replica did not answer). A replica in the table with a longer lease moves
+    /// `deadline` later.
+    async fn round(&self, committed: Instant, deadline: &mut Instant) -> bool {
         let Some(key) = self.key.get() else {
             return false;
         };
@@ -317,23 +404,35 @@ impl Fences {
             kind: Kind::Fence,
             from: &self.me,
             value: nonce,
+            lease_ms: self.lease_ms(),
         };
         // The replica table is read in the same statement: after the write's commit, so a
-        // replica that registered with a heartbeat sent before the commit is in it.
-        let window = (self.lease * 2 + Duration::from_secs(1)).as_secs_f64();
+        // replica that registered with a heartbeat sent before the commit is in it. Each
+        // row counts for twice its lease and a second, against the database's clock.
+        // (The table is read inside `array(...)` so that pg_notify runs once whatever the
+        // table holds: a join with an empty table might never evaluate it.)
         let sent = sqlx::query_scalar::<_, Vec<String>>(
-            "SELECT array(SELECT id FROM tokend_replicas
-                          WHERE seen > clock_timestamp() - make_interval(secs => $3))
+            "SELECT array(
+                 SELECT r.id || ' ' || r.lease_ms FROM tokend_replicas AS r
+                 WHERE r.seen > clock_timestamp() - (r.lease_ms * 2 + 1000) * interval '1 ms')
              FROM (SELECT pg_notify($1, $2)) AS fence",
         )
         .bind(CONTROL)
         .bind(fence.signed(key))
-        .bind(window)
-        .fetch_one(&self.pool)
-        .await;
-        let Ok(registered) = sent else {
+        .fetch_one(&self.pool);
+        let Ok(Ok(rows)) = tokio::time::timeout_at((*deadline).into(), sent).await else {
             return false;
         };
+        let mut registered = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (id, lease_ms) = row.split_once(' ').unwrap_or((row.as_str(), ""));
+            // An unreadable lease cannot be waited out by a bound we know: no completion.
+            let Ok(lease_ms) = lease_ms.parse::<u64>() else {
+                return false;
+            };
+            *deadline = (*deadline).max(committed + Duration::from_millis(lease_ms));
+            registered.push(id.to_owned());
+        }
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -342,7 +441,12 @@ impl Fences {
             if self.complete(nonce, &registered) {
                 return true;
             }
-            changed.await;
+            if tokio::time::timeout_at((*deadline).into(), changed)
+                .await
+                .is_err()
+            {
+                return false;
+            }
         }
     }
 
@@ -358,7 +462,7 @@ impl Fences {
         let waits_for = |replica: &str| replica != &*self.me && !acked.contains(replica);
         let heard_all = !expected.heard.iter().any(|r| waits_for(r));
         let registered_all = !expected.young || !registered.iter().any(|r| waits_for(r.as_str()));
-        heard_all && registered_all
+        !expected.legacy && heard_all && registered_all
     }
 }
 
@@ -374,9 +478,8 @@ impl Drop for Forget<'_> {
 #[async_trait]
 impl WriteFence for Fences {
     async fn settle(&self, committed: Instant) {
-        let deadline = committed + self.lease;
-        let round = tokio::time::timeout_at(deadline.into(), self.round()).await;
-        if matches!(round, Ok(true)) {
+        let mut deadline = committed + self.longest_lease();
+        if self.round(committed, &mut deadline).await {
             return;
         }
         // No way to hear from everyone: wait until no replica can still trust a cache that
@@ -402,6 +505,7 @@ mod tests {
             kind: Kind::Ack,
             from: "00ab",
             value: 42,
+            lease_ms: 2000,
         };
         let signed = ack.signed(&key);
         assert_eq!(Control::verify(&signed, &key), Some(ack));
@@ -427,5 +531,63 @@ mod tests {
         assert_eq!(stored.0, key.0);
         assert!(Key::from_hex("abc").is_none());
         assert!(Key::from_hex(&"zz".repeat(32)).is_none());
+    }
+
+    fn fences(lease_ms: u64) -> Fences {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .connect_lazy("postgres://nowhere.invalid/none")
+            .unwrap();
+        Fences::new(pool, Duration::from_millis(lease_ms))
+    }
+
+    #[tokio::test]
+    async fn a_replayed_heartbeat_is_not_a_heartbeat() {
+        let fences = fences(2000);
+        assert!(fences.heard("00ab", 100, 2000));
+        assert!(!fences.heard("00ab", 100, 2000), "the same heartbeat again");
+        assert!(!fences.heard("00ab", 50, 2000), "an older one");
+        assert!(fences.heard("00ab", 101, 2000));
+    }
+
+    #[tokio::test]
+    async fn a_write_waits_out_the_longest_lease_heard_and_for_every_replica_within_its_own() {
+        let fences = fences(2000);
+        fences.listening(Some(Instant::now() - Duration::from_secs(60)));
+        assert_eq!(fences.longest_lease(), Duration::from_millis(2000));
+        fences.heard("00ab", 1, 10_000);
+        fences.heard("00cd", 1, 5);
+        assert_eq!(fences.longest_lease(), Duration::from_millis(10_000));
+        std::thread::sleep(Duration::from_millis(10));
+        // 00cd's heartbeat is older than its own 5 ms lease: it cannot be serving from it.
+        fences.lock().pending.insert(7, Pending::default());
+        fences.echoed(7);
+        assert!(!fences.complete(7, &[]));
+        fences.acked(7, "00ab");
+        assert!(fences.complete(7, &[]));
+        // An old listener does not wait for replicas in the table it has not heard.
+        assert!(fences.complete(7, &["00ef".to_owned()]));
+    }
+
+    #[tokio::test]
+    async fn a_young_listener_waits_for_the_table_and_an_older_version_for_the_lease() {
+        let fences = fences(2000);
+        fences.listening(Some(Instant::now()));
+        fences.lock().pending.insert(7, Pending::default());
+        fences.echoed(7);
+        assert!(
+            fences.complete(7, &[fences.me().to_owned()]),
+            "not for itself"
+        );
+        assert!(!fences.complete(7, &["00ef".to_owned()]));
+        fences.acked(7, "00ef");
+        assert!(fences.complete(7, &["00ef".to_owned()]));
+
+        fences.heard_legacy();
+        fences.lock().pending.insert(8, Pending::default());
+        fences.echoed(8);
+        assert!(
+            !fences.complete(8, &[]),
+            "an older replica never acknowledges"
+        );
     }
 }

@@ -8,7 +8,7 @@ use tokend::clock::Clock as _;
 use tokend::domain::ports::Store as _;
 use tokend::proto::v1 as pb;
 
-use crate::helpers::TestApp;
+use crate::helpers::{Backend, TestApp, spawn_app_with};
 
 crate::both_backends!(
     a_warm_introspect_costs_no_query_and_no_argon2,
@@ -388,4 +388,54 @@ async fn a_hash_with_old_parameters_is_upgraded_once_and_the_token_keeps_working
     }
     assert_eq!(app.hasher.verifications(), verifications, "warm again");
     assert_eq!(stored_hash(&app, &info.id).await, upgraded, "upgraded once");
+}
+
+/// A call that read a token's state just before a revocation, and was still verifying the
+/// secret (first sight: argon2, made slow here) when the revocation returned, answers
+/// inactive: it decides again after an invalidation that landed meanwhile.
+async fn a_call_deciding_across_a_revocation_answers_inactive(backend: Backend) {
+    let slow_argon2 = |settings: &mut tokend::config::Settings| {
+        settings.argon2.memory_kib = 64 * 1024;
+        settings.argon2.iterations = 8;
+    };
+    let Some(app) = spawn_app_with(backend, slow_argon2).await else {
+        return;
+    };
+    acme(&app).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let verifications = app.hasher.verifications();
+    let mut client = app.tokens(&app.root);
+    let call = tokio::spawn(async move {
+        client
+            .introspect(pb::IntrospectRequest {
+                token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    // The verification starts once the token's state has been read.
+    while app.hasher.verifications() == verifications {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    app.revoke_as("acme", "alice", &info.id).await;
+    assert!(
+        !call.is_finished(),
+        "the call finished before the revocation returned: argon2 was not slow enough"
+    );
+    assert!(
+        !call.await.unwrap().active,
+        "a call answered active after the revocation returned"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_deciding_across_a_revocation_answers_inactive_sqlite() {
+    a_call_deciding_across_a_revocation_answers_inactive(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_deciding_across_a_revocation_answers_inactive_postgres() {
+    a_call_deciding_across_a_revocation_answers_inactive(Backend::Postgres).await;
 }

@@ -402,13 +402,21 @@ async fn issue(replica: &Replica, root: &str, name: &str) -> pb::IssueTokenRespo
 }
 
 /// Answers every fence on the control channel with an acknowledgement in the name of every
-/// replica heard, signed with a made-up tag: what any database role could NOTIFY.
-async fn forge_acknowledgements(url: &str) -> tokio::task::JoinHandle<()> {
+/// replica heard, signed with a made-up tag: what any database role could NOTIFY. Counts
+/// the fences.
+async fn forge_acknowledgements(
+    url: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
     use sea_orm::sqlx::postgres::{PgListener, PgPool};
     let pool = PgPool::connect(url).await.unwrap();
     let mut listener = PgListener::connect_with(&pool).await.unwrap();
     listener.listen("tokend_control").await.unwrap();
-    tokio::spawn(async move {
+    let fences = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = fences.clone();
+    let task = tokio::spawn(async move {
         let mut replicas = std::collections::BTreeSet::new();
         while let Ok(message) = listener.recv().await {
             let fields: Vec<&str> = message.payload().split(' ').collect();
@@ -417,6 +425,7 @@ async fn forge_acknowledgements(url: &str) -> tokio::task::JoinHandle<()> {
                     replicas.insert(from.to_string());
                 }
                 ["F", _, nonce, ..] => {
+                    counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     for from in &replicas {
                         let forged = format!("A {from} {nonce} {}", "0".repeat(64));
                         sea_orm::sqlx::query("SELECT pg_notify('tokend_control', $1)")
@@ -429,13 +438,15 @@ async fn forge_acknowledgements(url: &str) -> tokio::task::JoinHandle<()> {
                 _ => {}
             }
         }
-    })
+    });
+    (task, fences)
 }
 
 /// A replica that cannot acknowledge (here: stopped) holds a revocation back until the
-/// lease has run out, and not much longer; forged acknowledgements do not cut the wait
-/// short; and once resumed, the replica drops its trust before answering from its cache:
-/// its very first answer afterwards is inactive.
+/// lease has run out, and not much longer; so does a second RevokeToken that finds the token
+/// already revoked (the first may not be enforced yet), and a bulk revocation, once for all
+/// its tokens. Forged acknowledgements do not cut the wait short. Once resumed, the replica
+/// drops its trust before answering from its cache: its first answers are inactive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_waits_out_the_lease_of_a_silent_replica() {
     let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
@@ -444,22 +455,49 @@ async fn a_revocation_waits_out_the_lease_of_a_silent_replica() {
     let root = bootstrap(&url);
     let a = Replica::start(&url).await;
     let b = Replica::start(&url).await;
-    seed(&mut a.directory(&root)).await;
-    let forger = forge_acknowledgements(&url).await;
+    let mut dir = a.directory(&root);
+    seed(&mut dir).await;
+    dir.put_role(pb::PutRoleRequest {
+        tenant_id: "acme".into(),
+        name: "admin".into(),
+        permissions: vec!["tokend.tokens.admin".into()],
+    })
+    .await
+    .unwrap();
+    dir.put_member(pb::PutMemberRequest {
+        tenant_id: "acme".into(),
+        user_id: "ada".into(),
+        role: "admin".into(),
+        groups: vec![],
+    })
+    .await
+    .unwrap();
+    let (forger, fences) = forge_acknowledgements(&url).await;
     let issued = issue(&a, &root, "laptop").await;
-    assert!(
-        introspect(&b, &root, &issued.secret).await.active,
-        "warm on B"
-    );
+    let mut others = Vec::new();
+    for name in ["phone", "ci", "tablet"] {
+        others.push(issue(&a, &root, name).await.secret);
+    }
+    for secret in others.iter().chain([&issued.secret]) {
+        assert!(introspect(&b, &root, secret).await.active, "warm on B");
+    }
     // Let the forger hear both replicas' heartbeats.
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
     let stopped = Stopped::stop(&b);
+    let id = issued.token.unwrap().id;
     let started = Instant::now();
-    revoke(&a, &root, issued.token.unwrap().id).await;
+    let ((), again) = tokio::join!(revoke(&a, &root, id.clone()), async {
+        // Once the first has committed (A itself answers inactive), a second finds it done.
+        while introspect(&a, &root, &issued.secret).await.active {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let again = Instant::now();
+        revoke(&a, &root, id.clone()).await;
+        again.elapsed()
+    });
     let took = started.elapsed();
     drop(stopped);
-    forger.abort();
     assert!(
         took >= LEASE,
         "the revocation returned after {took:?}, before the stopped replica's lease ran out"
@@ -469,9 +507,71 @@ async fn a_revocation_waits_out_the_lease_of_a_silent_replica() {
         "the revocation waited {took:?} for a silent replica"
     );
     assert!(
+        again >= LEASE,
+        "a revocation of a token already revoked returned after {again:?}, before the \
+         stopped replica's lease ran out"
+    );
+    assert!(
         !introspect(&b, &root, &issued.secret).await.active,
         "the stopped replica answered active after the revocation returned (it took {took:?})"
     );
+
+    // Again, with B heard from and warm once more, for a bulk revocation.
+    until_trusted(&b).await;
+    for secret in &others {
+        assert!(introspect(&b, &root, secret).await.active, "warm on B");
+    }
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stopped = Stopped::stop(&b);
+    let fences_before = fences.load(std::sync::atomic::Ordering::SeqCst);
+    let bulk = Instant::now();
+    a.tokens(&root)
+        .revoke_tokens(pb::RevokeTokensRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "ada".into(),
+            owner_user_id: "alice".into(),
+            reason: "laptop stolen".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bulk = bulk.elapsed();
+    let bulk_fences = fences.load(std::sync::atomic::Ordering::SeqCst) - fences_before;
+    drop(stopped);
+    forger.abort();
+    assert_eq!(bulk_fences, 1, "fences sent for one bulk revocation");
+    assert!(
+        (LEASE..LEASE * 2).contains(&bulk),
+        "a bulk revocation of {} tokens took {bulk:?}: not one lease",
+        others.len()
+    );
+    for secret in &others {
+        assert!(
+            !introspect(&b, &root, secret).await.active,
+            "the stopped replica answered active after the bulk revocation returned"
+        );
+    }
+}
+
+/// Waits until `replica` reports ready (its caches trusted) again.
+async fn until_trusted(replica: &Replica) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = HealthClient::new(replica.channel.clone())
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|r| r.into_inner().status);
+        if status.ok() == Some(ServingStatus::Serving as i32) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the replica never became ready again"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// A replica whose listener has just started has not heard the others' heartbeats yet: its

@@ -1,7 +1,7 @@
 //! What the write fence needs (PostgreSQL only; see `storage::fence`):
 //!
-//! - `tokend_replicas`: every replica's id and when its last heartbeat was sent, written in
-//!   the same statement as the heartbeat. A replica whose listener has just (re)connected
+//! - `tokend_replicas`: every replica's id, its lease, and when its last heartbeat was sent,
+//!   written in the same statement as the heartbeat. A replica whose listener has just (re)connected
 //!   has not yet heard everyone's heartbeats, so its writes wait for every replica seen here
 //!   recently.
 //! - `tokend_feed_key`: the key that signs heartbeats, fences and acknowledgements. Any
@@ -24,7 +24,8 @@ impl MigrationTrait for Migration {
         db.execute_unprepared(
             "CREATE TABLE tokend_replicas (
                 id text PRIMARY KEY,
-                seen timestamptz NOT NULL DEFAULT clock_timestamp()
+                seen timestamptz NOT NULL DEFAULT clock_timestamp(),
+                lease_ms bigint NOT NULL
             )",
         )
         .await?;
