@@ -234,17 +234,13 @@ tokio::task_local! {
 
 /// Runs `batch`, whose writes skip their own fences, then one fence for all of them (a fence
 /// follows every commit before it): a bulk revocation waits for a silent replica once, not
-/// once per token. The fence runs even if `batch` fails partway, for what it committed.
+/// once per token. The fence runs even if `batch` fails partway, for what it committed, and
+/// even if it wrote nothing: what it found done may be an earlier call's, still unfenced.
 pub async fn one_fence_for<F: std::future::Future>(store: &dyn Store, batch: F) -> F::Output {
-    let (output, deferred) = FENCE_DEFERRED
-        .scope(std::cell::Cell::new(false), async {
-            let output = batch.await;
-            (output, FENCE_DEFERRED.with(std::cell::Cell::get))
-        })
+    let output = FENCE_DEFERRED
+        .scope(std::cell::Cell::new(false), batch)
         .await;
-    if deferred {
-        store.fence().await;
-    }
+    store.fence().await;
     output
 }
 

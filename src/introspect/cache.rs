@@ -64,6 +64,9 @@ type TenantRole = (TenantId, RoleName);
 /// cached token. Public ids are 12 characters; anything longer is simply not cached.
 type TokenKey = arrayvec::ArrayString<16>;
 
+/// Invalidations remembered for calls that decided across one.
+const RECENT_INVALIDATIONS: usize = 1024;
+
 /// A cached token row (`None`: no such id), and when it was read.
 #[derive(Clone, Debug)]
 struct TokenEntry {
@@ -84,6 +87,9 @@ pub struct LiveCache {
     members: Cache<TenantUser, Option<Arc<Membership>>>,
     roles: Cache<TenantRole, Option<Arc<PermissionSet>>>,
     generation: AtomicU64,
+    /// The latest invalidations and the generation each was applied at (see
+    /// [`LiveCache::touched_since`]).
+    recent: std::sync::Mutex<std::collections::VecDeque<(u64, Invalidation)>>,
     trusted: AtomicBool,
     /// When trust was lost, for the staleness bound; `None` while trusted.
     untrusted_since: std::sync::Mutex<Option<Instant>>,
@@ -138,6 +144,7 @@ impl LiveCache {
                 .time_to_live(ttl)
                 .build(),
             generation: AtomicU64::new(0),
+            recent: std::sync::Mutex::default(),
             trusted: AtomicBool::new(trusted),
             untrusted_since: std::sync::Mutex::new((!trusted).then(Instant::now)),
             trust_watch: tokio::sync::watch::Sender::new(trusted),
@@ -158,6 +165,53 @@ impl LiveCache {
     /// void.
     pub fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Bumps the generation, noting what changed at the new value.
+    fn bump(&self, what: &Invalidation) {
+        let mut recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        if recent.len() == RECENT_INVALIDATIONS {
+            recent.pop_front();
+        }
+        recent.push_back((generation, what.clone()));
+    }
+
+    /// Whether anything invalidated after generation `since` may concern `token` (its row,
+    /// tenant, owner, membership or a role of its tenant). `true` when the record of recent
+    /// invalidations no longer reaches back that far.
+    pub fn touched_since(&self, since: u64, token: &Token) -> bool {
+        let recent = self
+            .recent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if recent.front().is_none_or(|(first, _)| *first > since + 1) {
+            return self.generation() != since;
+        }
+        let owner = token.owner_user_id.as_ref();
+        recent
+            .iter()
+            .filter(|(generation, _)| *generation > since)
+            .any(|(_, what)| match what {
+                Invalidation::Token(id) => id == token.id(),
+                Invalidation::Tenant(tenant) | Invalidation::Role(tenant, _) => {
+                    *tenant == token.tenant_id
+                }
+                Invalidation::User(user) => owner == Some(user),
+                Invalidation::Member(tenant, user) => {
+                    *tenant == token.tenant_id && owner == Some(user)
+                }
+                Invalidation::All => true,
+            })
+    }
+
+    /// Whether state read at `read` is too old to answer from now: with a change feed, a
+    /// write waits at most the lease for a replica that cannot acknowledge it.
+    pub fn outlived(&self, read: Instant) -> bool {
+        self.has_feed && read.elapsed() >= self.lease
     }
 
     /// Whether cached state may be served.
@@ -332,7 +386,7 @@ impl LiveCache {
 impl InvalidationSink for LiveCache {
     fn invalidate(&self, what: &Invalidation) {
         // Bump first: a fill in flight then sees that it raced us.
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.bump(what);
         match what {
             Invalidation::Token(id) => {
                 self.tokens.remove(id.as_str());
@@ -363,7 +417,7 @@ impl InvalidationSink for LiveCache {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if trusted {
             // Whatever happened while untrusted went unseen: start from nothing.
-            self.generation.fetch_add(1, Ordering::SeqCst);
+            self.bump(&Invalidation::All);
             self.flush();
             *since = None;
         } else if since.is_none() {
@@ -886,6 +940,49 @@ mod tests {
         assert!(!cache.within_staleness_bound());
         cache.set_trusted(true);
         assert_eq!(cache.lookup("DDDDDDDDDDDD"), None);
+    }
+
+    #[test]
+    fn a_token_is_touched_only_by_invalidations_of_what_it_depends_on() {
+        let cache = LiveCache::new(&CacheSettings::default(), false);
+        let mut s = state("AAAAAAAAAAAA");
+        Arc::make_mut(&mut s.token).owner_user_id = Some(UserId::from_trusted("alice".into()));
+        let token = &s.token;
+        let acme = token.tenant_id.clone();
+        let other = TenantId::parse("t", "globex").unwrap();
+        let alice = UserId::from_trusted("alice".into());
+        let bob = UserId::from_trusted("bob".into());
+        let since = cache.generation();
+        assert!(!cache.touched_since(since, token));
+        for unrelated in [
+            Invalidation::Token("BBBBBBBBBBBB".into()),
+            Invalidation::Tenant(other.clone()),
+            Invalidation::User(bob.clone()),
+            Invalidation::Member(acme.clone(), bob.clone()),
+            Invalidation::Member(other.clone(), alice.clone()),
+            Invalidation::Role(other.clone(), RoleName::from_trusted("dev".into())),
+        ] {
+            cache.invalidate(&unrelated);
+            assert!(!cache.touched_since(since, token), "{unrelated:?}");
+        }
+        for related in [
+            Invalidation::Token("AAAAAAAAAAAA".into()),
+            Invalidation::Tenant(acme.clone()),
+            Invalidation::User(alice.clone()),
+            Invalidation::Member(acme.clone(), alice.clone()),
+            Invalidation::Role(acme.clone(), RoleName::from_trusted("viewer".into())),
+            Invalidation::All,
+        ] {
+            let before = cache.generation();
+            cache.invalidate(&related);
+            assert!(cache.touched_since(before, token), "{related:?}");
+        }
+        // Once the record no longer reaches back, anything since counts.
+        let before = cache.generation();
+        for _ in 0..=RECENT_INVALIDATIONS {
+            cache.invalidate(&Invalidation::Tenant(other.clone()));
+        }
+        assert!(cache.touched_since(before, token));
     }
 
     #[test]

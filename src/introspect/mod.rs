@@ -99,7 +99,7 @@ pub struct Introspector {
     last_used: Arc<LastUsed>,
 }
 
-/// How many times a call decides again because an invalidation landed while it decided.
+/// How many times a call decides again because its state changed while it decided.
 const REDECIDE_LIMIT: usize = 4;
 
 /// A verdict and the generation it was computed at.
@@ -177,7 +177,7 @@ impl Introspector {
         };
         let key = digest(candidate.as_bytes());
         // Read before any state: an invalidation after this point voids what we compute.
-        let trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
+        let mut trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
         let mut observed = self.live.as_ref().map(|live| live.generation());
         let generation = observed.filter(|_| trusted);
         let known = self.answers.get(&key);
@@ -195,23 +195,36 @@ impl Introspector {
             Outcome::Active(active) => Some(active.last_noted.load(Ordering::Relaxed)),
             Outcome::Inactive(_) => None,
         });
+        let mut read = std::time::Instant::now();
         let mut outcome = self.decide(key, &parsed, now, noted).await?;
-        // An invalidation applied while this call decided (its state read from the cache or
-        // the database, then perhaps an argon2 verification) may be a revocation whose write
-        // has returned since, this replica having acknowledged it: decide again rather than
-        // answer "active" from what was read before it. Bounded, so a storm of unrelated
-        // writes cannot hold a call forever; each round reads after the previous one's
-        // invalidations.
-        for _ in 0..REDECIDE_LIMIT {
-            let (Outcome::Active(_), Some(live), Some(before)) = (&outcome, &self.live, observed)
-            else {
-                break;
-            };
+        // A call that decided across an invalidation of its token's state (read from the
+        // cache or the database, then perhaps an argon2 verification) may be answering after
+        // a revocation's write has returned, this replica having acknowledged it: decide
+        // again rather than answer "active" from what was read before. The same if the state
+        // came from a cache no longer trusted, or was read longer ago than a write waits for
+        // a replica that cannot acknowledge it. Bounded: a token whose state keeps changing
+        // under every attempt gets UNAVAILABLE, never a verdict from old state.
+        let mut attempts = 0;
+        while let (Outcome::Active(active), Some(live)) = (&outcome, &self.live) {
             let current = live.generation();
-            if current == before {
+            let touched = observed.is_some_and(|before| {
+                before != current && live.touched_since(before, &active.token)
+            });
+            let stale = (trusted && !live.is_trusted()) || live.outlived(read);
+            if !touched && !stale {
+                // Nothing since concerned it: the verdict holds as of now.
+                observed = Some(current);
                 break;
             }
-            observed = Some(current);
+            attempts += 1;
+            if attempts > REDECIDE_LIMIT {
+                return Err(crate::domain::Error::Unavailable(
+                    "the token's state kept changing while it was being decided".into(),
+                ));
+            }
+            trusted = live.is_trusted();
+            observed = Some(live.generation());
+            read = std::time::Instant::now();
             outcome = self.decide(key, &parsed, now, noted).await?;
         }
         if let (true, Some(generation)) = (trusted, observed) {

@@ -511,6 +511,16 @@ impl Tokend {
         Ok((revocation, after))
     }
 
+    /// `found`, after a fence if it is NotFound: the token may have been deleted by a call
+    /// still waiting on its own fence (or cancelled before it), and a retried delete or
+    /// revoke answered "not found" must mean it is gone everywhere.
+    async fn fenced(&self, found: Result<Token>) -> Result<Token> {
+        if matches!(found, Err(Error::NotFound(_))) {
+            self.store.fence().await;
+        }
+        found
+    }
+
     /// Revokes a token. Idempotent: a revoked token keeps its first revocation.
     pub async fn revoke_token(
         &self,
@@ -520,7 +530,10 @@ impl Tokend {
     ) -> Result<Token> {
         let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
         let token = self
-            .visible_token(&actor, &actor.visibility(), &req.token_id)
+            .fenced(
+                self.visible_token(&actor, &actor.visibility(), &req.token_id)
+                    .await,
+            )
             .await?;
         // A rotated token in its grace period is not revoked yet: this brings it forward.
         if token.revoked(self.clock.now()) {
@@ -548,7 +561,7 @@ impl Tokend {
             ..actor.visibility()
         };
         let token = self
-            .visible_token(&actor, &visibility, &req.token_id)
+            .fenced(self.visible_token(&actor, &visibility, &req.token_id).await)
             .await?;
         let mut records = Vec::new();
         let detail = BTreeMap::from([("name".to_owned(), token.name.to_string())]);

@@ -230,7 +230,6 @@ async fn listen_until_lost(
     // Only our own heartbeat coming back proves the round trip works; anyone else's
     // traffic does not.
     let mut last_own = since;
-    let mut last_own_sent = 0;
     loop {
         let silence = tokio::time::sleep_until((last_own + timing.timeout).into());
         // Silence first: after a pause longer than the timeout (a stopped or frozen process),
@@ -257,10 +256,10 @@ async fn listen_until_lost(
                     };
                     let own = message.from == fences.me();
                     match (message.kind, own) {
-                        // A replayed heartbeat of ours proves nothing about now.
-                        (Kind::Heartbeat, true) if message.value <= last_own_sent => {}
+                        // A replayed heartbeat of ours (from this listener or an earlier
+                        // one) proves nothing about now.
+                        (Kind::Heartbeat, true) if !fences.own_heartbeat_back(message.value) => {}
                         (Kind::Heartbeat, true) => {
-                            last_own_sent = message.value;
                             let sent = fences.sent_at(message.value);
                             let lag = sent.elapsed().as_secs_f64();
                             metrics::histogram!("tokend_invalidation_lag_seconds").record(lag);

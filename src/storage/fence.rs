@@ -178,6 +178,8 @@ pub struct Fences {
     /// How long a replica trusts its cache after sending a heartbeat that came back.
     lease: Duration,
     key: OnceLock<Key>,
+    /// The sending time of the latest own heartbeat that came back, over all listeners.
+    own_sent: std::sync::atomic::AtomicU64,
     state: Mutex<State>,
     /// Rung when a fence comes back or is acknowledged.
     changed: tokio::sync::Notify,
@@ -218,9 +220,11 @@ struct Pending {
 struct Expected {
     /// Replicas heard within their lease before the fence came back.
     heard: Vec<Box<str>>,
-    /// Whether our listener was younger than the longest lease then: the replica table
-    /// counts too.
-    young: bool,
+    /// How long our listener had been listening then (`None`: not at all). Younger than a
+    /// lease, it may have missed heartbeats: the replica table counts too.
+    listened: Option<Duration>,
+    /// The longest lease heard then.
+    longest: Duration,
     /// Whether a replica that cannot acknowledge was heard within the lease.
     legacy: bool,
 }
@@ -233,6 +237,7 @@ impl Fences {
             born: Instant::now(),
             lease,
             key: OnceLock::new(),
+            own_sent: std::sync::atomic::AtomicU64::new(0),
             state: Mutex::default(),
             changed: tokio::sync::Notify::new(),
         }
@@ -283,6 +288,14 @@ impl Fences {
 
     pub(super) fn listening(&self, since: Option<Instant>) {
         self.lock().listening_since = since;
+    }
+
+    /// One of our own heartbeats, stamped `sent`, came back; `false` if it is not later than
+    /// the last one that did (a replay).
+    pub(super) fn own_heartbeat_back(&self, sent: u64) -> bool {
+        self.own_sent
+            .fetch_max(sent, std::sync::atomic::Ordering::SeqCst)
+            < sent
     }
 
     /// This replica's lease, in milliseconds, as its messages carry it.
@@ -349,9 +362,7 @@ impl Fences {
             .values()
             .map(|heard| heard.lease)
             .fold(self.lease, Duration::max);
-        let young = state
-            .listening_since
-            .is_none_or(|since| within(since, longest));
+        let listened = state.listening_since.map(|since| now.duration_since(since));
         let legacy = state.legacy.is_some_and(|at| within(at, longest));
         let heard = state
             .heard
@@ -362,7 +373,8 @@ impl Fences {
         if let Some(pending) = state.pending.get_mut(&nonce) {
             pending.expected = Some(Expected {
                 heard,
-                young,
+                listened,
+                longest,
                 legacy,
             });
             drop(state);
@@ -430,8 +442,9 @@ impl Fences {
             let Ok(lease_ms) = lease_ms.parse::<u64>() else {
                 return false;
             };
-            *deadline = (*deadline).max(committed + Duration::from_millis(lease_ms));
-            registered.push(id.to_owned());
+            let lease = Duration::from_millis(lease_ms);
+            *deadline = (*deadline).max(committed + lease);
+            registered.push((id.to_owned(), lease));
         }
         loop {
             let changed = self.changed.notified();
@@ -450,7 +463,7 @@ impl Fences {
         }
     }
 
-    fn complete(&self, nonce: u64, registered: &[String]) -> bool {
+    fn complete(&self, nonce: u64, registered: &[(String, Duration)]) -> bool {
         let state = self.lock();
         let Some(Pending {
             expected: Some(expected),
@@ -461,7 +474,13 @@ impl Fences {
         };
         let waits_for = |replica: &str| replica != &*self.me && !acked.contains(replica);
         let heard_all = !expected.heard.iter().any(|r| waits_for(r));
-        let registered_all = !expected.young || !registered.iter().any(|r| waits_for(r.as_str()));
+        // Young against the longest lease of anyone, the table's included.
+        let longest = registered
+            .iter()
+            .map(|(_, lease)| *lease)
+            .fold(expected.longest, Duration::max);
+        let young = expected.listened.is_none_or(|listened| listened < longest);
+        let registered_all = !young || !registered.iter().any(|(r, _)| waits_for(r.as_str()));
         !expected.legacy && heard_all && registered_all
     }
 }
@@ -543,6 +562,10 @@ mod tests {
     #[tokio::test]
     async fn a_replayed_heartbeat_is_not_a_heartbeat() {
         let fences = fences(2000);
+        assert!(fences.own_heartbeat_back(100));
+        assert!(!fences.own_heartbeat_back(100), "our own, again");
+        assert!(!fences.own_heartbeat_back(99));
+        assert!(fences.own_heartbeat_back(101));
         assert!(fences.heard("00ab", 100, 2000));
         assert!(!fences.heard("00ab", 100, 2000), "the same heartbeat again");
         assert!(!fences.heard("00ab", 50, 2000), "an older one");
@@ -565,7 +588,9 @@ mod tests {
         fences.acked(7, "00ab");
         assert!(fences.complete(7, &[]));
         // An old listener does not wait for replicas in the table it has not heard.
-        assert!(fences.complete(7, &["00ef".to_owned()]));
+        assert!(fences.complete(7, &[("00ef".to_owned(), Duration::from_secs(2))]));
+        // Unless the table has a replica whose lease is longer than our listener's age.
+        assert!(!fences.complete(7, &[("00ef".to_owned(), Duration::from_secs(120))]));
     }
 
     #[tokio::test]
@@ -575,12 +600,12 @@ mod tests {
         fences.lock().pending.insert(7, Pending::default());
         fences.echoed(7);
         assert!(
-            fences.complete(7, &[fences.me().to_owned()]),
+            fences.complete(7, &[(fences.me().to_owned(), Duration::from_secs(2))]),
             "not for itself"
         );
-        assert!(!fences.complete(7, &["00ef".to_owned()]));
+        assert!(!fences.complete(7, &[("00ef".to_owned(), Duration::from_secs(2))]));
         fences.acked(7, "00ef");
-        assert!(fences.complete(7, &["00ef".to_owned()]));
+        assert!(fences.complete(7, &[("00ef".to_owned(), Duration::from_secs(2))]));
 
         fences.heard_legacy();
         fences.lock().pending.insert(8, Pending::default());
