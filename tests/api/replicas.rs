@@ -241,6 +241,7 @@ async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
         .and_then(|t| t.parse().ok())
         .unwrap_or(30);
     let mut times = Vec::with_capacity(trials);
+    let mut writes = Vec::with_capacity(trials);
     let mut at_once = 0;
     for trial in 0..trials {
         let issued = a
@@ -255,14 +256,23 @@ async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
                 "warm on the other replica"
             );
         }
+        let sent = Instant::now();
         revoke(&a, &root, issued.token.unwrap().id).await;
         let returned = Instant::now();
+        writes.push(returned - sent);
         let (took, first) =
             until(&b, &root, &issued.secret, returned, |answer| !answer.active).await;
         times.push(took);
         at_once += usize::from(first);
     }
     times.sort();
+    writes.sort();
+    eprintln!(
+        "RevokeToken over {trials} trials (commit and fence): p50 {:?}, p99 {:?}, max {:?}",
+        percentile(&writes, 0.50),
+        percentile(&writes, 0.99),
+        writes[writes.len() - 1],
+    );
     eprintln!(
         "revocation propagation over {trials} trials: p50 {:?}, p99 {:?}, max {:?}; inactive on the very next call in {at_once}/{trials}",
         percentile(&times, 0.50),
