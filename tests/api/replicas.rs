@@ -178,7 +178,8 @@ fn bootstrap(url: &str) -> String {
         .to_owned()
 }
 
-/// Tenant `acme` with roles `dev` (a:read, a:write) and `viewer` (a:read); alice a dev.
+/// Tenant `acme` with roles `dev` (a:read, a:write), `viewer` (a:read) and `admin`
+/// (tokend.tokens.admin); alice a dev, ada an admin.
 async fn seed(dir: &mut DirectoryServiceClient<InterceptedService<Channel, Bearer>>) {
     dir.put_tenant(pb::PutTenantRequest {
         tenant: Some(pb::Tenant {
@@ -191,6 +192,7 @@ async fn seed(dir: &mut DirectoryServiceClient<InterceptedService<Channel, Beare
     for (name, permissions) in [
         ("dev", vec!["a:read", "a:write"]),
         ("viewer", vec!["a:read"]),
+        ("admin", vec!["tokend.tokens.admin"]),
     ] {
         dir.put_role(pb::PutRoleRequest {
             tenant_id: "acme".into(),
@@ -200,14 +202,16 @@ async fn seed(dir: &mut DirectoryServiceClient<InterceptedService<Channel, Beare
         .await
         .unwrap();
     }
-    dir.put_member(pb::PutMemberRequest {
-        tenant_id: "acme".into(),
-        user_id: "alice".into(),
-        role: "dev".into(),
-        groups: vec![],
-    })
-    .await
-    .unwrap();
+    for (user, role) in [("alice", "dev"), ("ada", "admin")] {
+        dir.put_member(pb::PutMemberRequest {
+            tenant_id: "acme".into(),
+            user_id: user.into(),
+            role: role.into(),
+            groups: vec![],
+        })
+        .await
+        .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -465,23 +469,7 @@ async fn a_revocation_waits_out_the_lease_of_a_silent_replica() {
     let root = bootstrap(&url);
     let a = Replica::start(&url).await;
     let b = Replica::start(&url).await;
-    let mut dir = a.directory(&root);
-    seed(&mut dir).await;
-    dir.put_role(pb::PutRoleRequest {
-        tenant_id: "acme".into(),
-        name: "admin".into(),
-        permissions: vec!["tokend.tokens.admin".into()],
-    })
-    .await
-    .unwrap();
-    dir.put_member(pb::PutMemberRequest {
-        tenant_id: "acme".into(),
-        user_id: "ada".into(),
-        role: "admin".into(),
-        groups: vec![],
-    })
-    .await
-    .unwrap();
+    seed(&mut a.directory(&root)).await;
     let (forger, fences) = forge_acknowledgements(&url).await;
     let issued = issue(&a, &root, "laptop").await;
     let mut others = Vec::new();
