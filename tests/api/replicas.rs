@@ -214,17 +214,46 @@ async fn seed(dir: &mut DirectoryServiceClient<InterceptedService<Channel, Beare
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
-    let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
-        return;
-    };
+/// A fresh database, bootstrapped and seeded, with replicas A and B on it.
+struct Pair {
+    _database: crate::helpers::TestDatabase,
+    url: String,
+    root: String,
+    a: Replica,
+    b: Replica,
+}
+
+/// A [`Pair`]; `None` when the PostgreSQL half is not configured on this machine.
+async fn seeded_pair() -> Option<Pair> {
+    let (url, database) = fresh_database(Backend::Postgres).await?;
     let root = bootstrap(&url);
     let a = Replica::start(&url).await;
     let b = Replica::start(&url).await;
+    seed(&mut a.directory(&root)).await;
+    Some(Pair {
+        _database: database,
+        url,
+        root,
+        a,
+        b,
+    })
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_through_one_replica_are_enforced_by_the_other_at_once() {
+    // `_database` bound (not left to `..`, which would drop the database at once), and
+    // first, so it goes after the replicas.
+    let Some(Pair {
+        _database,
+        root,
+        a,
+        b,
+        ..
+    }) = seeded_pair().await
+    else {
+        return;
+    };
     let mut dir = a.directory(&root);
-    seed(&mut dir).await;
     let member = |role: &str| pb::PutMemberRequest {
         tenant_id: "acme".into(),
         user_id: "alice".into(),
@@ -463,13 +492,16 @@ async fn forge_acknowledgements(
 /// drops its trust before answering from its cache: its first answers are inactive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_waits_out_the_lease_of_a_silent_replica() {
-    let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
+    let Some(Pair {
+        _database,
+        url,
+        root,
+        a,
+        b,
+    }) = seeded_pair().await
+    else {
         return;
     };
-    let root = bootstrap(&url);
-    let a = Replica::start(&url).await;
-    let b = Replica::start(&url).await;
-    seed(&mut a.directory(&root)).await;
     let (forger, fences) = forge_acknowledgements(&url).await;
     let issued = issue(&a, &root, "laptop").await;
     let mut others = Vec::new();
@@ -577,13 +609,16 @@ async fn until_trusted(replica: &Replica) {
 /// before the new replica started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_replica_waits_for_replicas_it_has_not_heard_yet() {
-    let Some((url, _database)) = fresh_database(Backend::Postgres).await else {
+    let Some(Pair {
+        _database,
+        url,
+        root,
+        a,
+        b,
+    }) = seeded_pair().await
+    else {
         return;
     };
-    let root = bootstrap(&url);
-    let a = Replica::start(&url).await;
-    let b = Replica::start(&url).await;
-    seed(&mut a.directory(&root)).await;
     let issued = issue(&a, &root, "laptop").await;
     assert!(introspect(&b, &root, &issued.secret).await.active);
 
