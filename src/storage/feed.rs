@@ -230,6 +230,7 @@ async fn listen_until_lost(
     // Only our own heartbeat coming back proves the round trip works; anyone else's
     // traffic does not.
     let mut last_own = since;
+    let mut answered = RecentNonces::default();
     loop {
         let silence = tokio::time::sleep_until((last_own + timing.timeout).into());
         // Silence first: after a pause longer than the timeout (a stopped or frozen process),
@@ -275,6 +276,9 @@ async fn listen_until_lost(
                             fences.heard(message.from, message.value, message.lease_ms);
                         }
                         (Kind::Fence, true) => fences.echoed(message.value),
+                        // A fence seen before is a replay: answering it again would only
+                        // crowd out the acknowledgements writers are waiting on.
+                        (Kind::Fence, false) if !answered.first_sight(message.value) => {}
                         (Kind::Fence, false) => {
                             // Everything committed before this fence has been applied. If
                             // the queue is full the writer waits out the lease instead.
@@ -337,6 +341,32 @@ async fn send_control(
         {
             tracing::debug!(error = %err, "change feed: control message not sent");
         }
+    }
+}
+
+/// The nonces of the latest fences answered: a fence's nonce is random, so one seen again
+/// is a replay.
+#[derive(Default)]
+struct RecentNonces {
+    seen: std::collections::HashSet<u64>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl RecentNonces {
+    const KEPT: usize = 8192;
+
+    /// Whether `nonce` is new; remembers it.
+    fn first_sight(&mut self, nonce: u64) -> bool {
+        if !self.seen.insert(nonce) {
+            return false;
+        }
+        self.order.push_back(nonce);
+        if self.order.len() > Self::KEPT
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        true
     }
 }
 
@@ -437,6 +467,19 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fence_is_answered_once() {
+        let mut answered = RecentNonces::default();
+        assert!(answered.first_sight(7));
+        assert!(!answered.first_sight(7), "a replay");
+        for nonce in 100..100 + RecentNonces::KEPT as u64 {
+            assert!(answered.first_sight(nonce));
+        }
+        // Bounded: the oldest is forgotten.
+        assert_eq!(answered.seen.len(), RecentNonces::KEPT);
+        assert!(answered.first_sight(7));
+    }
 
     #[test]
     fn payloads_name_keys_and_anything_else_evicts_everything() {

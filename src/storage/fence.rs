@@ -370,7 +370,10 @@ impl Fences {
             .filter(|(_, heard)| within(heard.at, heard.lease))
             .map(|(replica, _)| replica.clone())
             .collect();
-        if let Some(pending) = state.pending.get_mut(&nonce) {
+        // The first delivery counts; a replayed echo changes nothing.
+        if let Some(pending) = state.pending.get_mut(&nonce)
+            && pending.expected.is_none()
+        {
             pending.expected = Some(Expected {
                 heard,
                 listened,
