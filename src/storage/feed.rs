@@ -345,11 +345,13 @@ async fn send_control(
 }
 
 /// The nonces of the latest fences answered: a fence's nonce is random, so one seen again
-/// is a replay.
-#[derive(Default)]
-struct RecentNonces {
-    seen: std::collections::HashSet<u64>,
-    order: std::collections::VecDeque<u64>,
+/// is a replay. A bounded cache, so a flood of fences cannot grow it.
+struct RecentNonces(quick_cache::unsync::Cache<u64, ()>);
+
+impl Default for RecentNonces {
+    fn default() -> Self {
+        Self(quick_cache::unsync::Cache::new(Self::KEPT))
+    }
 }
 
 impl RecentNonces {
@@ -357,15 +359,10 @@ impl RecentNonces {
 
     /// Whether `nonce` is new; remembers it.
     fn first_sight(&mut self, nonce: u64) -> bool {
-        if !self.seen.insert(nonce) {
+        if self.0.contains_key(&nonce) {
             return false;
         }
-        self.order.push_back(nonce);
-        if self.order.len() > Self::KEPT
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.seen.remove(&oldest);
-        }
+        self.0.insert(nonce, ());
         true
     }
 }
@@ -473,12 +470,11 @@ mod tests {
         let mut answered = RecentNonces::default();
         assert!(answered.first_sight(7));
         assert!(!answered.first_sight(7), "a replay");
-        for nonce in 100..100 + RecentNonces::KEPT as u64 {
-            assert!(answered.first_sight(nonce));
+        for nonce in 100..100 + 4 * RecentNonces::KEPT as u64 {
+            answered.first_sight(nonce);
         }
-        // Bounded: the oldest is forgotten.
-        assert_eq!(answered.seen.len(), RecentNonces::KEPT);
-        assert!(answered.first_sight(7));
+        // Bounded: a flood of fences does not grow it.
+        assert!(answered.0.len() <= RecentNonces::KEPT);
     }
 
     #[test]
