@@ -9,8 +9,8 @@
 # tokend's own work, the allocator). Kernel work (the socket calls) is not counted.
 #
 #   bash benches/callgrind.sh          # needs valgrind and h2load (nghttp2-client)
-#   CALLGRIND_GARBAGE=1 bash benches/callgrind.sh   # a garbage token (the ceiling still
-#                                                   # answers its active response)
+#   CALLGRIND_GARBAGE=1 bash benches/callgrind.sh   # a garbage token, against the ceiling
+#                                                   # answering `active = false`
 #   BENCH_METRICS=1 bash benches/callgrind.sh       # with the Prometheus recorder installed
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,7 +24,7 @@ bin=$(cargo bench --bench introspect --no-run 2>&1 | grep -o '[^ (]*/deps/intros
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-# Instructions per call for one server: $1 = tokend | ceiling.
+# Instructions per call for one server: $1 = tokend | ceiling | ceiling-inactive.
 count() {
   local which=$1 out="$work/$1.callgrind"
   mkfifo "$work/$which.stdin"
@@ -68,9 +68,13 @@ count() {
 }
 
 tokend=$(count tokend)
-ceiling=$(count ceiling)
 kind=warm
-[[ -n "${CALLGRIND_GARBAGE:-}" ]] && kind=garbage
+if [[ -n "${CALLGRIND_GARBAGE:-}" ]]; then
+  kind=garbage
+  ceiling=$(count ceiling-inactive)
+else
+  ceiling=$(count ceiling)
+fi
 echo "instructions per $kind Introspect ($calls calls, 64 in flight, with the log subscriber):"
 echo "  tokend  $tokend"
 echo "  ceiling $ceiling"

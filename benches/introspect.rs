@@ -999,9 +999,10 @@ async fn run() -> anyhow::Result<()> {
     memory().await
 }
 
-/// `BENCH_SERVE=tokend|ceiling`: only that server, driven from outside (by
+/// `BENCH_SERVE=tokend|ceiling|ceiling-inactive`: only that server, driven from outside (by
 /// `benches/callgrind.sh`, which counts its instructions per call: a figure the machine's
-/// other tenants cannot move). Prints the address, the caller's key and a file holding an
+/// other tenants cannot move). `ceiling-inactive` answers `active = false`, as the ceiling
+/// of the garbage runs does. Prints the address, the caller's key and a file holding an
 /// Introspect body for the warm token, then serves until stdin closes.
 async fn serve_only(
     which: &str,
@@ -1017,7 +1018,11 @@ async fn serve_only(
             ceiling = start_noop(answer)?;
             ceiling.target()
         }
-        other => bail!("BENCH_SERVE: tokend or ceiling, not {other:?}"),
+        "ceiling-inactive" => {
+            ceiling = start_noop(pb::IntrospectResponse::default())?;
+            ceiling.target()
+        }
+        other => bail!("BENCH_SERVE: tokend, ceiling or ceiling-inactive, not {other:?}"),
     };
     let body = tempfile::NamedTempFile::new()?;
     std::fs::write(body.path(), introspect_body(warm))?;

@@ -46,6 +46,14 @@ macro_rules! string_newtype {
                 &self.0
             }
         }
+
+        // Sound: `Eq`, `Ord` and `Hash` are the boxed string's, so a set of these can be
+        // searched by `&str` (a permission check is then a lookup, not a scan).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

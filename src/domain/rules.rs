@@ -46,7 +46,7 @@ pub const ALL_BUILTIN: [BuiltinPermission; 9] = [
 
 /// Whether a set holds a builtin permission.
 pub fn holds(set: &PermissionSet, permission: BuiltinPermission) -> bool {
-    set.iter().any(|p| p.as_str() == permission.as_str())
+    set.contains(permission.as_str())
 }
 
 /// A token's permissions: its role's, narrowed to its scopes if it has any.

@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TlsConnectInfo;
 use tower::{Layer, Service};
 
 use crate::service::{Caller, Tokend};
 
+use super::connection::ConnectionInfo;
 use super::status::to_status;
 
 /// Paths of the services that need a credential: tokend's own, and Envoy's external
@@ -79,17 +80,19 @@ where
                 .headers()
                 .get(http::header::AUTHORIZATION)
                 .map(|value| value.to_str().unwrap_or(""));
-            // The connection's peer: where the credential is being used from; and, over
-            // mutual TLS, the certificate it presented.
+            // The connection's peer: where the credential is being used from; over mutual
+            // TLS, the certificate it presented; and the credential it last checked.
             let extensions = request.extensions();
-            let (tcp, certificates) = match extensions.get::<TlsConnectInfo<TcpConnectInfo>>() {
-                Some(tls) => (Some(tls.get_ref()), tls.peer_certs()),
-                None => (extensions.get::<TcpConnectInfo>(), None),
-            };
-            let peer = tcp
-                .and_then(TcpConnectInfo::remote_addr)
+            let (connection, certificates) =
+                match extensions.get::<TlsConnectInfo<ConnectionInfo>>() {
+                    Some(tls) => (Some(tls.get_ref()), tls.peer_certs()),
+                    None => (extensions.get::<ConnectionInfo>(), None),
+                };
+            let peer = connection
+                .and_then(|connection| connection.tcp.remote_addr())
                 .map(|addr| addr.ip());
-            match core.authenticate(header, peer).await {
+            let memo = connection.map(|connection| &*connection.memo);
+            match core.authenticate(header, peer, memo).await {
                 Ok(mut caller) => {
                     if let Some(certificates) = certificates {
                         caller.set_client_certificates(certificates);

@@ -3,6 +3,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod connection;
 pub mod convert;
 pub mod directory;
 pub mod ext_authz;
@@ -14,6 +15,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::TryStreamExt as _;
 use tokio::net::TcpListener;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Server, ServerTlsConfig};
@@ -200,7 +202,9 @@ pub async fn serve(
         )
         // Without TCP_NODELAY a small response can sit out a 40 ms delayed-ACK round.
         .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map_ok(connection::Connection::new),
             async {
                 shutdown.await;
                 readiness.abort();

@@ -14,7 +14,7 @@ pub mod last_used;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret as _, SecretString};
 
 use crate::domain::Result;
 use crate::domain::model::{InactiveReason, LiveGrant, Token};
@@ -102,6 +102,46 @@ fn token_digest(parsed: &ParsedToken<'_>) -> Digest {
     digest(&block[..len])
 }
 
+/// The credential last checked on one connection, and its digest. A client sends the same
+/// `authorization` value on every call of a connection; remembering the digest spares each
+/// of its calls the parse and the BLAKE3 compression. It holds only what the string itself
+/// determines, never a verdict, so nothing needs to invalidate it: every call still looks
+/// its verdict up by the digest.
+///
+/// It keeps the credential for the life of the connection (as the connection's HTTP/2
+/// header table does too, unless the client sends it never-indexed); zeroed when replaced
+/// or dropped. Compared in constant time: a proxy may multiplex several clients'
+/// credentials over one connection.
+#[derive(Default)]
+pub struct CredentialMemo(std::sync::Mutex<Option<(SecretString, Digest)>>);
+
+/// Says nothing of what is remembered: not even the digest.
+impl std::fmt::Debug for CredentialMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CredentialMemo").finish_non_exhaustive()
+    }
+}
+
+impl CredentialMemo {
+    /// The digest of `candidate`, if it is the credential remembered. A busy memo (another
+    /// call of the connection holding it) is simply not used.
+    fn digest_of(&self, candidate: &str) -> Option<Digest> {
+        let held = self.0.try_lock().ok()?;
+        let (credential, key) = held.as_ref()?;
+        constant_time_eq::constant_time_eq(
+            credential.expose_secret().as_bytes(),
+            candidate.as_bytes(),
+        )
+        .then_some(*key)
+    }
+
+    fn remember(&self, candidate: &str, key: Digest) {
+        if let Ok(mut held) = self.0.try_lock() {
+            *held = Some((SecretString::from(candidate), key));
+        }
+    }
+}
+
 /// Whether a remembered verdict still holds at `now` as far as time goes (expiry and the end
 /// of a rotation's grace are the changes no invalidation announces).
 fn still_valid(outcome: &Outcome, now: crate::domain::model::Timestamp) -> bool {
@@ -131,10 +171,36 @@ pub struct Introspector {
     /// The live-state cache whose generation and trust the verdicts follow.
     live: Option<Arc<LiveCache>>,
     last_used: Arc<LastUsed>,
+    /// Decisions made again, by [`Redecision`] (one call may count under several).
+    redecided: [AtomicU64; 3],
 }
 
 /// How many times a call decides again because its state changed while it decided.
 const REDECIDE_LIMIT: usize = 4;
+
+/// Why a call decided again before answering "active" (see [`Introspector::introspect`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Redecision {
+    /// An invalidation concerning the token's state arrived while it decided.
+    Touched,
+    /// The cache it read from stopped being trusted while it decided.
+    Untrusted,
+    /// Its state was read longer ago than a write waits for a silent replica (the lease).
+    Outlived,
+}
+
+impl Redecision {
+    const ALL: [Redecision; 3] = [Self::Touched, Self::Untrusted, Self::Outlived];
+
+    /// The metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Touched => "touched",
+            Self::Untrusted => "untrusted",
+            Self::Outlived => "outlived",
+        }
+    }
+}
 
 /// A verdict and the generation it was computed at.
 #[derive(Clone, Debug)]
@@ -183,6 +249,21 @@ impl Introspector {
             answers: quick_cache::sync::Cache::new(1_000_000),
             live,
             last_used,
+            redecided: Default::default(),
+        }
+    }
+
+    /// How many decisions this replica made again for `cause`.
+    pub fn redecisions(&self, cause: Redecision) -> u64 {
+        self.redecided[cause as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts a decision made again, under each cause that holds.
+    fn count_redecision(&self, causes: [bool; 3]) {
+        for (cause, _) in Redecision::ALL.into_iter().zip(causes).filter(|(_, c)| *c) {
+            self.redecided[cause as usize].fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("tokend_introspect_redecisions_total", "cause" => cause.as_str())
+                .increment(1);
         }
     }
 
@@ -205,11 +286,31 @@ impl Introspector {
         candidate: &str,
         now: crate::domain::model::Timestamp,
     ) -> Result<Outcome> {
-        // Malformed strings stop here: no cache, no query, no hash.
-        let Some(parsed) = self.format.parse(candidate) else {
-            return Ok(Outcome::Inactive(InactiveReason::Malformed));
+        self.introspect_remembering(candidate, None, now).await
+    }
+
+    /// [`introspect`](Self::introspect), for a credential that came on a connection with
+    /// `memo`.
+    pub async fn introspect_remembering(
+        &self,
+        candidate: &str,
+        memo: Option<&CredentialMemo>,
+        now: crate::domain::model::Timestamp,
+    ) -> Result<Outcome> {
+        let (key, parsed) = match memo.and_then(|memo| memo.digest_of(candidate)) {
+            Some(key) => (key, None),
+            None => {
+                // Malformed strings stop here: no cache, no query, no hash.
+                let Some(parsed) = self.format.parse(candidate) else {
+                    return Ok(Outcome::Inactive(InactiveReason::Malformed));
+                };
+                let key = token_digest(&parsed);
+                if let Some(memo) = memo {
+                    memo.remember(candidate, key);
+                }
+                (key, Some(parsed))
+            }
         };
-        let key = token_digest(&parsed);
         // Read before any state: an invalidation after this point voids what we compute.
         let mut trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
         let mut observed = self.live.as_ref().map(|live| live.generation());
@@ -224,6 +325,11 @@ impl Introspector {
             }
             return Ok(known.outcome.clone());
         }
+        // Only a remembered digest skips the parse, and only a string that parsed before
+        // is remembered.
+        let Some(parsed) = parsed.or_else(|| self.format.parse(candidate)) else {
+            return Ok(Outcome::Inactive(InactiveReason::Malformed));
+        };
         // A verdict voided by an invalidation still knows when its token was last noted.
         let noted = known.and_then(|known| match &known.outcome {
             Outcome::Active(active) => Some(active.last_noted.load(Ordering::Relaxed)),
@@ -244,12 +350,14 @@ impl Introspector {
             let touched = observed.is_some_and(|before| {
                 before != current && live.touched_since(before, &active.token)
             });
-            let stale = (trusted && !live.is_trusted()) || live.outlived(read);
-            if !touched && !stale {
+            let untrusted = trusted && !live.is_trusted();
+            let outlived = live.outlived(read);
+            if !touched && !untrusted && !outlived {
                 // Nothing since concerned it: the verdict holds as of now.
                 observed = Some(current);
                 break;
             }
+            self.count_redecision([touched, untrusted, outlived]);
             attempts += 1;
             if attempts > REDECIDE_LIMIT {
                 return Err(crate::domain::Error::Unavailable(
@@ -457,6 +565,24 @@ mod tests {
             ..format.parse(&pat).unwrap()
         };
         assert_ne!(token_digest(&parsed), token_digest(&as_key));
+    }
+
+    #[test]
+    fn a_connection_memo_answers_only_for_the_very_string_it_remembers() {
+        let memo = CredentialMemo::default();
+        assert_eq!(memo.digest_of("tkd_pat_abc"), None);
+        memo.remember("tkd_pat_abc", [1; 16]);
+        assert_eq!(memo.digest_of("tkd_pat_abc"), Some([1; 16]));
+        for other in ["tkd_pat_abd", "tkd_pat_ab", "tkd_pat_abcd", ""] {
+            assert_eq!(memo.digest_of(other), None, "{other}");
+        }
+        memo.remember("tkd_key_xyz", [2; 16]);
+        assert_eq!(
+            memo.digest_of("tkd_pat_abc"),
+            None,
+            "one credential at a time"
+        );
+        assert_eq!(memo.digest_of("tkd_key_xyz"), Some([2; 16]));
     }
 
     fn remembered(generation: u64, at: crate::domain::model::Timestamp) -> Remembered {

@@ -7,7 +7,7 @@ use crate::domain::names::{BuiltinPermission, TenantId, UserId};
 use crate::domain::rules::{self, Visibility};
 use crate::domain::token_format::TokenKind;
 use crate::domain::{Error, Result};
-use crate::introspect::{ActiveToken, Outcome};
+use crate::introspect::{ActiveToken, CredentialMemo, Outcome};
 
 use super::Tokend;
 
@@ -269,11 +269,13 @@ impl Actor {
 
 impl Tokend {
     /// Checks the `authorization` metadata value and returns the live caller, noting that
-    /// the credential was used from `peer`.
+    /// the credential was used from `peer`. `memo` is the credential last checked on the
+    /// same connection, if the transport keeps one.
     pub async fn authenticate(
         &self,
         authorization: Option<&str>,
         peer: Option<std::net::IpAddr>,
+        memo: Option<&CredentialMemo>,
     ) -> Result<Caller> {
         let Some(header) = authorization else {
             return Err(Error::Unauthenticated(
@@ -288,7 +290,11 @@ impl Tokend {
             })?
             .trim();
         let now = self.introspector.now();
-        match self.introspector.introspect(token, now).await? {
+        match self
+            .introspector
+            .introspect_remembering(token, memo, now)
+            .await?
+        {
             Outcome::Active(active) => {
                 self.introspector.note_use(&active, peer, None, now);
                 Ok(Caller {

@@ -74,6 +74,11 @@ impl Tokend {
         self.introspector.cache_entries()
     }
 
+    /// How many Introspect decisions this replica made again for `cause`.
+    pub fn redecisions(&self, cause: crate::introspect::Redecision) -> u64 {
+        self.introspector.redecisions(cause)
+    }
+
     /// The token format in use.
     pub fn format(&self) -> &TokenFormat {
         &self.format

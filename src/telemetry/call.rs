@@ -121,9 +121,11 @@ impl CallLabels {
         }
     }
 
-    /// Runs `call` with these labels on every line it logs.
-    pub async fn scope<F: Future>(self, call: F) -> F::Output {
-        CALL.scope(self, call).await
+    /// Runs `call` with these labels on every line it logs. The task-local future itself,
+    /// not an `async fn` around it: a wrapper would be one more state machine to move the
+    /// call's future into, on every call.
+    pub fn scope<F: Future>(self, call: F) -> tokio::task::futures::TaskLocalFuture<Self, F> {
+        CALL.scope(self, call)
     }
 }
 

@@ -15,6 +15,7 @@ crate::both_backends!(
     acting_as_another_user_needs_act_as_in_the_system_tenant,
     a_token_can_always_list_revoke_and_delete_its_owners_tokens_itself_included,
     health_and_reflection_need_no_credential,
+    credentials_taking_turns_on_one_connection_each_act_as_themselves,
 );
 
 async fn acme(app: &TestApp) {
@@ -250,4 +251,57 @@ async fn health_and_reflection_need_no_credential(app: TestApp) {
             assert!(services.contains(expected), "{expected} in {services}");
         }
     }
+}
+
+/// Every client of the test app shares one HTTP/2 connection, and the connection remembers
+/// the credential it last checked: credentials taking turns on it must each be themselves,
+/// a string differing from the remembered one only in its last character must not pass for
+/// it, and a credential revoked between two of its calls is refused on the next.
+async fn credentials_taking_turns_on_one_connection_each_act_as_themselves(app: TestApp) {
+    acme(&app).await;
+    let (alice, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (bob, bob_info) = app.pat("acme", "bob", "laptop", &[]).await;
+    let owners = |credential: &str| {
+        let mut tokens = app.tokens(credential);
+        async move {
+            let listed = tokens
+                .list_tokens(pb::ListTokensRequest::default())
+                .await
+                .map(|r| r.into_inner().tokens);
+            listed.map(|tokens| {
+                tokens
+                    .into_iter()
+                    .map(|t| t.owner_user_id)
+                    .collect::<std::collections::BTreeSet<_>>()
+            })
+        }
+    };
+    for _ in 0..3 {
+        for (credential, owner) in [(&alice, "alice"), (&bob, "bob")] {
+            let seen = owners(credential).await.unwrap();
+            assert_eq!(seen, [owner.to_owned()].into(), "as {owner}");
+        }
+    }
+
+    let mut altered = alice.clone();
+    let last = altered.pop().unwrap();
+    altered.push(if last == 'A' { 'B' } else { 'A' });
+    assert_eq!(
+        owners(&alice).await.unwrap().len(),
+        1,
+        "alice is remembered"
+    );
+    assert_eq!(
+        owners(&altered).await.unwrap_err().code(),
+        Code::Unauthenticated,
+        "a string one character off the remembered credential"
+    );
+
+    assert!(owners(&bob).await.is_ok());
+    app.revoke_as("acme", "bob", &bob_info.id).await;
+    assert_eq!(
+        owners(&bob).await.unwrap_err().code(),
+        Code::Unauthenticated,
+        "a credential revoked since its last call on this connection"
+    );
 }

@@ -439,3 +439,42 @@ async fn a_call_deciding_across_a_revocation_answers_inactive_sqlite() {
 async fn a_call_deciding_across_a_revocation_answers_inactive_postgres() {
     a_call_deciding_across_a_revocation_answers_inactive(Backend::Postgres).await;
 }
+
+/// A first sight whose argon2 verification outlasts the lease (how long a write waits for a
+/// replica that cannot acknowledge it) decides again from fresh state before it answers
+/// "active": what it read may predate a revocation that has since returned. PostgreSQL
+/// only: the lease belongs to the change feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_that_outlives_the_lease_is_made_again_before_answering() {
+    const LEASE_MS: u64 = 300;
+    let slow_argon2_short_lease = |settings: &mut tokend::config::Settings| {
+        settings.argon2.memory_kib = 64 * 1024;
+        settings.argon2.iterations = 16;
+        settings.cache.feed_timeout_ms = LEASE_MS;
+        settings.cache.feed_heartbeat_ms = 50;
+    };
+    let Some(app) = spawn_app_with(Backend::Postgres, slow_argon2_short_lease).await else {
+        return;
+    };
+    acme(&app).await;
+    let (token, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let outlived = || {
+        app.core
+            .redecisions(tokend::introspect::Redecision::Outlived)
+    };
+    let before = outlived();
+
+    let started = std::time::Instant::now();
+    let answer = app.introspect(&token).await;
+    let took = started.elapsed();
+
+    assert!(
+        took >= std::time::Duration::from_millis(LEASE_MS),
+        "the first sight took {took:?}, within the lease: argon2 was not slow enough"
+    );
+    assert!(answer.active, "nothing changed: the token is still live");
+    assert!(
+        outlived() > before,
+        "a decision read {took:?} ago was answered without being made again"
+    );
+}

@@ -60,6 +60,7 @@ pub struct TestApp {
     pub store: Arc<SeaStore>,
     pub hasher: Arc<Argon2Hasher>,
     pub cache: Arc<LiveCache>,
+    pub core: Arc<tokend::service::Tokend>,
     pub backend: Backend,
     /// The database, reached directly (not through any proxy a test put in between).
     pub database_url: String,
@@ -221,6 +222,7 @@ pub async fn spawn_app_with(
     .expect("the replica becomes ready")
     .expect("readiness is reported");
     let cache = app.cache();
+    let core = app.core();
     let (tx, rx) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         app.run_until(async {
@@ -241,6 +243,7 @@ pub async fn spawn_app_with(
         store,
         hasher,
         cache,
+        core,
         backend,
         database_url: url,
         channel,
