@@ -11,14 +11,17 @@
 //!
 //! Environment: `BENCH_REQUESTS` (per h2load run, default 200000), `BENCH_CONCURRENCY`
 //! (in-flight calls, default 64), `BENCH_ROUNDS` (rounds of (a), (b) and (d), each beside
-//! its own ceiling run, default 3), `BENCH_COLD` (cold tokens, default 300),
+//! its own ceiling run, default 3), `BENCH_SLICES` (in (a) and (b), tokend and the ceiling
+//! take turns in this many slices of the run, default 10), `BENCH_COLD` (cold tokens,
+//! default 300),
 //! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults),
 //! `BENCH_POSTGRES_URL` (run (a)–(e) on a fresh PostgreSQL database instead of SQLite),
 //! `BENCH_NO_LOGS` (no log subscriber; by default the one `tokend serve` installs),
 //! `BENCH_SQLITE_WORKER_CORE` (in (d), move the SQLite worker thread to that core),
 //! `BENCH_METRICS` (the Prometheus recorder installed, as where `/metrics` is scraped),
 //! `BENCH_MEMORY_ONLY` (only the memory figure, e.g. under a heap profiler), `BENCH_SERVE`
-//! (`tokend` or `ceiling`: only that server, for `benches/callgrind.sh`).
+//! (`tokend`, `ceiling` or `ceiling-inactive`: only that server, for
+//! `benches/callgrind.sh`).
 
 // A benchmark that cannot set itself up should stop loudly, not limp on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -397,10 +400,66 @@ fn introspect_body(token: &str) -> Vec<u8> {
     framed
 }
 
-/// Runs h2load (on core 1) against Introspect with a fixed body; checks every response
-/// was HTTP 200 and, through `check`, that the answers are right.
+/// What one or more h2load runs measured, before it is summed up as [`Figures`].
+#[derive(Default)]
+struct Sample {
+    latencies: Vec<Duration>,
+    wall: Duration,
+    cpu: Duration,
+}
+
+impl Sample {
+    fn add(&mut self, other: Sample) {
+        self.latencies.extend(other.latencies);
+        self.wall += other.wall;
+        self.cpu += other.cpu;
+    }
+
+    fn figures(self) -> Figures {
+        figures(self.latencies, self.wall, self.cpu)
+    }
+}
+
+/// Runs h2load (on core 1) against Introspect with a fixed body, `BENCH_REQUESTS` calls.
 fn h2load(target: Target, key: &str, token: &str) -> anyhow::Result<Figures> {
+    Ok(h2load_sample(target, key, token, env_or("BENCH_REQUESTS", 200_000))?.figures())
+}
+
+/// tokend and its ceiling under the same load, taking turns in `BENCH_SLICES` slices of
+/// `BENCH_REQUESTS` calls each in all, in the order tokend, ceiling, ceiling, tokend, …:
+/// the machine's speed drifts within seconds (other tenants of the host), and turns this
+/// short put both servers under the same drift, where one run after the other did not.
+fn paired(
+    tokend: Target,
+    ceiling: Target,
+    key: &str,
+    token: &str,
+) -> anyhow::Result<(Figures, Figures)> {
     let requests = env_or("BENCH_REQUESTS", 200_000);
+    let slices = env_or("BENCH_SLICES", 10).clamp(1, requests);
+    let (mut ours, mut theirs) = (Sample::default(), Sample::default());
+    for slice in 0..slices {
+        let calls = requests / slices + usize::from(slice < requests % slices);
+        let tokend_first = slice % 2 == 0;
+        for is_tokend in [tokend_first, !tokend_first] {
+            let (target, sample) = if is_tokend {
+                (tokend, &mut ours)
+            } else {
+                (ceiling, &mut theirs)
+            };
+            sample.add(h2load_sample(target, key, token, calls)?);
+        }
+    }
+    Ok((ours.figures(), theirs.figures()))
+}
+
+/// One h2load run of `requests` calls; checks every response was HTTP 200.
+fn h2load_sample(
+    target: Target,
+    key: &str,
+    token: &str,
+    requests: usize,
+) -> anyhow::Result<Sample> {
     let concurrency = env_or("BENCH_CONCURRENCY", 64);
     let dir = tempfile::tempdir()?;
     let body_path = dir.path().join("body");
@@ -457,7 +516,11 @@ fn h2load(target: Target, key: &str, token: &str) -> anyhow::Result<Figures> {
     if latencies.len() != requests {
         bail!("{} of {requests} requests completed", latencies.len());
     }
-    Ok(figures(latencies, Duration::from_secs_f64(wall), cpu))
+    Ok(Sample {
+        latencies,
+        wall: Duration::from_secs_f64(wall),
+        cpu,
+    })
 }
 
 /// One tonic call at a time over `tokens`, each introspected once (cold): the latency of a
@@ -833,9 +896,10 @@ async fn run() -> anyhow::Result<()> {
     let noop_active = start_noop(answer.clone())?;
     let noop_inactive = start_noop(pb::IntrospectResponse::default())?;
 
-    // The machine is shared and its speed drifts between runs (the ceiling alone has moved
-    // by 1.5× from one run to the next), so every scenario runs in several rounds, each
-    // right beside its ceiling, and the ratios are reported per round and as the median.
+    // The machine is shared and its speed drifts within seconds (the ceiling alone has
+    // moved by 1.5× from one run to the next), so (a) and (b) take turns with their ceiling
+    // in short slices, every scenario runs in several rounds, and the ratios are reported
+    // per round and as the median.
     let rounds = env_or("BENCH_ROUNDS", 3);
     let requests = env_or("BENCH_REQUESTS", 200_000) as u64;
     let (mut warm_runs, mut garbage_runs, mut loaded_runs) = (Vec::new(), Vec::new(), Vec::new());
@@ -848,18 +912,22 @@ async fn run() -> anyhow::Result<()> {
         .into_inner()
         .secret;
     for round in 1..=rounds {
-        // (a) warm valid token; queries and argon2 calls counted over the tokend run.
-        let ceiling = h2load(noop_active.target(), &root, &warm)?;
+        // (a) warm valid token; queries and argon2 calls counted over the tokend slices
+        // (the ceiling's never reach tokend).
         let (l0, v0) = ((tokend.lookups)(), (tokend.verifications)());
-        let run = h2load(tokend.server.target(), &root, &warm)?;
+        let (run, ceiling) = paired(tokend.server.target(), noop_active.target(), &root, &warm)?;
         lookups += (tokend.lookups)() - l0;
         verifications += (tokend.verifications)() - v0;
         print_row(&format!("(a) warm valid, round {round}"), run, ceiling);
         warm_runs.push((run, ceiling));
 
         // (b) garbage.
-        let ceiling = h2load(noop_inactive.target(), &root, "garbage")?;
-        let run = h2load(tokend.server.target(), &root, "garbage")?;
+        let (run, ceiling) = paired(
+            tokend.server.target(),
+            noop_inactive.target(),
+            &root,
+            "garbage",
+        )?;
         print_row(&format!("(b) garbage, round {round}"), run, ceiling);
         garbage_runs.push((run, ceiling));
 
