@@ -500,3 +500,103 @@ async fn a_database_restart_under_load_gives_no_wrong_verdict_and_enforces_what_
         seen.len()
     );
 }
+
+/// A first sight whose cache stops being trusted while argon2 runs (the listener killed and
+/// kept from coming back) decides again, from the database, before it answers: here the
+/// token is revoked by hand meanwhile, a change the lost listener never delivers. Neither of
+/// the other causes applies: the lease (5 s in tests) outlasts the call, and no re-trust
+/// has bumped the generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decision_whose_cache_lost_trust_meanwhile_is_made_again() {
+    let slow_argon2 = |settings: &mut tokend::config::Settings| {
+        settings.argon2.memory_kib = 64 * 1024;
+        settings.argon2.iterations = 16;
+    };
+    let Some(app) = spawn_app_with(Backend::Postgres, slow_argon2).await else {
+        return;
+    };
+    app.tenant("acme", &[("dev", &["a:read"])]).await;
+    app.member("acme", "alice", "dev", &[]).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let untrusted = || {
+        app.core
+            .redecisions(tokend::introspect::Redecision::Untrusted)
+    };
+    let before = untrusted();
+    let verifications = app.hasher.verifications();
+    let mut client = app.tokens(&app.root);
+    let call = tokio::spawn(async move {
+        client
+            .introspect(pb::IntrospectRequest {
+                token,
+                ..Default::default()
+            })
+            .await
+    });
+    // The verification starts once the token's state has been read from a trusted cache.
+    while app.hasher.verifications() == verifications {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    // No new connection to the test database, then every connection tokend has to it goes
+    // (the feed's spare ones too, or the listener would come back on one of them): only
+    // the DBA's stays.
+    // One connection, kept: a pool could reach for a new one, which will be refused.
+    let dba = Database::connect(
+        sea_orm::ConnectOptions::new(app.database_url.clone())
+            .max_connections(1)
+            .min_connections(1)
+            .to_owned(),
+    )
+    .await
+    .unwrap();
+    let database = app.database_url.rsplit('/').next().unwrap().to_owned();
+    let admin_url = std::env::var("TOKEND_TEST_POSTGRES_URL").unwrap();
+    let admin = Database::connect(&admin_url).await.unwrap();
+    admin
+        .execute_unprepared(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS false"
+        ))
+        .await
+        .unwrap();
+    dba.execute_unprepared(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = '{database}' AND pid <> pg_backend_pid()"
+    ))
+    .await
+    .unwrap();
+    until_ready(&app, false, Duration::from_secs(5)).await;
+    dba.execute_unprepared(&format!(
+        "UPDATE tokens SET revoked_at = 1, revoked_by = 'dba' WHERE id = '{}'",
+        info.id
+    ))
+    .await
+    .unwrap();
+    assert!(
+        !call.is_finished(),
+        "the first sight ended before the revocation: argon2 was not slow enough"
+    );
+    let answer = call.await.unwrap();
+    dba.close().await.unwrap();
+    admin
+        .execute_unprepared(&format!(
+            "ALTER DATABASE \"{database}\" ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .unwrap();
+    admin.close().await.unwrap();
+
+    // Made again from the database: UNAVAILABLE while it cannot be reached (inactive, had
+    // a connection survived). Never active.
+    match answer {
+        Ok(response) => assert!(
+            !response.into_inner().active,
+            "answered active from state read before a revocation it could not hear of"
+        ),
+        Err(status) => assert_eq!(status.code(), Code::Unavailable, "{status:?}"),
+    }
+    assert!(
+        untrusted() > before,
+        "a decision from a cache that lost trust meanwhile was answered without being made again"
+    );
+}
