@@ -8,7 +8,7 @@ use tokend::clock::Clock as _;
 use tokend::domain::ports::Store as _;
 use tokend::proto::v1 as pb;
 
-use crate::helpers::{Backend, TestApp, spawn_app_with};
+use crate::helpers::{Backend, TestApp, slow_argon2, spawn_app_with};
 
 crate::both_backends!(
     a_warm_introspect_costs_no_query_and_no_argon2,
@@ -394,38 +394,19 @@ async fn a_hash_with_old_parameters_is_upgraded_once_and_the_token_keeps_working
 /// secret (first sight: argon2, made slow here) when the revocation returned, answers
 /// inactive: it decides again after an invalidation that landed meanwhile.
 async fn a_call_deciding_across_a_revocation_answers_inactive(backend: Backend) {
-    let slow_argon2 = |settings: &mut tokend::config::Settings| {
-        settings.argon2.memory_kib = 64 * 1024;
-        settings.argon2.iterations = 8;
-    };
     let Some(app) = spawn_app_with(backend, slow_argon2).await else {
         return;
     };
     acme(&app).await;
     let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
-    let verifications = app.hasher.verifications();
-    let mut client = app.tokens(&app.root);
-    let call = tokio::spawn(async move {
-        client
-            .introspect(pb::IntrospectRequest {
-                token,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    // The verification starts once the token's state has been read.
-    while app.hasher.verifications() == verifications {
-        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-    }
+    let call = app.first_sight_deciding(token).await;
     app.revoke_as("acme", "alice", &info.id).await;
     assert!(
         !call.is_finished(),
         "the call finished before the revocation returned: argon2 was not slow enough"
     );
     assert!(
-        !call.await.unwrap().active,
+        !call.await.unwrap().unwrap().into_inner().active,
         "a call answered active after the revocation returned"
     );
 }
@@ -448,8 +429,7 @@ async fn a_call_deciding_across_a_revocation_answers_inactive_postgres() {
 async fn a_decision_that_outlives_the_lease_is_made_again_before_answering() {
     const LEASE_MS: u64 = 300;
     let slow_argon2_short_lease = |settings: &mut tokend::config::Settings| {
-        settings.argon2.memory_kib = 64 * 1024;
-        settings.argon2.iterations = 16;
+        slow_argon2(settings);
         settings.cache.feed_timeout_ms = LEASE_MS;
         settings.cache.feed_heartbeat_ms = 50;
     };

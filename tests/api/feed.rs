@@ -16,7 +16,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use tokend::proto::v1 as pb;
 
-use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{Backend, TestApp, slow_argon2, spawn_app, spawn_app_with};
 
 async fn acme(app: &TestApp) -> (String, pb::TokenInfo) {
     app.tenant("acme", &[("dev", &["a:read"])]).await;
@@ -508,10 +508,6 @@ async fn a_database_restart_under_load_gives_no_wrong_verdict_and_enforces_what_
 /// has bumped the generation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decision_whose_cache_lost_trust_meanwhile_is_made_again() {
-    let slow_argon2 = |settings: &mut tokend::config::Settings| {
-        settings.argon2.memory_kib = 64 * 1024;
-        settings.argon2.iterations = 16;
-    };
     let Some(app) = spawn_app_with(Backend::Postgres, slow_argon2).await else {
         return;
     };
@@ -523,20 +519,7 @@ async fn a_decision_whose_cache_lost_trust_meanwhile_is_made_again() {
             .redecisions(tokend::introspect::Redecision::Untrusted)
     };
     let before = untrusted();
-    let verifications = app.hasher.verifications();
-    let mut client = app.tokens(&app.root);
-    let call = tokio::spawn(async move {
-        client
-            .introspect(pb::IntrospectRequest {
-                token,
-                ..Default::default()
-            })
-            .await
-    });
-    // The verification starts once the token's state has been read from a trusted cache.
-    while app.hasher.verifications() == verifications {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let call = app.first_sight_deciding(token).await;
 
     // No new connection to the test database, then every connection tokend has to it goes
     // (the feed's spare ones too, or the listener would come back on one of them): only

@@ -257,7 +257,36 @@ fn bearer(token: Option<&str>) -> Bearer {
     Bearer(token.map(|t| format!("Bearer {t}").parse().expect("ascii token")))
 }
 
+/// Settings under which one argon2 verification takes most of a second here: long enough for
+/// a test to act while a first sight is being decided.
+pub fn slow_argon2(settings: &mut Settings) {
+    settings.argon2.memory_kib = 64 * 1024;
+    settings.argon2.iterations = 16;
+}
+
+/// The answer to an Introspect still being decided.
+pub type Deciding = JoinHandle<Result<tonic::Response<pb::IntrospectResponse>, Status>>;
+
 impl TestApp {
+    /// Introspects `token` (never seen before) as root in a task, and returns once its
+    /// argon2 verification has started: its state has been read by then.
+    pub async fn first_sight_deciding(&self, token: String) -> Deciding {
+        let verifications = self.hasher.verifications();
+        let mut client = self.tokens(&self.root);
+        let call = tokio::spawn(async move {
+            client
+                .introspect(pb::IntrospectRequest {
+                    token,
+                    ..Default::default()
+                })
+                .await
+        });
+        while self.hasher.verifications() == verifications {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        call
+    }
+
     pub fn tokens(&self, credential: &str) -> Tokens {
         TokenServiceClient::with_interceptor(self.channel.clone(), bearer(Some(credential)))
     }
