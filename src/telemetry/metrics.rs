@@ -168,6 +168,10 @@ fn describe() {
         "Introspect verdicts: result active, or inactive with its reason"
     );
     describe_counter!(
+        "tokend_introspect_redecisions_total",
+        "Introspect decisions made again before answering active, by cause (touched, untrusted, outlived)"
+    );
+    describe_counter!(
         "tokend_cache_lookups_total",
         "live-state cache lookups by result (hit, miss, stale)"
     );

@@ -399,6 +399,11 @@ async fn a_call_deciding_across_a_revocation_answers_inactive(backend: Backend) 
     };
     acme(&app).await;
     let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let touched = || {
+        app.core
+            .redecisions(tokend::introspect::Redecision::Touched)
+    };
+    let before = touched();
     let call = app.first_sight_deciding(token).await;
     app.revoke_as("acme", "alice", &info.id).await;
     assert!(
@@ -409,6 +414,7 @@ async fn a_call_deciding_across_a_revocation_answers_inactive(backend: Backend) 
         !call.await.unwrap().unwrap().into_inner().active,
         "a call answered active after the revocation returned"
     );
+    assert!(touched() > before, "the decision was made again");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
