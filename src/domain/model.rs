@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::sync::Arc;
 
-use super::names::{Group, Permission, RoleName, TenantId, TokenName, UserId};
+use super::names::{Builtins, Group, Permission, RoleName, TenantId, TokenName, UserId};
 use super::token_format::{PUBLIC_ID_LEN, TokenKind};
 
 /// A point in time, UTC.
@@ -349,6 +349,8 @@ pub struct LiveGrant {
     /// membership: even one group is a B-tree node of some 280 bytes, per cached token if
     /// each verdict kept its own copy.
     pub groups: Arc<BTreeSet<Group>>,
+    /// Which of tokend's own permissions `permissions` holds.
+    pub builtins: Builtins,
 }
 
 /// One audit record to append, in the same transaction as the change it describes.

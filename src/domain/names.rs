@@ -199,9 +199,10 @@ impl Permission {
         Ok(Self(value.into()))
     }
 
-    /// A permission tokend defines itself.
-    pub const fn builtin(value: &'static str) -> BuiltinPermission {
-        BuiltinPermission(value)
+    /// A permission tokend defines itself, `place` being its place in the list of them
+    /// (under 16).
+    pub const fn builtin(value: &'static str, place: u8) -> BuiltinPermission {
+        BuiltinPermission(value, place)
     }
 
     /// Whether this permission is in tokend's reserved `tokend.` namespace.
@@ -233,14 +234,37 @@ impl Group {
     }
 }
 
-/// One of tokend's own permissions, usable in `const`s.
+/// One of tokend's own permissions, usable in `const`s, and its place among them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BuiltinPermission(&'static str);
+pub struct BuiltinPermission(&'static str, u8);
 
 impl BuiltinPermission {
     /// The permission string.
     pub const fn as_str(self) -> &'static str {
         self.0
+    }
+
+    /// Its bit in a [`Builtins`].
+    const fn bit(self) -> u16 {
+        1 << self.1
+    }
+}
+
+/// Which of tokend's own permissions a set holds, one bit each. A caller's rights are
+/// checked on every call it makes, and a bit test costs less than searching a set of
+/// strings for one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Builtins(u16);
+
+impl Builtins {
+    /// These and `permission`.
+    pub const fn with(self, permission: BuiltinPermission) -> Self {
+        Self(self.0 | permission.bit())
+    }
+
+    /// Whether `permission` is among these.
+    pub const fn has(self, permission: BuiltinPermission) -> bool {
+        self.0 & permission.bit() != 0
     }
 }
 

@@ -9,27 +9,28 @@ use super::model::{
     InactiveReason, LiveGrant, PermissionSet, TenantStatus, Timestamp, Token, TokenPolicy,
     TokenState, UserStatus,
 };
-use super::names::{BuiltinPermission, Permission, TenantId, UserId};
+use super::names::{BuiltinPermission, Builtins, Permission, TenantId, UserId};
 use super::token_format::TokenKind;
 
 /// Call Introspect.
-pub const INTROSPECT: BuiltinPermission = Permission::builtin("tokend.introspect");
+pub const INTROSPECT: BuiltinPermission = Permission::builtin("tokend.introspect", 0);
 /// See why a token is inactive.
-pub const INTROSPECT_REASONS: BuiltinPermission = Permission::builtin("tokend.introspect.reasons");
+pub const INTROSPECT_REASONS: BuiltinPermission =
+    Permission::builtin("tokend.introspect.reasons", 1);
 /// (System tenant only) act on behalf of the user named in the request.
-pub const ACT_AS: BuiltinPermission = Permission::builtin("tokend.act_as");
+pub const ACT_AS: BuiltinPermission = Permission::builtin("tokend.act_as", 2);
 /// Issue new tokens as oneself.
-pub const TOKENS_ISSUE: BuiltinPermission = Permission::builtin("tokend.tokens.issue");
+pub const TOKENS_ISSUE: BuiltinPermission = Permission::builtin("tokend.tokens.issue", 3);
 /// List and revoke any token of one's tenant.
-pub const TOKENS_ADMIN: BuiltinPermission = Permission::builtin("tokend.tokens.admin");
+pub const TOKENS_ADMIN: BuiltinPermission = Permission::builtin("tokend.tokens.admin", 4);
 /// Issue, list and revoke the API keys of one's tenant.
-pub const API_KEYS_MANAGE: BuiltinPermission = Permission::builtin("tokend.api_keys.manage");
+pub const API_KEYS_MANAGE: BuiltinPermission = Permission::builtin("tokend.api_keys.manage", 5);
 /// Change the directory.
-pub const DIRECTORY_WRITE: BuiltinPermission = Permission::builtin("tokend.directory.write");
+pub const DIRECTORY_WRITE: BuiltinPermission = Permission::builtin("tokend.directory.write", 6);
 /// Read the directory.
-pub const DIRECTORY_READ: BuiltinPermission = Permission::builtin("tokend.directory.read");
+pub const DIRECTORY_READ: BuiltinPermission = Permission::builtin("tokend.directory.read", 7);
 /// Read the audit log.
-pub const AUDIT_READ: BuiltinPermission = Permission::builtin("tokend.audit.read");
+pub const AUDIT_READ: BuiltinPermission = Permission::builtin("tokend.audit.read", 8);
 
 /// Every permission tokend defines: the bootstrap admin role holds them all.
 pub const ALL_BUILTIN: [BuiltinPermission; 9] = [
@@ -47,6 +48,14 @@ pub const ALL_BUILTIN: [BuiltinPermission; 9] = [
 /// Whether a set holds a builtin permission.
 pub fn holds(set: &PermissionSet, permission: BuiltinPermission) -> bool {
     set.contains(permission.as_str())
+}
+
+/// The builtin permissions a set holds.
+pub fn builtins(set: &PermissionSet) -> Builtins {
+    ALL_BUILTIN
+        .into_iter()
+        .filter(|permission| holds(set, *permission))
+        .fold(Builtins::default(), Builtins::with)
 }
 
 /// A token's permissions: its role's, narrowed to its scopes if it has any.
@@ -99,8 +108,10 @@ pub fn evaluate(state: &TokenState, now: Timestamp) -> Result<LiveGrant, Inactiv
         .role_permissions
         .as_ref()
         .ok_or(InactiveReason::RoleDeleted)?;
+    let permissions = effective_permissions(role, token.scopes.as_ref());
     Ok(LiveGrant {
-        permissions: effective_permissions(role, token.scopes.as_ref()),
+        builtins: builtins(&permissions),
+        permissions,
         groups,
     })
 }
@@ -345,6 +356,40 @@ mod tests {
         let grant = evaluate(&live_state(TokenKind::Personal), now()).unwrap();
         assert_eq!(*grant.permissions, perms(&["a:read", "a:write"]));
         assert_eq!(grant.groups.len(), 1);
+    }
+
+    #[test]
+    fn a_grant_knows_its_builtin_permissions_as_its_set_does() {
+        // Each builtin its own bit, so no permission can pass for another.
+        let mut seen = Builtins::default();
+        for permission in ALL_BUILTIN {
+            assert!(!seen.has(permission), "{permission} shares a bit");
+            seen = seen.with(permission);
+        }
+        // Scoped to two of them (and one of the role's own), the grant holds exactly those.
+        let mut state = live_state(TokenKind::Personal);
+        state.role_permissions = Some(Arc::new(
+            ALL_BUILTIN
+                .iter()
+                .map(|p| p.as_str())
+                .chain(["a:read"])
+                .map(|p| Permission::parse("p", p).unwrap())
+                .collect(),
+        ));
+        Arc::make_mut(&mut state.token).scopes =
+            Some(perms(&[INTROSPECT.as_str(), AUDIT_READ.as_str(), "a:read"]));
+        let grant = evaluate(&state, now()).unwrap();
+        for permission in ALL_BUILTIN {
+            assert_eq!(
+                grant.builtins.has(permission),
+                permission == INTROSPECT || permission == AUDIT_READ,
+                "{permission}"
+            );
+            assert_eq!(
+                grant.builtins.has(permission),
+                holds(&grant.permissions, permission)
+            );
+        }
     }
 
     #[test]

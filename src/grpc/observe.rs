@@ -18,10 +18,9 @@ use tracing::Instrument as _;
 
 use crate::telemetry::call::{self, CallLabels, RequestId};
 
-/// The request id header, read and echoed. Header names as constants: looking one up by
-/// `&str` parses and hashes the name on every call.
+/// The request id header, read and echoed. Header names as constants: using one by `&str`
+/// parses and hashes the name on every call.
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
-const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
 
 /// gRPC status codes 0–16, as Prometheus labels.
@@ -53,6 +52,10 @@ const SERVER_FAULTS: [usize; 6] = [2, 4, 12, 13, 14, 15];
 struct Methods {
     /// Sorted, then `other`.
     labels: Vec<&'static str>,
+    /// Each served path's place in `labels`. Keyed aHash: hashing a path costs less than
+    /// the five string comparisons of a binary search over the labels, and its random
+    /// keys leave a client no paths to pick for collisions.
+    index: std::collections::HashMap<&'static str, usize, ahash::RandomState>,
     series: Vec<[OnceLock<(Counter, Histogram)>; 17]>,
 }
 
@@ -86,20 +89,25 @@ impl Methods {
                 .iter()
                 .map(|path| &*Box::leak(path.clone().into_boxed_str()))
                 .collect();
-            debug_assert!(labels.is_sorted(), "`of` searches the labels");
+            let index = labels.iter().enumerate().map(|(i, l)| (*l, i)).collect();
             labels.push("other");
             let series = labels
                 .iter()
                 .map(|_| std::array::from_fn(|_| OnceLock::new()))
                 .collect();
-            Methods { labels, series }
+            Methods {
+                labels,
+                index,
+                series,
+            }
         })
     }
 
     fn of(&self, path: &str) -> usize {
-        // A binary search over some thirty paths beats hashing one with SipHash.
-        let served = &self.labels[..self.labels.len() - 1];
-        served.binary_search(&path).unwrap_or(self.labels.len() - 1)
+        self.index
+            .get(path)
+            .copied()
+            .unwrap_or(self.labels.len() - 1)
     }
 
     fn record(&self, method: usize, code: usize, seconds: f64) {
@@ -116,6 +124,36 @@ impl Methods {
         });
         calls.increment(1);
         latency.record(seconds);
+    }
+}
+
+/// The request headers observation reads.
+#[derive(Default)]
+struct Heard<'a> {
+    request_id: Option<&'a http::HeaderValue>,
+    timeout: Option<&'a http::HeaderValue>,
+    traceparent: bool,
+}
+
+impl<'a> Heard<'a> {
+    /// One pass over the handful of headers a gRPC call carries: looking each of these up
+    /// by name would hash the name (none is a standard header), three times a call. The
+    /// first value of a repeated header counts, as `HeaderMap::get` would have it.
+    fn read(headers: &'a http::HeaderMap) -> Self {
+        let mut heard = Self::default();
+        for (name, value) in headers {
+            match name.as_str() {
+                "x-request-id" => {
+                    heard.request_id.get_or_insert(value);
+                }
+                "grpc-timeout" => {
+                    heard.timeout.get_or_insert(value);
+                }
+                "traceparent" => heard.traceparent = true,
+                _ => {}
+            }
+        }
+        heard
     }
 }
 
@@ -219,11 +257,12 @@ where
         let started = Instant::now();
         let methods = Methods::get();
         let method = methods.of(request.uri().path());
-        let request_id = RequestId::from_header(request.headers().get(&REQUEST_ID));
-        let deadline = request
-            .headers()
-            .get(&GRPC_TIMEOUT)
+        let heard = Heard::read(request.headers());
+        let request_id = RequestId::from_header(heard.request_id);
+        let deadline = heard
+            .timeout
             .and_then(|value| parse_grpc_timeout(value.as_bytes()));
+        let traceparent = heard.traceparent;
         let mut outcome = Outcome {
             methods,
             method,
@@ -235,7 +274,9 @@ where
         let cut = self.cut.clone();
         if !crate::telemetry::call_details_wanted() {
             // No span: the labels ride along for the rare line the call logs.
-            let trace_id = crate::telemetry::otel::callers_trace_id(request.headers());
+            let trace_id = traceparent
+                .then(|| crate::telemetry::otel::callers_trace_id(request.headers()))
+                .flatten();
             let labels = CallLabels::new(methods.labels[method], request_id, trace_id);
             // Outside the labels' scope: making the inner future logs nothing (the span
             // path enters its span here only because entering one is free once made).

@@ -202,6 +202,37 @@ impl Redecision {
     }
 }
 
+/// What [`Introspector::recall`] found.
+#[derive(Debug)]
+pub enum Recall<'a> {
+    /// The verdict, given without a wait.
+    Known(Outcome),
+    /// No verdict held; deciding needs the database or argon2.
+    Missing(Miss<'a>),
+}
+
+/// What a decision needs from the recall that found no verdict.
+pub struct Miss<'a> {
+    key: Digest,
+    /// `None` when the connection's memo knew the digest: parsed only if needed.
+    parsed: Option<crate::domain::token_format::ParsedToken<'a>>,
+    /// The verdict found but no longer holding, if any.
+    known: Option<Remembered>,
+    /// Whether the cache was trusted, and its generation, both read before the cache was.
+    trusted: bool,
+    observed: Option<u64>,
+}
+
+impl std::fmt::Debug for Miss<'_> {
+    // The parsed token holds the secret; the digest is derived from it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Miss")
+            .field("trusted", &self.trusted)
+            .field("observed", &self.observed)
+            .finish_non_exhaustive()
+    }
+}
+
 /// A verdict and the generation it was computed at.
 #[derive(Clone, Debug)]
 struct Remembered {
@@ -297,12 +328,30 @@ impl Introspector {
         memo: Option<&CredentialMemo>,
         now: crate::domain::model::Timestamp,
     ) -> Result<Outcome> {
+        match self.recall(candidate, memo, now) {
+            Recall::Known(outcome) => Ok(outcome),
+            // Boxed: a decision may query the database and wait for argon2, and its state
+            // would otherwise be part of every call's future, hit or miss. Moving that much
+            // on each call, and allocating it past the allocator's small-block caches, cost
+            // the hit path more than this one allocation costs a miss.
+            Recall::Missing(miss) => Box::pin(self.decide_missing(candidate, miss, now)).await,
+        }
+    }
+
+    /// The verdict on `candidate` if it needs no wait: the string is malformed, or a
+    /// remembered verdict still holds. Otherwise what deciding it will need.
+    pub fn recall<'a>(
+        &self,
+        candidate: &'a str,
+        memo: Option<&CredentialMemo>,
+        now: crate::domain::model::Timestamp,
+    ) -> Recall<'a> {
         let (key, parsed) = match memo.and_then(|memo| memo.digest_of(candidate)) {
             Some(key) => (key, None),
             None => {
                 // Malformed strings stop here: no cache, no query, no hash.
                 let Some(parsed) = self.format.parse(candidate) else {
-                    return Ok(Outcome::Inactive(InactiveReason::Malformed));
+                    return Recall::Known(Outcome::Inactive(InactiveReason::Malformed));
                 };
                 let key = token_digest(&parsed);
                 if let Some(memo) = memo {
@@ -312,8 +361,8 @@ impl Introspector {
             }
         };
         // Read before any state: an invalidation after this point voids what we compute.
-        let mut trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
-        let mut observed = self.live.as_ref().map(|live| live.generation());
+        let trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
+        let observed = self.live.as_ref().map(|live| live.generation());
         let generation = observed.filter(|_| trusted);
         let known = self.answers.get(&key);
         if let Some(generation) = generation
@@ -323,8 +372,33 @@ impl Introspector {
             if let Outcome::Active(active) = &known.outcome {
                 self.last_used.touch(active, now);
             }
-            return Ok(known.outcome.clone());
+            return Recall::Known(known.outcome.clone());
         }
+        Recall::Missing(Miss {
+            key,
+            parsed,
+            known,
+            trusted,
+            observed,
+        })
+    }
+
+    /// [`introspect_remembering`](Self::introspect_remembering) when no verdict held:
+    /// decides from live state, again while what it read may be stale, and remembers the
+    /// verdict if the cache was trusted throughout.
+    async fn decide_missing(
+        &self,
+        candidate: &str,
+        miss: Miss<'_>,
+        now: crate::domain::model::Timestamp,
+    ) -> Result<Outcome> {
+        let Miss {
+            key,
+            parsed,
+            known,
+            mut trusted,
+            mut observed,
+        } = miss;
         // Only a remembered digest skips the parse, and only a string that parsed before
         // is remembered.
         let Some(parsed) = parsed.or_else(|| self.format.parse(candidate)) else {

@@ -203,14 +203,18 @@ impl Caller {
 
     /// Whether the credential holds `permission`.
     pub fn has(&self, permission: BuiltinPermission) -> bool {
-        rules::holds(self.permissions(), permission)
+        self.active.grant.builtins.has(permission)
     }
 
     /// Refuses unless the credential holds `permission`.
     pub fn require(&self, permission: BuiltinPermission) -> Result<()> {
-        require(self.permissions(), permission, || {
-            format!("the credential {}", self.display_id())
-        })
+        if self.has(permission) {
+            return Ok(());
+        }
+        Err(Error::PermissionDenied(format!(
+            "the credential {} lacks {permission}",
+            self.display_id()
+        )))
     }
 
     /// Whether the credential belongs to tokend's own tenant.
