@@ -202,6 +202,9 @@ impl Permission {
     /// A permission tokend defines itself, `place` being its place in the list of them
     /// (under 16).
     pub const fn builtin(value: &'static str, place: u8) -> BuiltinPermission {
+        // Past the bits of a `Builtins`, the shift would wrap onto another permission's bit
+        // in a release build; the permissions are `const`s, so this stops the build instead.
+        assert!(place < 16, "a builtin permission's place must be under 16");
         BuiltinPermission(value, place)
     }
 
