@@ -583,3 +583,123 @@ async fn a_decision_whose_cache_lost_trust_meanwhile_is_made_again() {
         "a decision from a cache that lost trust meanwhile was answered without being made again"
     );
 }
+
+/// A token whose state changes under every attempt to decide it gets UNAVAILABLE after a
+/// bounded number of attempts: never a verdict from state already replaced, and no call
+/// that loops for as long as the changes go on. Deterministic on PostgreSQL: the test holds
+/// the tokens table locked, so each attempt's read waits; the token's row is invalidated
+/// while it waits, and the lock is handed to the next holder (queued behind the read, which
+/// PostgreSQL grants first), so the attempt after it waits in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_changing_under_every_decision_is_unavailable_never_a_stale_verdict() {
+    use sea_orm::TransactionTrait as _;
+    use tokend::domain::model::Invalidation;
+    use tokend::domain::ports::InvalidationSink as _;
+
+    let Some(app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    app.tenant("acme", &[("dev", &["a:read"])]).await;
+    app.member("acme", "alice", "dev", &[]).await;
+    let (token, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (steady, _) = app.pat("acme", "alice", "desktop", &[]).await;
+    // The caller's own verdict, remembered now: its call below reads nothing.
+    assert!(app.introspect(&steady).await.active);
+    let touched = || {
+        app.core
+            .redecisions(tokend::introspect::Redecision::Touched)
+    };
+    let before = touched();
+
+    let one_connection = || {
+        Database::connect(
+            sea_orm::ConnectOptions::new(app.database_url.clone())
+                .max_connections(1)
+                .min_connections(1)
+                .to_owned(),
+        )
+    };
+    let (lockers, watcher) = (
+        [
+            one_connection().await.unwrap(),
+            one_connection().await.unwrap(),
+        ],
+        one_connection().await.unwrap(),
+    );
+    let lock = |locker: sea_orm::DatabaseConnection| async move {
+        let held = locker.begin().await.unwrap();
+        held.execute_unprepared("LOCK TABLE tokens IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        held
+    };
+    // Whether a statement whose text starts with `what` waits for a lock.
+    let waiting = |what: &'static str| {
+        let watcher = watcher.clone();
+        async move {
+            let row = watcher
+                .query_one_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    format!(
+                        "SELECT count(*) AS n FROM pg_stat_activity
+                         WHERE datname = current_database() AND wait_event_type = 'Lock'
+                           AND query LIKE '{what}%'"
+                    ),
+                ))
+                .await
+                .unwrap()
+                .unwrap();
+            row.try_get::<i64>("", "n").unwrap() > 0
+        }
+    };
+
+    let mut held = lock(lockers[0].clone()).await;
+    let mut client = app.tokens(&app.root);
+    let call = tokio::spawn(async move {
+        client
+            .introspect(pb::IntrospectRequest {
+                token,
+                ..Default::default()
+            })
+            .await
+    });
+    // Each read of the token's state (a statement can wait twice, for its parse and for
+    // its execution) finds the token changed by the time it is let through, until the
+    // call gives up.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut turn = 0;
+    while !call.is_finished() {
+        assert!(Instant::now() < deadline, "the call kept deciding");
+        if !waiting("SELECT t.*").await {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        app.cache.invalidate(&Invalidation::Token(info.id.clone()));
+        turn += 1;
+        let next = tokio::spawn(lock(lockers[turn % 2].clone()));
+        while !waiting("LOCK TABLE").await {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        held.commit().await.unwrap();
+        // Granted once the read's statement has run: PostgreSQL grants in queue order.
+        held = next.await.unwrap();
+    }
+    held.commit().await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), call)
+        .await
+        .expect("the call ended")
+        .unwrap();
+    let status = answer.expect_err("a token changing under every decision got a verdict");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        touched() - before,
+        5,
+        "made again after each change, and no more"
+    );
+    assert!(
+        app.introspect(&app.pat("acme", "alice", "later", &[]).await.0)
+            .await
+            .active,
+        "tokens are decided as usual once the changes stop"
+    );
+}
