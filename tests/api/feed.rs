@@ -654,15 +654,7 @@ async fn a_token_changing_under_every_decision_is_unavailable_never_a_stale_verd
     };
 
     let mut held = lock(lockers[0].clone()).await;
-    let mut client = app.tokens(&app.root);
-    let call = tokio::spawn(async move {
-        client
-            .introspect(pb::IntrospectRequest {
-                token,
-                ..Default::default()
-            })
-            .await
-    });
+    let call = app.introspect_in_task(token);
     // Each read of the token's state (a statement can wait twice, for its parse and for
     // its execution) finds the token changed by the time it is let through, until the
     // call gives up.

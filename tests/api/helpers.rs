@@ -272,19 +272,24 @@ impl TestApp {
     /// argon2 verification has started: its state has been read by then.
     pub async fn first_sight_deciding(&self, token: String) -> Deciding {
         let verifications = self.hasher.verifications();
+        let call = self.introspect_in_task(token);
+        while self.hasher.verifications() == verifications {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        call
+    }
+
+    /// Introspects `token` as root in a task of its own.
+    pub fn introspect_in_task(&self, token: String) -> Deciding {
         let mut client = self.tokens(&self.root);
-        let call = tokio::spawn(async move {
+        tokio::spawn(async move {
             client
                 .introspect(pb::IntrospectRequest {
                     token,
                     ..Default::default()
                 })
                 .await
-        });
-        while self.hasher.verifications() == verifications {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        call
+        })
     }
 
     pub fn tokens(&self, credential: &str) -> Tokens {
