@@ -204,7 +204,7 @@ impl Redecision {
 
 /// What [`Introspector::recall`] found.
 #[derive(Debug)]
-pub enum Recall<'a> {
+enum Recall<'a> {
     /// The verdict, given without a wait.
     Known(Outcome),
     /// No verdict held; deciding needs the database or argon2.
@@ -212,7 +212,7 @@ pub enum Recall<'a> {
 }
 
 /// What a decision needs from the recall that found no verdict.
-pub struct Miss<'a> {
+struct Miss<'a> {
     key: Digest,
     /// `None` when the connection's memo knew the digest: parsed only if needed.
     parsed: Option<crate::domain::token_format::ParsedToken<'a>>,
@@ -340,7 +340,7 @@ impl Introspector {
 
     /// The verdict on `candidate` if it needs no wait: the string is malformed, or a
     /// remembered verdict still holds. Otherwise what deciding it will need.
-    pub fn recall<'a>(
+    fn recall<'a>(
         &self,
         candidate: &'a str,
         memo: Option<&CredentialMemo>,
