@@ -31,6 +31,9 @@ use crate::domain::{Error, Result};
 
 /// Tokens per `last_used_at` UPDATE statement (three bound values each).
 const LAST_USED_CHUNK: usize = 1000;
+/// A pooled PostgreSQL connection idle at least this long is pinged before it is handed
+/// out; a busier one is not (see `SeaStore::connect`).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 /// Token uses per upsert statement (five bound values each).
 const TOKEN_USES_CHUNK: usize = 1000;
 
@@ -99,7 +102,7 @@ fn db_err(err: DbErr) -> Error {
                     | sqlx::Error::Tls(_)
                     | sqlx::Error::Protocol(_)
                     | sqlx::Error::WorkerCrashed
-            )
+            ) || lost_connection(e)
         }
         _ => false,
     };
@@ -108,6 +111,19 @@ fn db_err(err: DbErr) -> Error {
     } else {
         Error::internal(err)
     }
+}
+
+/// Whether the server said it dropped the connection: SQLSTATE class 08 (connection
+/// exception) or 57P01–57P03 (terminated by an administrator, a crash or a restart that is
+/// still starting). A restart or a DBA's `pg_terminate_backend` says so on every pooled
+/// connection, and the next statement on one reads it: the database is briefly out of
+/// reach, not broken.
+fn lost_connection(err: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(err) = err else {
+        return false;
+    };
+    err.code()
+        .is_some_and(|code| code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03"))
 }
 
 impl SeaStore {
@@ -127,6 +143,19 @@ impl SeaStore {
             .acquire_timeout(options.acquire_timeout)
             .connect_timeout(options.acquire_timeout)
             .sqlx_logging(false);
+        if sqlite {
+            // A file opened in-process has no connection to lose: a ping before every
+            // statement would only be one more round trip to the worker thread, on the
+            // server's own core.
+            connect.test_before_acquire(false);
+        } else {
+            // sqlx pings a pooled connection before every checkout by default: a second
+            // network round trip on every cold Introspect. Only a connection that sat idle
+            // long enough for a proxy, firewall or restarted server to have dropped it is
+            // pinged; one that dies between two busy uses fails its statement, which
+            // answers UNAVAILABLE and is discarded.
+            connect.test_before_acquire_if_idle_for(PING_IF_IDLE_FOR);
+        }
         if sqlite {
             connect.map_sqlx_sqlite_opts(|o| {
                 o.journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)

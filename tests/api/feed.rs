@@ -128,6 +128,64 @@ async fn a_killed_listener_is_noticed_and_revocations_still_hold() {
     assert!(!app.introspect(&other).await.active);
 }
 
+/// Busy pooled connections are handed out without a ping (a second round trip on every
+/// cold Introspect), so one that the server dropped meanwhile is found only when a
+/// statement fails on it. That costs a call UNAVAILABLE at most, once per dead connection:
+/// never a verdict, never INTERNAL, and nothing remembered from the failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_dropped_costs_unavailable_at_most_never_a_verdict() {
+    let Some(app) = spawn_app(Backend::Postgres).await else {
+        return;
+    };
+    let (warm, _) = acme(&app).await;
+    let mut cold = Vec::new();
+    for n in 0..20 {
+        cold.push(app.pat("acme", "alice", &format!("cold-{n}"), &[]).await.0);
+    }
+    let database = app.database_url.rsplit('/').next().unwrap().to_owned();
+    // Every connection of tokend's pool, as a server restart or a DBA would; the listener
+    // stays, so the cache stays trusted and only the pool is under test.
+    sql(
+        &app,
+        &format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = '{database}' AND pid <> pg_backend_pid()
+               AND query NOT LIKE 'LISTEN%'"
+        ),
+    )
+    .await;
+    assert!(app.introspect(&warm).await.active, "a remembered verdict");
+
+    let mut unavailable = Vec::new();
+    for token in &cold {
+        match app
+            .tokens(&app.root)
+            .introspect(pb::IntrospectRequest {
+                token: token.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(answer) => assert!(answer.into_inner().active, "a live token answered inactive"),
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                unavailable.push(token);
+            }
+        }
+    }
+    eprintln!("{} call(s) met a dropped connection", unavailable.len());
+    // Each dead connection fails one statement and is discarded.
+    assert!(
+        unavailable.len() <= 16,
+        "more failures than the pool holds connections"
+    );
+    assert!(unavailable.len() < cold.len(), "the pool never recovered");
+    // Nothing of a failed attempt stays behind.
+    for token in unavailable {
+        assert!(app.introspect(token).await.active);
+    }
+}
+
 /// A TCP proxy between tokend and PostgreSQL that can forward, swallow everything while
 /// keeping sockets open (a half-open peer), or refuse and cut every connection.
 struct Proxy {
