@@ -2,7 +2,7 @@
 //! half-open connection, and an unreachable database.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait as _, Database};
@@ -134,7 +134,12 @@ async fn a_killed_listener_is_noticed_and_revocations_still_hold() {
 /// never a verdict, never INTERNAL, and nothing remembered from the failure.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_server_dropped_costs_unavailable_at_most_never_a_verdict() {
-    let Some(app) = spawn_app(Backend::Postgres).await else {
+    const POOL: u32 = 4;
+    let Some(app) = spawn_app_with(Backend::Postgres, |settings| {
+        settings.database.max_connections = POOL;
+    })
+    .await
+    else {
         return;
     };
     let (warm, _) = acme(&app).await;
@@ -143,8 +148,8 @@ async fn a_pooled_connection_the_server_dropped_costs_unavailable_at_most_never_
         cold.push(app.pat("acme", "alice", &format!("cold-{n}"), &[]).await.0);
     }
     let database = app.database_url.rsplit('/').next().unwrap().to_owned();
-    // Every connection of tokend's pool, as a server restart or a DBA would; the listener
-    // stays, so the cache stays trusted and only the pool is under test.
+    // Every connection of tokend's pool, as a server restart or a DBA would (the feed's
+    // spare ones too); the listener stays, so the cache keeps its verdicts.
     sql(
         &app,
         &format!(
@@ -176,7 +181,7 @@ async fn a_pooled_connection_the_server_dropped_costs_unavailable_at_most_never_
     eprintln!("{} call(s) met a dropped connection", unavailable.len());
     // Each dead connection fails one statement and is discarded.
     assert!(
-        unavailable.len() <= 16,
+        unavailable.len() <= POOL as usize,
         "more failures than the pool holds connections"
     );
     assert!(unavailable.len() < cold.len(), "the pool never recovered");
@@ -186,12 +191,59 @@ async fn a_pooled_connection_the_server_dropped_costs_unavailable_at_most_never_
     }
 }
 
+/// A cold Introspect is one round trip to PostgreSQL before it answers: a pooled connection
+/// in use is not pinged before its statement (sqlx's default pings on every checkout). The
+/// proxy counts tokend's lone `Sync` writes, which is what a ping is. sqlx still pings each
+/// connection as it goes back to the pool, after the call has its answer: one per call. A
+/// ping on checkout made it two (40 for 20 calls when this test was written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_introspect_on_a_busy_pool_is_one_round_trip_without_a_ping() {
+    let Some((app, proxy)) = app_behind_proxy_adjusted(|settings| {
+        // In the clear, so the proxy can read the messages.
+        let url = format!("{}?sslmode=disable", settings.database_url.expose_secret());
+        settings.database_url = url.into();
+        // Few heartbeats and no flush of last uses during the calls: their pings would
+        // count too.
+        settings.cache.feed_heartbeat_ms = 1000;
+        settings.cache.feed_timeout_ms = 5000;
+        settings.last_used_flush_ms = 60_000;
+        // Sequential calls take turns on the pool's connections: with two, none sits idle
+        // for long enough to be pinged even on a slow, busy machine.
+        settings.database.max_connections = 2;
+    })
+    .await
+    else {
+        return;
+    };
+    acme(&app).await;
+    let mut cold = Vec::new();
+    for n in 0..20 {
+        cold.push(app.pat("acme", "alice", &format!("cold-{n}"), &[]).await.0);
+    }
+    let before = proxy.pings.load(Ordering::SeqCst);
+    for token in &cold {
+        assert!(app.introspect(token).await.active);
+    }
+    let pings = proxy.pings.load(Ordering::SeqCst) - before;
+    eprintln!("{pings} ping(s) during {} cold calls", cold.len());
+    assert!(
+        pings <= cold.len() as u64 + 4,
+        "{pings} pings for {} cold calls on a busy pool: pinged before the statement too",
+        cold.len()
+    );
+}
+
 /// A TCP proxy between tokend and PostgreSQL that can forward, swallow everything while
 /// keeping sockets open (a half-open peer), or refuse and cut every connection.
 struct Proxy {
     port: u16,
     mode: Arc<AtomicU8>,
+    /// Writes from tokend that were a lone `Sync` message: sqlx's ping of a pooled connection.
+    pings: Arc<AtomicU64>,
 }
+
+/// PostgreSQL's `Sync` message alone, as sqlx's ping writes it: `S`, then its length (4).
+const LONE_SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 
 const FORWARD: u8 = 0;
 const BLACKHOLE: u8 = 1;
@@ -205,6 +257,8 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let mode = Arc::new(AtomicU8::new(FORWARD));
         let accept_mode = Arc::clone(&mode);
+        let pings = Arc::new(AtomicU64::new(0));
+        let counted = Arc::clone(&pings);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if accept_mode.load(Ordering::SeqCst) == DOWN {
@@ -215,11 +269,12 @@ impl Proxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, Arc::clone(&accept_mode)));
-                tokio::spawn(pump(sr, cw, Arc::clone(&accept_mode)));
+                let pings = Some(Arc::clone(&counted));
+                tokio::spawn(pump(cr, sw, Arc::clone(&accept_mode), pings));
+                tokio::spawn(pump(sr, cw, Arc::clone(&accept_mode), None));
             }
         });
-        Self { port, mode }
+        Self { port, mode, pings }
     }
 
     fn set(&self, mode: u8) {
@@ -231,6 +286,7 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mode: Arc<AtomicU8>,
+    pings: Option<Arc<AtomicU64>>,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -244,6 +300,12 @@ async fn pump(
         let Ok(n) = read else { return };
         if n == 0 {
             return;
+        }
+        // sqlx flushes a ping on its own and waits for the answer, so it is one read here.
+        if let Some(pings) = &pings
+            && buffer[..n] == LONE_SYNC
+        {
+            pings.fetch_add(1, Ordering::SeqCst);
         }
         match mode.load(Ordering::SeqCst) {
             FORWARD => {
