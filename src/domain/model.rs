@@ -271,6 +271,22 @@ pub struct TokenState {
     pub role_permissions: Option<Arc<PermissionSet>>,
 }
 
+/// Everything acting as a user in a tenant depends on, read in one query: acting as
+/// someone is checked on every token request made that way, and four separate reads were
+/// four round trips (and four wakeups of the embedded database's worker, on the core that
+/// answers Introspect).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UserInTenant {
+    /// The tenant.
+    pub tenant: Tenant,
+    /// The user's status; `None` if the user is unknown.
+    pub user_status: Option<UserStatus>,
+    /// The user's role there; `None` if not a member.
+    pub role: Option<RoleName>,
+    /// That role's permissions; `None` if not a member or the role no longer exists.
+    pub role_permissions: Option<PermissionSet>,
+}
+
 /// A member's standing in one tenant, as liveness needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Membership {

@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use super::error::Result;
 use super::model::{
     AuditEvent, AuditRecord, Invalidation, Member, Revocation, Role, Tenant, Timestamp, Token,
-    TokenState, TokenUse, User,
+    TokenState, TokenUse, User, UserInTenant,
 };
 use super::names::{RoleName, TenantId, UserId};
 use super::rules::Visibility;
@@ -155,6 +155,14 @@ pub trait Store: Send + Sync + std::fmt::Debug + 'static {
     async fn put_user(&self, user: &User, audit: &AuditRecord) -> Result<User>;
     /// One user.
     async fn get_user(&self, id: &UserId) -> Result<Option<User>>;
+
+    /// The tenant `tenant` and `user`'s standing in it, in one read; `None` if the tenant
+    /// does not exist.
+    async fn user_in_tenant(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> Result<Option<UserInTenant>>;
 
     /// Stores a new token. AlreadyExists if its owner has a live token of the same kind and
     /// name (case-insensitive) in the tenant.

@@ -19,7 +19,7 @@ use moka::sync::Cache;
 use crate::domain::Result;
 use crate::domain::model::{
     AuditEvent, AuditRecord, Invalidation, Member, Membership, PermissionSet, Revocation, Role,
-    Tenant, TenantStatus, Timestamp, Token, TokenState, TokenUse, User, UserStatus,
+    Tenant, TenantStatus, Timestamp, Token, TokenState, TokenUse, User, UserInTenant, UserStatus,
 };
 use crate::domain::names::{RoleName, TenantId, UserId};
 use crate::domain::ports::{AuditQuery, InvalidationSink, Store, TokenQuery, WriteFence};
@@ -660,6 +660,14 @@ impl Store for CachingStore {
 
     async fn get_user(&self, id: &UserId) -> Result<Option<User>> {
         self.inner.get_user(id).await
+    }
+
+    async fn user_in_tenant(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> Result<Option<UserInTenant>> {
+        self.inner.user_in_tenant(tenant, user).await
     }
 
     async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {

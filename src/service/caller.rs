@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::domain::model::{PermissionSet, TenantStatus, UserStatus};
+use crate::domain::model::{PermissionSet, Tenant, TenantStatus, UserStatus};
 use crate::domain::names::{BuiltinPermission, TenantId, UserId};
 use crate::domain::rules::{self, Visibility};
 use crate::domain::token_format::TokenKind;
@@ -237,6 +237,9 @@ pub struct Actor {
     pub scoped: bool,
     /// The credential acts as itself (not through `act_as`): its token id.
     pub itself: Option<String>,
+    /// The tenant as read while resolving `act_as` (active then); `None` when the
+    /// credential acts as itself and nothing was read.
+    pub tenant: Option<Tenant>,
 }
 
 impl Actor {
@@ -350,6 +353,7 @@ impl Tokend {
                 permissions: caller.permissions().clone(),
                 scoped: caller.scoped(),
                 itself: Some(caller.token_id().to_owned()),
+                tenant: None,
             });
         }
 
@@ -378,43 +382,32 @@ impl Tokend {
                 "tenant_id: act_as cannot act in the system tenant".to_owned(),
             ));
         }
-        let tenant = self
-            .store
-            .get_tenant(&tenant_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("tenant {tenant_id}")))?;
-        if tenant.status != TenantStatus::Active {
+        let Some(standing) = self.store.user_in_tenant(&tenant_id, &user).await? else {
+            return Err(Error::NotFound(format!("tenant {tenant_id}")));
+        };
+        if standing.tenant.status != TenantStatus::Active {
             return Err(Error::FailedPrecondition(format!(
                 "tenant_id: tenant {tenant_id} is suspended"
             )));
         }
-        let status = self.store.get_user(&user).await?.map(|u| u.status);
-        if status != Some(UserStatus::Active) {
+        if standing.user_status != Some(UserStatus::Active) {
             return Err(Error::FailedPrecondition(format!(
                 "actor_user_id: user {user} is not active"
             )));
         }
-        let member = self
-            .store
-            .get_member(&tenant_id, &user)
-            .await?
-            .ok_or_else(|| {
-                Error::FailedPrecondition(format!(
-                    "actor_user_id: user {user} is not a member of tenant {tenant_id}"
-                ))
-            })?;
-        let permissions = self
-            .store
-            .get_role(&tenant_id, &member.role)
-            .await?
-            .map(|role| role.permissions)
-            .unwrap_or_default();
+        if standing.role.is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "actor_user_id: user {user} is not a member of tenant {tenant_id}"
+            )));
+        }
+        let permissions = standing.role_permissions.unwrap_or_default();
         Ok(Actor {
             tenant_id,
             subject: Subject::User(user),
             permissions,
             scoped: false,
             itself: None,
+            tenant: Some(standing.tenant),
         })
     }
 }

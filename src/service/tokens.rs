@@ -149,7 +149,7 @@ impl Tokend {
     /// Issues a token (SPEC §2).
     pub async fn issue_token(&self, caller: &Caller, req: IssueToken) -> Result<Issued> {
         let actor = self.actor(caller, req.tenant_id, req.actor_user_id).await?;
-        let tenant = self.active_tenant(&actor.tenant_id).await?;
+        let tenant = self.active_tenant(&actor).await?;
         let scopes = (!req.scopes.is_empty()).then_some(req.scopes);
         let (owner, role) = match req.kind {
             TokenKind::Personal => {
@@ -233,8 +233,13 @@ impl Tokend {
         Ok(Issued { secret, token })
     }
 
-    /// The tenant `id`, refusing one that is unknown or suspended: no token is issued there.
-    async fn active_tenant(&self, id: &TenantId) -> Result<Tenant> {
+    /// The actor's tenant, refusing one that is unknown or suspended: no token is issued
+    /// there. Acting as a user has just read it, and found it active.
+    async fn active_tenant(&self, actor: &Actor) -> Result<Tenant> {
+        if let Some(tenant) = &actor.tenant {
+            return Ok(tenant.clone());
+        }
+        let id = &actor.tenant_id;
         let tenant = self
             .store
             .get_tenant(id)
@@ -273,7 +278,7 @@ impl Tokend {
         let actor = self
             .actor(caller, target.tenant_id, target.actor_user_id)
             .await?;
-        let tenant = self.active_tenant(&actor.tenant_id).await?;
+        let tenant = self.active_tenant(&actor).await?;
         // A rotation mints a credential in the owner's name, so tokend.tokens.admin (list and
         // revoke anyone's) does not reach another user's token: like delete, only the owner,
         // the token itself, and key managers for API keys.

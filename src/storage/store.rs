@@ -22,7 +22,7 @@ use super::fault::crash_point;
 use super::migration::Migrator;
 use crate::domain::model::{
     AuditEvent, AuditRecord, Member, Membership, Revocation, Role, Tenant, Timestamp, Token,
-    TokenState, TokenUse, User,
+    TokenState, TokenUse, User, UserInTenant,
 };
 use crate::domain::names::{RoleName, TenantId, UserId};
 use crate::domain::ports::{AuditQuery, MAX_TOKEN_USES, Store, TokenQuery};
@@ -290,6 +290,19 @@ LEFT JOIN roles r ON r.tenant_id = t.tenant_id \
      AND r.name = CASE WHEN t.kind = 'pat' THEN m.role_name ELSE t.role_name END \
 WHERE t.id = $1";
 
+/// A tenant and one user's standing in it ($1: the tenant, $2: the user).
+const USER_IN_TENANT_SQL: &str = "\
+SELECT tn.*, \
+       u.status AS x_user_status, \
+       m.role_name AS x_member_role, \
+       r.name AS x_role_name, \
+       r.permissions AS x_role_permissions \
+FROM tenants tn \
+LEFT JOIN users u ON u.id = $2 \
+LEFT JOIN memberships m ON m.tenant_id = tn.id AND m.user_id = $2 \
+LEFT JOIN roles r ON r.tenant_id = tn.id AND r.name = m.role_name \
+WHERE tn.id = $1";
+
 #[async_trait]
 impl Store for SeaStore {
     async fn put_tenant(&self, tenant: &Tenant, audit: &AuditRecord) -> Result<Tenant> {
@@ -533,6 +546,45 @@ impl Store for SeaStore {
             .map_err(db_err)?
             .map(convert::user)
             .transpose()
+    }
+
+    async fn user_in_tenant(
+        &self,
+        tenant: &TenantId,
+        user: &UserId,
+    ) -> Result<Option<UserInTenant>> {
+        let sql = match self.backend() {
+            DbBackend::Postgres => USER_IN_TENANT_SQL.to_owned(),
+            // SQLite numbers its parameters ?NNN.
+            _ => USER_IN_TENANT_SQL.replace('$', "?"),
+        };
+        let statement = Statement::from_sql_and_values(
+            self.backend(),
+            sql,
+            [tenant.as_str().into(), user.as_str().into()],
+        );
+        let Some(row) = self.db.query_one_raw(statement).await.map_err(db_err)? else {
+            return Ok(None);
+        };
+        let tenant = convert::tenant(tenants::Model::from_query_result(&row, "").map_err(db_err)?)?;
+        let get = |column: &str| -> Result<Option<String>> {
+            row.try_get::<Option<String>>("", column).map_err(db_err)
+        };
+        let role_permissions = match get("x_role_name")? {
+            Some(_) => Some(convert::permissions(
+                "permissions",
+                &get("x_role_permissions")?.unwrap_or_default(),
+            )?),
+            None => None,
+        };
+        Ok(Some(UserInTenant {
+            tenant,
+            user_status: get("x_user_status")?
+                .map(|s| convert::user_status(&s))
+                .transpose()?,
+            role: get("x_member_role")?.map(RoleName::from_trusted),
+            role_permissions,
+        }))
     }
 
     async fn insert_token(&self, token: &Token, audit: &AuditRecord) -> Result<()> {

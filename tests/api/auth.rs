@@ -13,6 +13,7 @@ crate::both_backends!(
     calls_without_a_valid_credential_are_unauthenticated,
     a_revoked_or_suspended_credential_is_refused_on_its_next_call,
     acting_as_another_user_needs_act_as_in_the_system_tenant,
+    acting_as_a_user_needs_a_live_member_of_a_live_tenant_and_grants_that_members_role,
     a_token_can_always_list_revoke_and_delete_its_owners_tokens_itself_included,
     health_and_reflection_need_no_credential,
     credentials_taking_turns_on_one_connection_each_act_as_themselves,
@@ -190,6 +191,119 @@ async fn acting_as_another_user_needs_act_as_in_the_system_tenant(app: TestApp) 
         })
         .await;
     assert_status(result, Code::PermissionDenied, "system tenant");
+}
+
+/// Acting as a user reads the tenant, the user and the membership's role in one query:
+/// each way of failing that standing refuses with its own status and changes nothing, and
+/// the role's permissions as they are now are what the request may use.
+async fn acting_as_a_user_needs_a_live_member_of_a_live_tenant_and_grants_that_members_role(
+    app: TestApp,
+) {
+    acme(&app).await;
+    app.tenant("globex", &[("viewer", &["entities:read"])])
+        .await;
+    app.member("globex", "carol", "viewer", &[]).await;
+    app.member("acme", "dave", "viewer", &[]).await;
+    app.set_user_status("bob", pb::UserStatus::Suspended).await;
+    let issue = |tenant: &str, user: &str, scopes: &[&str], name: &str| pb::IssueTokenRequest {
+        tenant_id: tenant.into(),
+        actor_user_id: user.into(),
+        kind: pb::TokenKind::Personal.into(),
+        name: name.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    let root = app.tokens(&app.root);
+
+    let result = root
+        .clone()
+        .issue_token(issue("nowhere", "dave", &[], "x"))
+        .await;
+    assert_status(result, Code::NotFound, "tenant nowhere");
+    let result = root
+        .clone()
+        .issue_token(issue("acme", "nobody", &[], "x"))
+        .await;
+    assert_status(
+        result,
+        Code::FailedPrecondition,
+        "user nobody is not active",
+    );
+    let result = root
+        .clone()
+        .issue_token(issue("acme", "bob", &[], "x"))
+        .await;
+    assert_status(result, Code::FailedPrecondition, "user bob is not active");
+    // carol is active, but in globex only.
+    let result = root
+        .clone()
+        .issue_token(issue("acme", "carol", &[], "x"))
+        .await;
+    assert_status(
+        result,
+        Code::FailedPrecondition,
+        "user carol is not a member of tenant acme",
+    );
+    // dave's role in acme (viewer) is what bounds the request, not the root key's rights.
+    let result = root
+        .clone()
+        .issue_token(issue("acme", "dave", &["entities:write"], "x"))
+        .await;
+    assert_status(result, Code::PermissionDenied, "user dave");
+    let result = root
+        .clone()
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "dave".into(),
+            kind: pb::TokenKind::ApiKey.into(),
+            name: "x".into(),
+            role: "viewer".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_status(result, Code::PermissionDenied, "tokend.api_keys.manage");
+    assert!(app.list_as("acme", "dave").await.is_empty());
+
+    root.clone()
+        .issue_token(issue("acme", "dave", &["entities:read"], "reader"))
+        .await
+        .expect("within dave's role");
+    // The role as it is now: granted a permission, dave may use it at once.
+    app.role("acme", "viewer", &["entities:read", "entities:write"])
+        .await;
+    root.clone()
+        .issue_token(issue("acme", "dave", &["entities:write"], "writer"))
+        .await
+        .expect("within dave's widened role");
+
+    let names = |tokens: Vec<pb::TokenInfo>| {
+        let mut names: Vec<String> = tokens.into_iter().map(|t| t.name).collect();
+        names.sort();
+        names
+    };
+    assert_eq!(
+        names(app.list_as("acme", "dave").await),
+        ["reader", "writer"]
+    );
+
+    let status = |status: pb::TenantStatus| pb::Tenant {
+        id: "acme".into(),
+        name: "Tenant acme".into(),
+        status: status.into(),
+        ..Default::default()
+    };
+    app.put_tenant(status(pb::TenantStatus::Suspended)).await;
+    let result = root
+        .clone()
+        .issue_token(issue("acme", "dave", &[], "late"))
+        .await;
+    assert_status(result, Code::FailedPrecondition, "tenant acme is suspended");
+    app.put_tenant(status(pb::TenantStatus::Active)).await;
+    assert_eq!(
+        names(app.list_as("acme", "dave").await),
+        ["reader", "writer"]
+    );
+    assert!(app.list_as("globex", "carol").await.is_empty());
 }
 
 async fn a_token_can_always_list_revoke_and_delete_its_owners_tokens_itself_included(app: TestApp) {
