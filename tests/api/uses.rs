@@ -5,6 +5,7 @@ use chrono::TimeDelta;
 
 use tokend::clock::Clock as _;
 use tokend::domain::model::TokenUse;
+use tokend::domain::names::TenantId;
 use tokend::domain::ports::Store as _;
 use tokend::proto::v1 as pb;
 
@@ -15,6 +16,7 @@ crate::both_backends!(
     a_service_of_another_tenant_stays_anonymous,
     only_the_latest_five_pairs_are_kept_and_a_pair_moves_forward,
     a_deleted_tokens_uses_go_with_it,
+    the_flushs_bulk_writes_take_effect_and_leave_no_prepared_statement_behind,
 );
 
 async fn acme(app: &TestApp) {
@@ -254,4 +256,67 @@ async fn a_deleted_tokens_uses_go_with_it(app: TestApp) {
             .unwrap()
             .is_empty()
     );
+}
+
+/// The flush's bulk statements (last use, use sites, their prune) change text with their
+/// batch's size. None may stay in the connection's prepared-statement cache, which would
+/// otherwise keep a compiled statement of up to a thousand rows per distinct size, on every
+/// connection, for the life of the process.
+async fn the_flushs_bulk_writes_take_effect_and_leave_no_prepared_statement_behind(app: TestApp) {
+    acme(&app).await;
+    let (_, info) = app.pat("acme", "alice", "laptop", &[]).await;
+    let store = tokend::storage::SeaStore::connect(
+        &app.database_url,
+        &tokend::storage::DatabaseOptions {
+            max_connections: 1,
+            ..Default::default()
+        },
+        tokend::domain::token_format::TokenFormat::new("tkd").unwrap(),
+    )
+    .await
+    .unwrap();
+    // One small statement first, so the connection exists and is counted from.
+    store.touch_last_used(&[]).await.unwrap();
+    let before = store.cached_statements().await.unwrap();
+
+    let at = app.clock.now();
+    for size in 1..=12 {
+        let mut used: Vec<(String, tokend::domain::model::Timestamp)> =
+            (1..size).map(|i| (format!("nosuchtoken{i}"), at)).collect();
+        used.push((info.id.clone(), at));
+        store.touch_last_used(&used).await.unwrap();
+        let uses: Vec<TokenUse> = (0..size)
+            .map(|i| TokenUse {
+                token_id: info.id.clone(),
+                client_ip: Some(format!("10.0.0.{i}").parse().unwrap()),
+                service: format!("svc{size}"),
+                service_name: String::new(),
+                at: at + TimeDelta::milliseconds(i64::from(size * 100 + i)),
+            })
+            .collect();
+        store.record_token_uses(&uses).await.unwrap();
+    }
+
+    let cached = store.cached_statements().await.unwrap();
+    assert!(
+        cached <= before + 1,
+        "36 bulk statements of 12 sizes left {cached} prepared statements cached (from {before})"
+    );
+    // They did what they are for: the last use is on record, and the five newest sites.
+    let token = store
+        .get_token(&TenantId::from_trusted("acme".into()), &info.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        token.last_used_at.map(|t| t.timestamp_millis()),
+        Some(at.timestamp_millis())
+    );
+    let kept = store
+        .token_uses(std::slice::from_ref(&info.id))
+        .await
+        .unwrap();
+    assert_eq!(kept.len(), 5, "{kept:?}");
+    assert!(kept.iter().all(|u| u.service == "svc12"), "{kept:?}");
+    store.close().await.unwrap();
 }
