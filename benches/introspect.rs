@@ -12,7 +12,8 @@
 //! Environment: `BENCH_REQUESTS` (per h2load run, default 200000), `BENCH_CONCURRENCY`
 //! (in-flight calls, default 64), `BENCH_ROUNDS` (rounds of (a), (b) and (d), each beside
 //! its own ceiling run, default 3), `BENCH_SLICES` (in (a) and (b), tokend and the ceiling
-//! take turns in this many slices of the run, default 10), `BENCH_COLD` (cold tokens,
+//! take turns in this many slices of the run; in (d), slices with and without IssueToken
+//! do; default 10), `BENCH_COLD` (cold tokens,
 //! default 300),
 //! `BENCH_ARGON2_KIB` / `BENCH_ARGON2_NICE` (override the argon2 defaults),
 //! `BENCH_POSTGRES_URL` (run (a)–(e) on a fresh PostgreSQL database instead of SQLite),
@@ -591,14 +592,31 @@ fn move_sqlite_worker(core: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// (d): h2load on the warm token while a client issues a token every 20 ms; returns the
-/// figures and how many tokens were issued meanwhile.
+/// What (d) measured.
+struct Issuing {
+    /// The slices with a token issued every 20 ms.
+    loaded: Figures,
+    /// The slices between them, without.
+    quiet: Figures,
+    /// Tokens issued.
+    issued: u64,
+    /// Each thread's CPU time over the loaded slices.
+    cpu: std::collections::BTreeMap<String, u64>,
+    /// The loaded slices' calls and time.
+    loaded_calls: usize,
+    loaded_seconds: f64,
+}
+
+/// (d): h2load on the warm token in `BENCH_SLICES` pairs of slices taking turns (quiet,
+/// loaded, loaded, quiet, …), a client issuing a token every 20 ms during the loaded ones
+/// only. The loaded slices are set against the quiet ones of the same run, so that both see
+/// the same drift of the machine's speed, as (a) against its ceiling.
 async fn while_issuing(
     tokend: &Tokend,
     api: &TokenServiceClient<Channel>,
     root: &str,
     warm: &str,
-) -> anyhow::Result<(Figures, u64)> {
+) -> anyhow::Result<Issuing> {
     if let Ok(core) = std::env::var("BENCH_SQLITE_WORKER_CORE") {
         move_sqlite_worker(
             core.parse()
@@ -606,15 +624,27 @@ async fn while_issuing(
         )?;
     }
     let running = Arc::new(AtomicBool::new(true));
+    let issuing = Arc::new(AtomicBool::new(false));
+    // Held while a call is in flight, so that a quiet slice starts after the last one.
+    let in_flight = Arc::new(tokio::sync::Mutex::new(()));
     let issuer = {
-        let running = Arc::clone(&running);
+        let (running, issuing, in_flight) = (
+            Arc::clone(&running),
+            Arc::clone(&issuing),
+            Arc::clone(&in_flight),
+        );
         let mut api = api.clone();
         let root = root.to_owned();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut n = 0u64;
             while running.load(Ordering::Relaxed) {
                 tick.tick().await;
+                let _call = in_flight.lock().await;
+                if !issuing.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let request = authed(
                     pb::IssueTokenRequest {
                         tenant_id: "acme".into(),
@@ -632,18 +662,48 @@ async fn while_issuing(
             n
         })
     };
-    let loaded = tokio::task::spawn_blocking({
-        let target = tokend.server.target();
-        let root = root.to_owned();
-        let warm = warm.to_owned();
-        move || h2load(target, &root, &warm)
-    })
-    .await??;
+    let requests = env_or("BENCH_REQUESTS", 200_000);
+    let slices = env_or("BENCH_SLICES", 10).clamp(1, requests);
+    let (mut loaded, mut quiet) = (Sample::default(), Sample::default());
+    let mut cpu = std::collections::BTreeMap::<String, u64>::new();
+    for slice in 0..slices {
+        let calls = requests / slices + usize::from(slice < requests % slices);
+        let loaded_first = slice % 2 == 1;
+        for is_loaded in [loaded_first, !loaded_first] {
+            issuing.store(is_loaded, Ordering::Relaxed);
+            drop(in_flight.lock().await);
+            let before = cpu_by_thread()?;
+            let sample = tokio::task::spawn_blocking({
+                let target = tokend.server.target();
+                let (root, warm) = (root.to_owned(), warm.to_owned());
+                move || h2load_sample(target, &root, &warm, calls)
+            })
+            .await??;
+            if is_loaded {
+                for (name, ns) in cpu_by_thread()? {
+                    let spent = ns.saturating_sub(before.get(&name).copied().unwrap_or(0));
+                    *cpu.entry(name).or_default() += spent;
+                }
+                loaded.add(sample);
+            } else {
+                quiet.add(sample);
+            }
+        }
+    }
+    issuing.store(false, Ordering::Relaxed);
     running.store(false, Ordering::Relaxed);
     if std::env::var_os("BENCH_SQLITE_WORKER_CORE").is_some() {
         move_sqlite_worker(SERVER_CORE)?;
     }
-    Ok((loaded, issuer.await?))
+    let (loaded_calls, loaded_seconds) = (loaded.latencies.len(), loaded.wall.as_secs_f64());
+    Ok(Issuing {
+        loaded: loaded.figures(),
+        quiet: quiet.figures(),
+        issued: issuer.await?,
+        cpu,
+        loaded_calls,
+        loaded_seconds,
+    })
 }
 
 /// In-flight calls of the wrong-secret flood in (e).
@@ -905,6 +965,10 @@ async fn run() -> anyhow::Result<()> {
     let (mut warm_runs, mut garbage_runs, mut loaded_runs) = (Vec::new(), Vec::new(), Vec::new());
     let (mut lookups, mut verifications, mut issued) = (0, 0, 0);
     let mut issuing_cpu = std::collections::BTreeMap::<String, u64>::new();
+    // The (d) runs' loaded slices against the round's separate (a) run; their time; and
+    // what the server thread would have spent on their calls without IssueToken.
+    let mut loaded_apart = Vec::new();
+    let (mut issuing_seconds, mut serving_ns) = (0.0_f64, 0.0_f64);
     let (mut flooded_runs, mut flood_calls, mut flood_secs) = (Vec::new(), 0, 0.0);
     let victim = api
         .issue_token(issue("flooded".into()))
@@ -931,20 +995,28 @@ async fn run() -> anyhow::Result<()> {
         print_row(&format!("(b) garbage, round {round}"), run, ceiling);
         garbage_runs.push((run, ceiling));
 
-        // (d) warm while IssueToken runs at 50/s, beside this round's (a) ceiling.
-        let threads_before = cpu_by_thread()?;
-        let (run, count) = while_issuing(&tokend, &api, &root, &warm).await?;
-        issued += count;
-        for (name, ns) in cpu_by_thread()? {
-            let spent = ns.saturating_sub(threads_before.get(&name).copied().unwrap_or(0));
-            *issuing_cpu.entry(name).or_default() += spent;
+        // (d) warm while IssueToken runs at 50/s, in slices taking turns with quiet ones;
+        // the row is beside this round's (a) ceiling.
+        let run = while_issuing(&tokend, &api, &root, &warm).await?;
+        issued += run.issued;
+        issuing_seconds += run.loaded_seconds;
+        for (name, ns) in run.cpu {
+            *issuing_cpu.entry(name).or_default() += ns;
         }
+        // The server thread's share is what it spent beyond serving the same calls quietly.
+        serving_ns += run.quiet.cpu.as_nanos() as f64 * run.loaded_calls as f64;
         print_row(
             &format!("(d) warm, IssueToken at 50/s, round {round}"),
-            run,
+            run.loaded,
             warm_runs[round - 1].1,
         );
-        loaded_runs.push((run, warm_runs[round - 1].0));
+        print_row(
+            &format!("(d) its quiet slices, round {round}"),
+            run.quiet,
+            warm_runs[round - 1].1,
+        );
+        loaded_runs.push((run.loaded, run.quiet));
+        loaded_apart.push((run.loaded, warm_runs[round - 1].0));
 
         // (e) warm while another token's id is flooded with wrong secrets.
         let (run, calls, seconds, victim_active) =
@@ -1009,19 +1081,19 @@ async fn run() -> anyhow::Result<()> {
         cpu(&garbage_runs)
     );
     println!(
-        "- (d) p99 / (a) p99 of the same round: {:.2}× ({issued} tokens issued during the (d) runs)",
-        p99(&loaded_runs)
+        "- (d) p99 / (a) p99, loaded slices against the quiet ones between them: {:.2}× ({issued} tokens issued, {:.1}/s over the loaded slices)",
+        p99(&loaded_runs),
+        issued as f64 / issuing_seconds.max(1e-9)
     );
-    // The server thread's share is what it spent beyond serving the same load as in (a).
-    let serving: f64 = warm_runs
-        .iter()
-        .map(|(run, _)| run.cpu.as_secs_f64() * requests as f64)
-        .sum();
+    println!(
+        "  against the round's separate (a) run instead: {:.2}×",
+        p99(&loaded_apart)
+    );
     let per_token = |ns: f64| ns / 1e3 / issued.max(1) as f64;
     let mut spent: Vec<String> = Vec::new();
     for (name, ns) in &issuing_cpu {
         let ns = if name.starts_with("tokend (") {
-            *ns as f64 - serving * 1e9
+            *ns as f64 - serving_ns
         } else {
             *ns as f64
         };
@@ -1030,7 +1102,7 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     println!(
-        "  CPU per issued token by thread (all of a thread's time in the (d) runs, the tokend thread's beyond what (a)'s load took): {}",
+        "  CPU per issued token by thread (all of a thread's time in the loaded slices, the tokend thread's beyond what the quiet slices took per call): {}",
         spent.join(", ")
     );
     if let Ok(core) = std::env::var("BENCH_SQLITE_WORKER_CORE") {
