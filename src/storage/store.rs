@@ -21,8 +21,8 @@ use super::entities::{audit_events, memberships, roles, tenants, token_uses, tok
 use super::fault::crash_point;
 use super::migration::Migrator;
 use crate::domain::model::{
-    AuditEvent, AuditRecord, Member, Membership, Revocation, Role, Tenant, Timestamp, Token,
-    TokenState, TokenUse, User, UserInTenant,
+    AuditEvent, AuditRecord, Member, Membership, PermissionSet, Revocation, Role, Tenant,
+    Timestamp, Token, TokenState, TokenUse, User, UserInTenant,
 };
 use crate::domain::names::{RoleName, TenantId, UserId};
 use crate::domain::ports::{AuditQuery, MAX_TOKEN_USES, Store, TokenQuery};
@@ -233,6 +233,8 @@ impl SeaStore {
         let sql = sqlx::AssertSqlSafe(statement.sql);
         let values =
             sea_query_sqlx::SqlxValues(statement.values.unwrap_or(sea_orm::Values(Vec::new())));
+        // A failure is classified as any other statement's; this one is a background
+        // flush, so the class only shows in its log line.
         let done = match self.backend() {
             DbBackend::Postgres => sqlx::query_with(sql, values)
                 .persistent(false)
@@ -336,6 +338,19 @@ LEFT JOIN memberships m ON t.kind = 'pat' AND m.tenant_id = t.tenant_id AND m.us
 LEFT JOIN roles r ON r.tenant_id = t.tenant_id \
      AND r.name = CASE WHEN t.kind = 'pat' THEN m.role_name ELSE t.role_name END \
 WHERE t.id = $1";
+
+/// The `x_role_name` and `x_role_permissions` columns of a joined read: the role's
+/// permissions, `None` when the join found no role.
+fn joined_role_permissions(row: &sea_orm::QueryResult) -> Result<Option<PermissionSet>> {
+    let get = |column: &str| row.try_get::<Option<String>>("", column).map_err(db_err);
+    match get("x_role_name")? {
+        Some(_) => Ok(Some(convert::permissions(
+            "permissions",
+            &get("x_role_permissions")?.unwrap_or_default(),
+        )?)),
+        None => Ok(None),
+    }
+}
 
 /// A tenant and one user's standing in it ($1: the tenant, $2: the user).
 const USER_IN_TENANT_SQL: &str = "\
@@ -617,13 +632,7 @@ impl Store for SeaStore {
         let get = |column: &str| -> Result<Option<String>> {
             row.try_get::<Option<String>>("", column).map_err(db_err)
         };
-        let role_permissions = match get("x_role_name")? {
-            Some(_) => Some(convert::permissions(
-                "permissions",
-                &get("x_role_permissions")?.unwrap_or_default(),
-            )?),
-            None => None,
-        };
+        let role_permissions = joined_role_permissions(&row)?;
         Ok(Some(UserInTenant {
             tenant,
             user_status: get("x_user_status")?
@@ -737,13 +746,7 @@ impl Store for SeaStore {
             }),
             None => None,
         };
-        let role_permissions = match get("x_role_name")? {
-            Some(_) => Some(convert::permissions(
-                "permissions",
-                &get("x_role_permissions")?.unwrap_or_default(),
-            )?),
-            None => None,
-        };
+        let role_permissions = joined_role_permissions(&row)?;
         Ok(Some(TokenState {
             token: Arc::new(token),
             tenant_status,

@@ -495,6 +495,22 @@ impl TestApp {
             .into_inner()
     }
 
+    /// A `SELECT COUNT(*) …` read straight from the database, past tokend.
+    pub async fn count(&self, sql: &str) -> i64 {
+        let db = Database::connect(&self.database_url)
+            .await
+            .expect("database");
+        let statement = sea_orm::Statement::from_string(db.get_database_backend(), sql);
+        let row = db
+            .query_one_raw(statement)
+            .await
+            .expect("count")
+            .expect("a row");
+        let count = row.try_get_by_index::<i64>(0).expect("a count");
+        db.close().await.expect("close");
+        count
+    }
+
     /// The audit events about token `id`, newest first, read with the root key.
     pub async fn audit_of(&self, id: &str) -> Vec<pb::AuditEvent> {
         self.audit(&self.root)
