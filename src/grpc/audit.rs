@@ -30,7 +30,7 @@ impl AuditService for AuditApi {
         &self,
         request: Request<pb::ListAuditEventsRequest>,
     ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::audit_request(self.core.format(), request.into_inner())?;
         let (events, next_page_token) = self.core.list_audit(&caller, req).await?;
         Ok(Response::new(pb::ListAuditEventsResponse {

@@ -1,7 +1,8 @@
 //! Caller authentication as a tower layer: every `tokend.v1.*` call must carry a live
-//! tokend token in `authorization: Bearer …`; the resulting [`Caller`] is put into the
-//! request's extensions for the handlers. Health and reflection pass untouched.
+//! tokend token in `authorization: Bearer …`; the resulting [`Caller`] is lent to the
+//! handler while the call runs ([`caller`]). Health and reflection pass untouched.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -66,7 +67,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // The clone that was driven to readiness serves this request (tower's contract).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -102,8 +103,11 @@ where
                         span.record("caller", caller.display_id());
                         span.record("tenant", caller.tenant_id().as_str());
                     }
-                    request.extensions_mut().insert::<Caller>(caller);
-                    inner.call(request).await
+                    Authenticated {
+                        caller,
+                        call: inner.call(request),
+                    }
+                    .await
                 }
                 Err(err) => Ok(to_status(err).into_http()),
             }
@@ -111,11 +115,49 @@ where
     }
 }
 
-/// The authenticated caller of a request; UNAUTHENTICATED if the layer did not run.
-pub fn caller<T>(request: &tonic::Request<T>) -> Result<Caller, tonic::Status> {
-    request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .ok_or_else(|| tonic::Status::unauthenticated("missing credential"))
+// The caller of the call being polled on this thread. Lent rather than put into the
+// request's extensions, which cost every call an allocation, a map insertion and a lookup:
+// about 400 instructions, a tenth of what tokend adds to a garbage Introspect.
+scoped_tls::scoped_thread_local!(static CALLER: Caller);
+
+pin_project_lite::pin_project! {
+    /// An authenticated call's future: its caller is lent to the thread for each poll, and
+    /// the handler, polled inside it, takes a copy.
+    struct Authenticated<F> {
+        caller: Caller,
+        #[pin]
+        call: F,
+    }
+}
+
+impl<F: Future> Future for Authenticated<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        CALLER.set(this.caller, || this.call.poll(cx))
+    }
+}
+
+/// The authenticated caller of the call being handled; UNAUTHENTICATED if the layer did
+/// not authenticate one. Handlers read it before their first wait: the caller is lent
+/// only while the call is polled on its own task.
+pub fn caller() -> Result<Caller, tonic::Status> {
+    if CALLER.is_set() {
+        Ok(CALLER.with(Caller::clone))
+    } else {
+        Err(tonic::Status::unauthenticated("missing credential"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outside_an_authenticated_call_there_is_no_caller() {
+        let refused = caller().expect_err("no call is being polled");
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+        assert_eq!(refused.message(), "missing credential");
+    }
 }

@@ -30,7 +30,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::PutTenantRequest>,
     ) -> Result<Response<pb::PutTenantResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let (id, name, status, policy) = convert::tenant_request(request.into_inner())?;
         let tenant = self
             .core
@@ -45,7 +45,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::GetTenantRequest>,
     ) -> Result<Response<pb::GetTenantResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let id = convert::tenant_id(&request.get_ref().tenant_id)?;
         let tenant = self.core.get_tenant(&caller, &id).await?;
         Ok(Response::new(pb::GetTenantResponse {
@@ -57,7 +57,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::ListTenantsRequest>,
     ) -> Result<Response<pb::ListTenantsResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = request.into_inner();
         let page = Page::parse(req.page_size, req.page_token)?;
         let (tenants, next_page_token) = self.core.list_tenants(&caller, page).await?;
@@ -71,7 +71,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::PutRoleRequest>,
     ) -> Result<Response<pb::PutRoleResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::put_role_request(request.into_inner())?;
         let role = self.core.put_role(&caller, req).await?;
         Ok(Response::new(pb::PutRoleResponse {
@@ -83,7 +83,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::DeleteRoleRequest>,
     ) -> Result<Response<pb::DeleteRoleResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = request.get_ref();
         let tenant = convert::tenant_id(&req.tenant_id)?;
         let name = convert::role_name("name", &req.name)?;
@@ -95,7 +95,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::ListRolesRequest>,
     ) -> Result<Response<pb::ListRolesResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let tenant = convert::tenant_id(&request.get_ref().tenant_id)?;
         let roles = self.core.list_roles(&caller, &tenant).await?;
         Ok(Response::new(pb::ListRolesResponse {
@@ -107,7 +107,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::PutMemberRequest>,
     ) -> Result<Response<pb::PutMemberResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::put_member_request(request.into_inner())?;
         let member = self.core.put_member(&caller, req).await?;
         Ok(Response::new(pb::PutMemberResponse {
@@ -119,7 +119,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::PutMembersRequest>,
     ) -> Result<Response<pb::PutMembersResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let (tenant, entries) = convert::put_members_request(request.into_inner())?;
         let members = self.core.put_members(&caller, &tenant, entries).await?;
         Ok(Response::new(pb::PutMembersResponse {
@@ -131,7 +131,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::RemoveMemberRequest>,
     ) -> Result<Response<pb::RemoveMemberResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = request.get_ref();
         let tenant = convert::tenant_id(&req.tenant_id)?;
         let user = convert::user_id("user_id", &req.user_id)?;
@@ -143,7 +143,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::ListMembersRequest>,
     ) -> Result<Response<pb::ListMembersResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = request.into_inner();
         let tenant = convert::tenant_id(&req.tenant_id)?;
         let page = Page::parse(req.page_size, req.page_token)?;
@@ -158,7 +158,7 @@ impl DirectoryService for DirectoryApi {
         &self,
         request: Request<pb::SetUserStatusRequest>,
     ) -> Result<Response<pb::SetUserStatusResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = request.get_ref();
         let user = convert::user_id("user_id", &req.user_id)?;
         let status = convert::user_status(req.status)?;

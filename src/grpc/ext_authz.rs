@@ -79,7 +79,7 @@ impl Authorization for ExtAuthzApi {
         &self,
         request: Request<CheckRequest>,
     ) -> Result<Response<CheckResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         // First: a credential that may not introspect learns nothing, not even "no token".
         caller.require(rules::INTROSPECT)?;
         let check = request.into_inner();

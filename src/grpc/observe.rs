@@ -254,7 +254,9 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let started = Instant::now();
+        let details = crate::telemetry::call_details_wanted();
+        // Timed only where a histogram or a span reads the time: two clock reads a call.
+        let started = (details || crate::telemetry::metrics::installed()).then(Instant::now);
         let methods = Methods::get();
         let method = methods.of(request.uri().path());
         let heard = Heard::read(request.headers());
@@ -272,7 +274,7 @@ where
             code: None,
         };
         let cut = self.cut.clone();
-        if !crate::telemetry::call_details_wanted() {
+        if !details {
             // No span: the labels ride along for the rare line the call logs.
             let trace_id = traceparent
                 .then(|| crate::telemetry::otel::callers_trace_id(request.headers()))
@@ -319,7 +321,13 @@ where
     // tonic puts a handler's error in the response head (trailers-only); a success has its
     // status in the trailers, and every tokend method is unary, so a head without one is OK
     // (the streaming health Watch and reflection count as OK).
-    let code = match response.headers().get(&GRPC_STATUS) {
+    // Found by a scan of the response head (one or two headers) rather than `get`, which
+    // hashes the name.
+    let status = response
+        .headers()
+        .iter()
+        .find_map(|(name, value)| (name == GRPC_STATUS).then_some(value));
+    let code = match status {
         None => 0,
         Some(value) => std::str::from_utf8(value.as_bytes())
             .ok()
@@ -345,7 +353,8 @@ const DEADLINE_EXCEEDED: usize = 4;
 struct Outcome {
     methods: &'static Methods,
     method: usize,
-    started: Instant,
+    /// When the call began, if anything reads its duration: the metrics recorder, the span.
+    started: Option<Instant>,
     deadline: Option<std::time::Duration>,
     /// The call's span, if it has one.
     span: Option<tracing::Span>,
@@ -354,7 +363,10 @@ struct Outcome {
 
 impl Drop for Outcome {
     fn drop(&mut self) {
-        let elapsed = self.started.elapsed();
+        let Some(started) = self.started else {
+            return;
+        };
+        let elapsed = started.elapsed();
         let code = self.code.unwrap_or_else(|| {
             if self.deadline.is_some_and(|deadline| elapsed >= deadline) {
                 DEADLINE_EXCEEDED

@@ -34,7 +34,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::IssueTokenRequest>,
     ) -> Result<Response<pb::IssueTokenResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::issue_request(request.into_inner())?;
         let issued = self.core.issue_token(&caller, req).await?;
         Ok(Response::new(pb::IssueTokenResponse {
@@ -47,7 +47,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::list_request(request.into_inner())?;
         let page = self.core.list_tokens(&caller, req).await?;
         let now = self.clock.now();
@@ -74,7 +74,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::RevokeTokenRequest>,
     ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let (req, reason) = convert::revoke_request(self.core.format(), request.into_inner())?;
         let token = self.core.revoke_token(&caller, req, reason).await?;
         Ok(Response::new(pb::RevokeTokenResponse {
@@ -86,7 +86,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::DeleteTokenRequest>,
     ) -> Result<Response<pb::DeleteTokenResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::delete_request(self.core.format(), request.into_inner())?;
         self.core.delete_token(&caller, req).await?;
         Ok(Response::new(pb::DeleteTokenResponse {}))
@@ -96,7 +96,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::IntrospectRequest>,
     ) -> Result<Response<pb::IntrospectResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = request.into_inner();
         let (required, client_ip) = convert::introspect_request(&req)?;
         let answer = self
@@ -117,7 +117,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::RevokeTokensRequest>,
     ) -> Result<Response<pb::RevokeTokensResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::revoke_many_request(request.into_inner())?;
         let token_ids = self.core.revoke_tokens(&caller, req).await?;
         Ok(Response::new(pb::RevokeTokensResponse { token_ids }))
@@ -127,7 +127,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::RotateTokenRequest>,
     ) -> Result<Response<pb::RotateTokenResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let req = convert::rotate_request(self.core.format(), request.into_inner())?;
         let rotated = self.core.rotate_token(&caller, req).await?;
         let now = self.clock.now();
@@ -142,7 +142,7 @@ impl TokenService for TokenApi {
         &self,
         request: Request<pb::ReportLeakedTokenRequest>,
     ) -> Result<Response<pb::ReportLeakedTokenResponse>, Status> {
-        let caller = caller(&request)?;
+        let caller = caller()?;
         let (tokens, source) = convert::leak_report(request.into_inner())?;
         self.core.report_leaked(&caller, &tokens, &source).await?;
         Ok(Response::new(pb::ReportLeakedTokenResponse {}))

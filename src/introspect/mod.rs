@@ -237,9 +237,11 @@ impl std::fmt::Debug for Miss<'_> {
 #[derive(Clone, Debug)]
 struct Remembered {
     generation: u64,
-    /// When it was computed: a backstop age for a verdict, should an invalidation ever be
-    /// missed (a trigger bypassed by a restore, say).
-    at: crate::domain::model::Timestamp,
+    /// When it was computed (Unix ms): a backstop age for a verdict, should an invalidation
+    /// ever be missed (a trigger bypassed by a restore, say). Milliseconds rather than a
+    /// `Timestamp`: checked on every hit, where chrono's date arithmetic cost about a hundred
+    /// instructions, and 8 bytes smaller in each of up to a million entries.
+    at_ms: i64,
     outcome: Outcome,
 }
 
@@ -247,13 +249,20 @@ struct Remembered {
 const MAX_VERDICT_AGE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
 impl Remembered {
+    fn new(generation: u64, at: crate::domain::model::Timestamp, outcome: Outcome) -> Self {
+        Self {
+            generation,
+            at_ms: at.timestamp_millis(),
+            outcome,
+        }
+    }
+
     /// Still servable at `now`: same generation, young enough (a clock stepped back
     /// counts as too old), and not past the token's expiry.
     fn holds(&self, generation: u64, now: crate::domain::model::Timestamp) -> bool {
-        let age = now - self.at;
         self.generation == generation
-            && age >= chrono::TimeDelta::zero()
-            && age < MAX_VERDICT_AGE
+            && (0..MAX_VERDICT_AGE.num_milliseconds())
+                .contains(&now.timestamp_millis().saturating_sub(self.at_ms))
             && still_valid(&self.outcome, now)
     }
 }
@@ -444,14 +453,8 @@ impl Introspector {
             outcome = self.decide(key, &parsed, now, noted).await?;
         }
         if let (true, Some(generation)) = (trusted, observed) {
-            self.answers.insert(
-                key,
-                Remembered {
-                    generation,
-                    at: now,
-                    outcome: outcome.clone(),
-                },
-            );
+            self.answers
+                .insert(key, Remembered::new(generation, now, outcome.clone()));
         }
         Ok(outcome)
     }
@@ -660,11 +663,7 @@ mod tests {
     }
 
     fn remembered(generation: u64, at: crate::domain::model::Timestamp) -> Remembered {
-        Remembered {
-            generation,
-            at,
-            outcome: Outcome::Inactive(InactiveReason::Unknown),
-        }
+        Remembered::new(generation, at, Outcome::Inactive(InactiveReason::Unknown))
     }
 
     #[test]
@@ -673,11 +672,13 @@ mod tests {
         let verdict = remembered(7, at);
         assert!(verdict.holds(7, at));
         assert!(verdict.holds(7, at + TimeDelta::seconds(59)));
+        assert!(verdict.holds(7, at + MAX_VERDICT_AGE - TimeDelta::milliseconds(1)));
         // Any invalidation since voids it.
         assert!(!verdict.holds(8, at + TimeDelta::seconds(1)));
         // Even with no invalidation heard, it ages out.
         assert!(!verdict.holds(7, at + MAX_VERDICT_AGE));
         // A clock stepped back does not make it young forever.
         assert!(!verdict.holds(7, at - TimeDelta::seconds(1)));
+        assert!(!verdict.holds(7, at - TimeDelta::milliseconds(1)));
     }
 }

@@ -39,6 +39,11 @@ const CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
+/// Whether tokend's recorder was installed: without it nothing reads a call's duration.
+pub fn installed() -> bool {
+    HANDLE.get().is_some()
+}
+
 /// The process-wide recorder, installed on first use. If the embedding program installed
 /// its own recorder first, tokend's series go there and this endpoint serves none.
 pub fn handle() -> PrometheusHandle {
