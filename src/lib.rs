@@ -30,6 +30,7 @@ pub mod domain;
 pub mod grpc;
 pub mod hashing;
 pub mod introspect;
+pub mod lent;
 pub mod proto;
 pub mod service;
 pub mod storage;

@@ -11,10 +11,8 @@
 
 use std::cell::Cell;
 use std::fmt::{self, Write as _};
-use std::pin::Pin;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 
 use tracing::{Event, Subscriber};
 use tracing_subscriber::fmt::format::Writer;
@@ -131,26 +129,8 @@ impl CallLabels {
     }
 
     /// Runs `call` with these labels on every line it logs while it is polled.
-    pub fn scope<F: Future>(self, call: F) -> Scoped<F> {
-        Scoped { labels: self, call }
-    }
-}
-
-pin_project_lite::pin_project! {
-    /// A call's future with its labels, set for each poll (see [`CallLabels::scope`]).
-    pub struct Scoped<F> {
-        labels: CallLabels,
-        #[pin]
-        call: F,
-    }
-}
-
-impl<F: Future> Future for Scoped<F> {
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        CALL.set(this.labels, || this.call.poll(cx))
+    pub fn scope<F: Future>(self, call: F) -> crate::lent::Lent<Self, F> {
+        crate::lent::lend(&CALL, self, call)
     }
 }
 
