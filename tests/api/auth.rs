@@ -217,41 +217,45 @@ async fn acting_as_a_user_needs_a_live_member_of_a_live_tenant_and_grants_that_m
     let tokens_in =
         |tenant: &str| format!("SELECT COUNT(*) FROM tokens WHERE tenant_id = '{tenant}'");
 
-    let result = root
-        .clone()
-        .issue_token(issue("nowhere", "dave", &[], "x"))
-        .await;
-    assert_status(result, Code::NotFound, "tenant nowhere");
-    let result = root
-        .clone()
-        .issue_token(issue("acme", "nobody", &[], "x"))
-        .await;
-    assert_status(
-        result,
-        Code::FailedPrecondition,
-        "user nobody is not active",
-    );
-    let result = root
-        .clone()
-        .issue_token(issue("acme", "bob", &[], "x"))
-        .await;
-    assert_status(result, Code::FailedPrecondition, "user bob is not active");
-    // carol is active, but in globex only.
-    let result = root
-        .clone()
-        .issue_token(issue("acme", "carol", &[], "x"))
-        .await;
-    assert_status(
-        result,
-        Code::FailedPrecondition,
-        "user carol is not a member of tenant acme",
-    );
-    // dave's role in acme (viewer) is what bounds the request, not the root key's rights.
-    let result = root
-        .clone()
-        .issue_token(issue("acme", "dave", &["entities:write"], "x"))
-        .await;
-    assert_status(result, Code::PermissionDenied, "user dave");
+    for (tenant, user, scopes, code, message) in [
+        ("nowhere", "dave", &[][..], Code::NotFound, "tenant nowhere"),
+        (
+            "acme",
+            "nobody",
+            &[],
+            Code::FailedPrecondition,
+            "user nobody is not active",
+        ),
+        (
+            "acme",
+            "bob",
+            &[],
+            Code::FailedPrecondition,
+            "user bob is not active",
+        ),
+        // carol is active, but in globex only.
+        (
+            "acme",
+            "carol",
+            &[],
+            Code::FailedPrecondition,
+            "user carol is not a member of tenant acme",
+        ),
+        // dave's role in acme (viewer) is what bounds the request, not the root key's rights.
+        (
+            "acme",
+            "dave",
+            &["entities:write"],
+            Code::PermissionDenied,
+            "user dave",
+        ),
+    ] {
+        let result = root
+            .clone()
+            .issue_token(issue(tenant, user, scopes, "x"))
+            .await;
+        assert_status(result, code, message);
+    }
     let result = root
         .clone()
         .issue_token(pb::IssueTokenRequest {
