@@ -7,7 +7,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use tokend::proto::v1 as pb;
 
-use crate::helpers::{TestApp, assert_status};
+use crate::helpers::{TestApp, assert_status, pat_request};
 
 crate::both_backends!(
     calls_without_a_valid_credential_are_unauthenticated,
@@ -205,13 +205,8 @@ async fn acting_as_a_user_needs_a_live_member_of_a_live_tenant_and_grants_that_m
     app.member("globex", "carol", "viewer", &[]).await;
     app.member("acme", "dave", "viewer", &[]).await;
     app.set_user_status("bob", pb::UserStatus::Suspended).await;
-    let issue = |tenant: &str, user: &str, scopes: &[&str], name: &str| pb::IssueTokenRequest {
-        tenant_id: tenant.into(),
-        actor_user_id: user.into(),
-        kind: pb::TokenKind::Personal.into(),
-        name: name.into(),
-        scopes: scopes.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
+    let issue = |tenant: &str, user: &str, scopes: &[&str], name: &str| {
+        pat_request(tenant, user, name, scopes)
     };
     let root = app.tokens(&app.root);
     let tokens_in =

@@ -390,14 +390,7 @@ impl TestApp {
     ) -> (String, pb::TokenInfo) {
         let issued = self
             .tokens(&self.root)
-            .issue_token(pb::IssueTokenRequest {
-                tenant_id: tenant.into(),
-                actor_user_id: user.into(),
-                kind: pb::TokenKind::Personal.into(),
-                name: name.into(),
-                scopes: scopes.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            })
+            .issue_token(pat_request(tenant, user, name, scopes))
             .await
             .expect("issue personal token")
             .into_inner();
@@ -589,4 +582,16 @@ macro_rules! both_backends {
             )*
         }
     };
+}
+
+/// IssueToken of a personal token for `user` in `tenant`, acting as them.
+pub fn pat_request(tenant: &str, user: &str, name: &str, scopes: &[&str]) -> pb::IssueTokenRequest {
+    pb::IssueTokenRequest {
+        tenant_id: tenant.into(),
+        actor_user_id: user.into(),
+        kind: pb::TokenKind::Personal.into(),
+        name: name.into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
 }
