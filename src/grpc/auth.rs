@@ -79,15 +79,18 @@ where
             let header = request
                 .headers()
                 .get(http::header::AUTHORIZATION)
-                .map(|value| value.to_str().unwrap_or(""));
+                .map(http::HeaderValue::as_bytes);
             // The connection's peer: where the credential is being used from; over mutual
-            // TLS, the certificate it presented; and the credential it last checked.
+            // TLS, the certificate it presented; and the credential it last checked. Plain
+            // TCP first: it is the common case, and then one lookup instead of two.
             let extensions = request.extensions();
-            let (connection, certificates) =
-                match extensions.get::<TlsConnectInfo<ConnectionInfo>>() {
+            let (connection, certificates) = match extensions.get::<ConnectionInfo>() {
+                Some(plain) => (Some(plain), None),
+                None => match extensions.get::<TlsConnectInfo<ConnectionInfo>>() {
                     Some(tls) => (Some(tls.get_ref()), tls.peer_certs()),
-                    None => (extensions.get::<ConnectionInfo>(), None),
-                };
+                    None => (None, None),
+                },
+            };
             let peer = connection
                 .and_then(|connection| connection.tcp.remote_addr())
                 .map(|addr| addr.ip());

@@ -6,6 +6,7 @@
 //! Method labels come from the served descriptors, so a client sending random paths
 //! cannot grow the series without bound: anything else is counted as `other`.
 
+use std::pin::Pin;
 use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -283,7 +284,7 @@ where
             // Outside the labels' scope: making the inner future logs nothing (the span
             // path enters its span here only because entering one is free once made).
             let answered = self.inner.call(request);
-            return Box::pin(labels.scope(answer(answered, cut, outcome, None)));
+            return Box::pin(labels.scope(Answer::new(answered, cut, outcome, None)));
         }
         let span = call_span(methods.labels[method], &request_id, request.headers());
         let answered = {
@@ -291,58 +292,111 @@ where
             self.inner.call(request)
         };
         outcome.span = Some(span.clone());
-        Box::pin(answer(answered, cut, outcome, Some(request_id)).instrument(span))
+        Box::pin(Answer::new(answered, cut, outcome, Some(request_id)).instrument(span))
     }
 }
 
-/// Waits for the inner service's answer (or the drain's cut), records its code, and
-/// echoes the request id: `always_echo` (a call with a span, whose id is in every line
-/// and trace), else the caller's always and ours when the call failed or logged a line
-/// with it: when there is something to look it up by.
-///
-/// Until the call is answered, `outcome` counts a call that goes away (the caller
-/// cancelled, its deadline passed) as such when it is dropped.
-async fn answer<F, E>(
-    answered: F,
-    mut cut: tokio::sync::watch::Receiver<bool>,
-    mut outcome: Outcome,
-    always_echo: Option<RequestId>,
-) -> Result<http::Response<tonic::body::Body>, E>
+pin_project_lite::pin_project! {
+    /// Waits for the inner service's answer (or the drain's cut), records its code, and
+    /// echoes the request id: `always_echo` (a call with a span, whose id is in every line
+    /// and trace), else the caller's always and ours when the call failed or logged a line
+    /// with it: when there is something to look it up by.
+    ///
+    /// Until the call is answered, `outcome` counts a call that goes away (the caller
+    /// cancelled, its deadline passed) as such when it is dropped.
+    ///
+    /// A future of its own rather than an `async fn` around `select!`: the wait for the cut
+    /// is made (boxed) only by a call that has to wait at all, so the future of a call
+    /// answered at once, every warm or garbage Introspect, is a third the size to build and
+    /// move.
+    struct Answer<F> {
+        #[pin]
+        answered: F,
+        cut: Option<tokio::sync::watch::Receiver<bool>>,
+        waiting: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+        outcome: Option<Outcome>,
+        always_echo: Option<RequestId>,
+    }
+}
+
+impl<F> Answer<F> {
+    fn new(
+        answered: F,
+        cut: tokio::sync::watch::Receiver<bool>,
+        outcome: Outcome,
+        always_echo: Option<RequestId>,
+    ) -> Self {
+        Self {
+            answered,
+            cut: Some(cut),
+            waiting: None,
+            outcome: Some(outcome),
+            always_echo,
+        }
+    }
+}
+
+impl<F, E> Future for Answer<F>
 where
     F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
 {
-    let mut response = tokio::select! {
-        biased;
-        response = answered => response?,
-        _ = cut.wait_for(|cut| *cut) => {
-            tonic::Status::unavailable("tokend is shutting down; retry elsewhere").into_http()
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let mut response = match this.answered.poll(cx) {
+            Poll::Ready(Ok(response)) => response,
+            Poll::Ready(Err(err)) => {
+                // Recorded now, as cancelled or past its deadline.
+                drop(this.outcome.take());
+                return Poll::Ready(Err(err));
+            }
+            Poll::Pending => {
+                let waiting = this.waiting.get_or_insert_with(|| {
+                    let cut = this.cut.take();
+                    Box::pin(async move {
+                        if let Some(mut cut) = cut {
+                            // A closed channel cuts too: its server is gone.
+                            let _ = cut.wait_for(|cut| *cut).await;
+                        }
+                    })
+                });
+                if waiting.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                tonic::Status::unavailable("tokend is shutting down; retry elsewhere").into_http()
+            }
+        };
+        // tonic puts a handler's error in the response head (trailers-only); a success has
+        // its status in the trailers, and every tokend method is unary, so a head without
+        // one is OK (the streaming health Watch and reflection count as OK). Found by a scan
+        // of the head (one or two headers) rather than `get`, which hashes the name.
+        let status = response
+            .headers()
+            .iter()
+            .find_map(|(name, value)| (name == GRPC_STATUS).then_some(value));
+        let code = match status {
+            None => 0,
+            Some(value) => std::str::from_utf8(value.as_bytes())
+                .ok()
+                .and_then(|value| value.parse::<usize>().ok())
+                .filter(|code| *code < CODES.len())
+                .unwrap_or(UNKNOWN),
+        };
+        if let Some(mut outcome) = this.outcome.take() {
+            outcome.code = Some(code);
         }
-    };
-    // tonic puts a handler's error in the response head (trailers-only); a success has its
-    // status in the trailers, and every tokend method is unary, so a head without one is OK
-    // (the streaming health Watch and reflection count as OK).
-    // Found by a scan of the response head (one or two headers) rather than `get`, which
-    // hashes the name.
-    let status = response
-        .headers()
-        .iter()
-        .find_map(|(name, value)| (name == GRPC_STATUS).then_some(value));
-    let code = match status {
-        None => 0,
-        Some(value) => std::str::from_utf8(value.as_bytes())
-            .ok()
-            .and_then(|value| value.parse::<usize>().ok())
-            .filter(|code| *code < CODES.len())
-            .unwrap_or(UNKNOWN),
-    };
-    outcome.code = Some(code);
-    let echo = always_echo.or_else(|| call::worth_echoing(code != 0));
-    if let Some(request_id) = echo {
-        response
-            .headers_mut()
-            .insert(REQUEST_ID, request_id.to_header());
+        let echo = this
+            .always_echo
+            .take()
+            .or_else(|| call::worth_echoing(code != 0));
+        if let Some(request_id) = echo {
+            response
+                .headers_mut()
+                .insert(REQUEST_ID, request_id.to_header());
+        }
+        Poll::Ready(Ok(response))
     }
-    Ok(response)
 }
 
 const UNKNOWN: usize = 2;

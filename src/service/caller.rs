@@ -7,7 +7,7 @@ use crate::domain::names::{BuiltinPermission, TenantId, UserId};
 use crate::domain::rules::{self, Visibility};
 use crate::domain::token_format::TokenKind;
 use crate::domain::{Error, Result};
-use crate::introspect::{ActiveToken, CredentialMemo, Outcome};
+use crate::introspect::{ActiveToken, CredentialMemo, Outcome, Presented};
 
 use super::Tokend;
 
@@ -280,7 +280,7 @@ impl Tokend {
     /// same connection, if the transport keeps one.
     pub async fn authenticate(
         &self,
-        authorization: Option<&str>,
+        authorization: Option<&[u8]>,
         peer: Option<std::net::IpAddr>,
         memo: Option<&CredentialMemo>,
     ) -> Result<Caller> {
@@ -289,17 +289,19 @@ impl Tokend {
                 "missing credential: send metadata `authorization: Bearer <token>`".to_owned(),
             ));
         };
+        // Bytes: the token is checked as text only if the connection's memo does not hold
+        // it already (see `introspect::Presented`).
         let token = header
-            .strip_prefix("Bearer ")
-            .or_else(|| header.strip_prefix("bearer "))
+            .strip_prefix(b"Bearer ")
+            .or_else(|| header.strip_prefix(b"bearer "))
             .ok_or_else(|| {
                 Error::Unauthenticated("authorization metadata must be `Bearer <token>`".to_owned())
             })?
-            .trim();
+            .trim_ascii();
         let now = self.introspector.now();
         match self
             .introspector
-            .introspect_remembering(token, memo, now)
+            .introspect_remembering(Presented::Header(token), memo, now)
             .await?
         {
             Outcome::Active(active) => {

@@ -52,6 +52,35 @@ async fn calls_without_a_valid_credential_are_unauthenticated(app: TestApp) {
             .await;
         assert_status(result, Code::Unauthenticated, "not an active token");
     }
+    // The header's bytes reach the token parser unchecked as text: bytes that are not
+    // UTF-8 are no token, however they came. The scheme is matched in either case, and
+    // surrounding blanks are not part of the token.
+    let with_header = |value: &[u8]| {
+        let mut request = tonic::Request::new(pb::ListTokensRequest::default());
+        request.metadata_mut().insert(
+            "authorization",
+            tonic::metadata::MetadataValue::try_from(value).expect("a header value"),
+        );
+        request
+    };
+    for bad in [
+        &b"Bearer tkd_key_\xff\xfe"[..],
+        b"Bearer \xc3\xa9",
+        b"Basic xyz",
+    ] {
+        let result = app.tokens_anonymous().list_tokens(with_header(bad)).await;
+        let status = result.expect_err("refused");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    for good in [
+        format!("bearer {}", app.root),
+        format!("Bearer {}\t", app.root),
+    ] {
+        app.tokens_anonymous()
+            .list_tokens(with_header(good.as_bytes()))
+            .await
+            .unwrap_or_else(|status| panic!("{good:?}: {status:?}"));
+    }
     let result = app
         .directory("x")
         .list_tenants(pb::ListTenantsRequest::default())
