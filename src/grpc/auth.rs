@@ -2,6 +2,7 @@
 //! tokend token in `authorization: Bearer …`; the resulting [`Caller`] is lent to the
 //! handler while the call runs ([`caller`]). Health and reflection pass untouched.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -9,7 +10,8 @@ use futures::future::BoxFuture;
 use tonic::transport::server::TlsConnectInfo;
 use tower::{Layer, Service};
 
-use crate::service::{Caller, Tokend};
+use crate::introspect::CredentialMemo;
+use crate::service::{Caller, ClientCertificates, Tokend};
 
 use super::connection::ConnectionInfo;
 use super::status::to_status;
@@ -56,11 +58,12 @@ where
         + Send
         + 'static,
     S::Future: Send + 'static,
+    S::Error: 'static,
     B: Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = Authenticating<S::Future, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -72,44 +75,128 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = request.uri().path();
         if !PROTECTED_PREFIXES.iter().any(|p| path.starts_with(p)) {
-            return Box::pin(inner.call(request));
-        }
-        let core = Arc::clone(&self.core);
-        Box::pin(async move {
-            let header = request
-                .headers()
-                .get(http::header::AUTHORIZATION)
-                .map(http::HeaderValue::as_bytes);
-            // The connection's peer: where the credential is being used from; over mutual
-            // TLS, the certificate it presented; and the credential it last checked. Plain
-            // TCP first: it is the common case, and then one lookup instead of two.
-            let extensions = request.extensions();
-            let (connection, certificates) = match extensions.get::<ConnectionInfo>() {
-                Some(plain) => (Some(plain), None),
-                None => match extensions.get::<TlsConnectInfo<ConnectionInfo>>() {
-                    Some(tls) => (Some(tls.get_ref()), tls.peer_certs()),
-                    None => (None, None),
-                },
+            return Authenticating::Open {
+                call: inner.call(request),
             };
-            let peer = connection
-                .and_then(|connection| connection.tcp.remote_addr())
-                .map(|addr| addr.ip());
-            let memo = connection.map(|connection| &*connection.memo);
-            match core.authenticate(header, peer, memo).await {
-                Ok(mut caller) => {
-                    if let Some(certificates) = certificates {
-                        caller.set_client_certificates(certificates);
-                    }
-                    if crate::telemetry::call_details_wanted() {
-                        let span = tracing::Span::current();
-                        span.record("caller", caller.display_id());
-                        span.record("tenant", caller.tenant_id().as_str());
-                    }
-                    crate::lent::lend(&CALLER, caller, inner.call(request)).await
+        }
+        // A remembered verdict answers at once: the inner service's future is returned as
+        // it is, inside observation's, with no allocation of its own.
+        let credential = Credential::of(&request);
+        let at_once = self
+            .core
+            .authenticate_at_once(credential.header, credential.peer, credential.memo)
+            .map(|result| result.map(|caller| credential.caller(caller)));
+        match at_once {
+            Some(Ok(caller)) => Authenticating::Authenticated {
+                call: crate::lent::lend(&CALLER, caller, inner.call(request)),
+            },
+            Some(Err(err)) => Authenticating::Refused {
+                response: Some(to_status(err).into_http()),
+            },
+            None => {
+                let core = Arc::clone(&self.core);
+                // Deciding may query the database and wait for argon2: boxed, as it is rare
+                // and its state large.
+                Authenticating::Deciding {
+                    call: Box::pin(async move {
+                        let credential = Credential::of(&request);
+                        match core
+                            .authenticate(credential.header, credential.peer, credential.memo)
+                            .await
+                        {
+                            Ok(caller) => {
+                                let caller = credential.caller(caller);
+                                crate::lent::lend(&CALLER, caller, inner.call(request)).await
+                            }
+                            Err(err) => Ok(to_status(err).into_http()),
+                        }
+                    }),
                 }
-                Err(err) => Ok(to_status(err).into_http()),
             }
-        })
+        }
+    }
+}
+
+/// What a request presents to authentication: its credential and its connection.
+struct Credential<'a> {
+    header: Option<&'a [u8]>,
+    /// The connection's peer: where the credential is being used from.
+    peer: Option<std::net::IpAddr>,
+    /// The credential the connection last checked.
+    memo: Option<&'a CredentialMemo>,
+    /// Over mutual TLS, the certificate chain the connection presented.
+    certificates: Option<ClientCertificates>,
+}
+
+impl<'a> Credential<'a> {
+    fn of<B>(request: &'a http::Request<B>) -> Self {
+        let header = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(http::HeaderValue::as_bytes);
+        // TLS first: over TLS the plain connection's info is there too, without the
+        // certificates.
+        let extensions = request.extensions();
+        let (connection, certificates) = match extensions.get::<TlsConnectInfo<ConnectionInfo>>() {
+            Some(tls) => (Some(tls.get_ref()), tls.peer_certs()),
+            None => (extensions.get::<ConnectionInfo>(), None),
+        };
+        Self {
+            header,
+            peer: connection
+                .and_then(|connection| connection.tcp.remote_addr())
+                .map(|addr| addr.ip()),
+            memo: connection.map(|connection| &*connection.memo),
+            certificates,
+        }
+    }
+
+    /// The caller, with what the connection says of it.
+    fn caller(&self, mut caller: Caller) -> Caller {
+        if let Some(certificates) = &self.certificates {
+            caller.set_client_certificates(Arc::clone(certificates));
+        }
+        if crate::telemetry::call_details_wanted() {
+            let span = tracing::Span::current();
+            span.record("caller", caller.display_id());
+            span.record("tenant", caller.tenant_id().as_str());
+        }
+        caller
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An authenticated (or unprotected) call's future, or its refusal.
+    #[project = AuthenticatingProj]
+    pub enum Authenticating<F, E> {
+        /// Health and reflection.
+        Open { #[pin] call: F },
+        /// Its caller's verdict was remembered.
+        Authenticated { #[pin] call: crate::lent::Lent<Caller, F> },
+        /// Refused at once.
+        Refused { response: Option<http::Response<tonic::body::Body>> },
+        /// The caller's verdict is being decided.
+        Deciding { call: BoxFuture<'static, Result<http::Response<tonic::body::Body>, E>> },
+    }
+}
+
+impl<F, E> Future for Authenticating<F, E>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project() {
+            AuthenticatingProj::Open { call } => call.poll(cx),
+            AuthenticatingProj::Authenticated { call } => call.poll(cx),
+            AuthenticatingProj::Refused { response } => {
+                Poll::Ready(Ok(response.take().unwrap_or_else(|| {
+                    tonic::Status::internal("polled after it answered").into_http()
+                })))
+            }
+            AuthenticatingProj::Deciding { call } => call.as_mut().poll(cx),
+        }
     }
 }
 

@@ -374,6 +374,20 @@ impl Introspector {
         }
     }
 
+    /// The verdict on `candidate` if it needs no wait (see `recall`): what
+    /// [`introspect_remembering`](Self::introspect_remembering) would answer at once.
+    pub fn recall_at_once(
+        &self,
+        candidate: Presented<'_>,
+        memo: Option<&CredentialMemo>,
+        now: crate::domain::model::Timestamp,
+    ) -> Option<Outcome> {
+        match self.recall(candidate, memo, now) {
+            Recall::Known(outcome) => Some(outcome),
+            Recall::Missing(_) => None,
+        }
+    }
+
     /// `candidate` as text and as a token, if it is one.
     fn parse<'a>(
         &self,

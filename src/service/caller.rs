@@ -274,6 +274,23 @@ impl Actor {
     }
 }
 
+/// The token of an `authorization` value, as bytes: checked as text only if the
+/// connection's memo does not hold it already (see `introspect::Presented`).
+fn bearer(authorization: Option<&[u8]>) -> Result<&[u8]> {
+    let Some(header) = authorization else {
+        return Err(Error::Unauthenticated(
+            "missing credential: send metadata `authorization: Bearer <token>`".to_owned(),
+        ));
+    };
+    Ok(header
+        .strip_prefix(b"Bearer ")
+        .or_else(|| header.strip_prefix(b"bearer "))
+        .ok_or_else(|| {
+            Error::Unauthenticated("authorization metadata must be `Bearer <token>`".to_owned())
+        })?
+        .trim_ascii())
+}
+
 impl Tokend {
     /// Checks the `authorization` metadata value and returns the live caller, noting that
     /// the credential was used from `peer`. `memo` is the credential last checked on the
@@ -284,26 +301,41 @@ impl Tokend {
         peer: Option<std::net::IpAddr>,
         memo: Option<&CredentialMemo>,
     ) -> Result<Caller> {
-        let Some(header) = authorization else {
-            return Err(Error::Unauthenticated(
-                "missing credential: send metadata `authorization: Bearer <token>`".to_owned(),
-            ));
-        };
-        // Bytes: the token is checked as text only if the connection's memo does not hold
-        // it already (see `introspect::Presented`).
-        let token = header
-            .strip_prefix(b"Bearer ")
-            .or_else(|| header.strip_prefix(b"bearer "))
-            .ok_or_else(|| {
-                Error::Unauthenticated("authorization metadata must be `Bearer <token>`".to_owned())
-            })?
-            .trim_ascii();
+        let token = bearer(authorization)?;
         let now = self.introspector.now();
-        match self
+        let outcome = self
             .introspector
             .introspect_remembering(Presented::Header(token), memo, now)
-            .await?
-        {
+            .await?;
+        self.caller_of(outcome, peer, now)
+    }
+
+    /// [`authenticate`](Self::authenticate) if it needs no wait: the header is refused, or
+    /// the credential's verdict is remembered. `None` if it has to be decided.
+    pub fn authenticate_at_once(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: Option<std::net::IpAddr>,
+        memo: Option<&CredentialMemo>,
+    ) -> Option<Result<Caller>> {
+        let token = match bearer(authorization) {
+            Ok(token) => token,
+            Err(err) => return Some(Err(err)),
+        };
+        let now = self.introspector.now();
+        let outcome = self
+            .introspector
+            .recall_at_once(Presented::Header(token), memo, now)?;
+        Some(self.caller_of(outcome, peer, now))
+    }
+
+    fn caller_of(
+        &self,
+        outcome: Outcome,
+        peer: Option<std::net::IpAddr>,
+        now: crate::domain::model::Timestamp,
+    ) -> Result<Caller> {
+        match outcome {
             Outcome::Active(active) => {
                 self.introspector.note_use(&active, peer, None, now);
                 Ok(Caller {
