@@ -12,6 +12,8 @@
 #   CALLGRIND_GARBAGE=1 bash benches/callgrind.sh   # a garbage token, against the ceiling
 #                                                   # answering `active = false`
 #   BENCH_METRICS=1 bash benches/callgrind.sh       # with the Prometheus recorder installed
+#   CALLGRIND_KEEP=dir bash benches/callgrind.sh    # keeps both profiles in dir, for
+#                                                   # callgrind_annotate (per function)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 calls=${CALLGRIND_CALLS:-20000}
@@ -21,8 +23,14 @@ for tool in valgrind callgrind_control h2load; do
 done
 bin=$(cargo bench --bench introspect --no-run 2>&1 | grep -o '[^ (]*/deps/introspect-[0-9a-f]*' | tail -n1)
 [[ -x "$bin" ]] || { echo "callgrind.sh: cannot find the bench binary" >&2; exit 1; }
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+if [[ -n "${CALLGRIND_KEEP:-}" ]]; then
+  work=$CALLGRIND_KEEP
+  mkdir -p "$work"
+  rm -f "$work"/*.stdin "$work"/*.callgrind*
+else
+  work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
+fi
 
 # Instructions per call for one server: $1 = tokend | ceiling | ceiling-inactive.
 count() {

@@ -281,9 +281,9 @@ where
                 .then(|| crate::telemetry::otel::callers_trace_id(request.headers()))
                 .flatten();
             let labels = CallLabels::new(methods.labels[method], request_id, trace_id);
-            // Outside the labels' scope: making the inner future logs nothing (the span
-            // path enters its span here only because entering one is free once made).
-            let answered = self.inner.call(request);
+            // Making the inner future may log: authentication answers a remembered
+            // verdict, or refuses, at once.
+            let answered = labels.during(|| self.inner.call(request));
             return Box::pin(labels.scope(Answer::new(answered, cut, outcome, None)));
         }
         let span = call_span(methods.labels[method], &request_id, request.headers());

@@ -132,6 +132,12 @@ impl CallLabels {
     pub fn scope<F: Future>(self, call: F) -> crate::lent::Lent<Self, F> {
         crate::lent::lend(&CALL, self, call)
     }
+
+    /// `f`, with these labels on the lines it logs: the work a call does before its
+    /// future is first polled (a layer's `call`).
+    pub fn during<R>(&self, f: impl FnOnce() -> R) -> R {
+        CALL.set(self, f)
+    }
 }
 
 /// The running call's request id (inside [`CallLabels::scope`]) if it is worth echoing:
