@@ -108,6 +108,7 @@ pub async fn serve(
     let (reporter, health_service) = health;
     // A bad certificate or key stops here, before anything is spawned or reported.
     let mut builder = Server::builder();
+    let tls = options.tls.is_some();
     if let Some(tls) = options.tls {
         // A client that opens a connection and never finishes the handshake is let go.
         builder = builder.tls_config(tls.timeout(TLS_HANDSHAKE_TIMEOUT))?;
@@ -176,7 +177,7 @@ pub async fn serve(
         // on the lines it logs, counts and times it.
         .layer(observe::ObserveLayer::new(cut_watch))
         // Authentication wraps every service; it lets health and reflection through.
-        .layer(auth::AuthLayer::new(Arc::clone(&core)))
+        .layer(auth::AuthLayer::new(Arc::clone(&core), tls))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -22,7 +22,7 @@ use super::ActiveToken;
 const _: () = assert!(crate::domain::token_format::PUBLIC_ID_LEN <= 16);
 
 /// `last_used_at` is kept to the minute.
-const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+pub(crate) const RESOLUTION: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 
 /// Pairs waiting for the next flush across all tokens, at most: a backstop for many tokens
 /// each used from new places at once. What is over is dropped and counted.

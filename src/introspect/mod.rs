@@ -102,18 +102,28 @@ fn token_digest(parsed: &ParsedToken<'_>) -> Digest {
     digest(&block[..len])
 }
 
-/// The credential last checked on one connection, and its digest. A client sends the same
-/// `authorization` value on every call of a connection; remembering the digest spares each
-/// of its calls the parse and the BLAKE3 compression. It holds only what the string itself
-/// determines, never a verdict, so nothing needs to invalidate it: every call still looks
-/// its verdict up by the digest.
+/// The credential last checked on one connection, its digest and the verdict last found
+/// for it. A client sends the same `authorization` value on every call of a connection;
+/// remembering the digest spares each of its calls the parse and the BLAKE3 compression, and
+/// the verdict the lookup in the shared cache. The verdict is a copy of the shared cache's,
+/// checked the same way ([`Remembered::holds`]): the same generation, so any invalidation
+/// voids it here as there.
 ///
 /// It keeps the credential for the life of the connection (as the connection's HTTP/2
 /// header table does too, unless the client sends it never-indexed); zeroed when replaced
 /// or dropped. Compared in constant time: a proxy may multiplex several clients'
 /// credentials over one connection.
 #[derive(Default)]
-pub struct CredentialMemo(std::sync::Mutex<Option<(SecretString, Digest)>>);
+pub struct CredentialMemo(std::sync::Mutex<Option<Memo>>);
+
+struct Memo {
+    credential: SecretString,
+    key: Digest,
+    verdict: Option<Remembered>,
+    /// When this connection last noted its credential's use (Unix ms): every call of the
+    /// connection comes from one site (its peer, directly), so once a minute is enough.
+    noted_ms: i64,
+}
 
 /// Says nothing of what is remembered: not even the digest.
 impl std::fmt::Debug for CredentialMemo {
@@ -122,20 +132,102 @@ impl std::fmt::Debug for CredentialMemo {
     }
 }
 
+/// What a connection's memo knows of a credential presented on it.
+enum Memoed {
+    /// Its verdict, still holding.
+    Verdict(Outcome),
+    /// Only its digest.
+    Key(Digest),
+}
+
 impl CredentialMemo {
-    /// The digest of `candidate`, if it is the credential remembered. A busy memo (another
-    /// call of the connection holding it) is simply not used.
+    /// What the memo knows of `candidate` at `generation` (`None`: the cache is not trusted)
+    /// and `now`, if it is the credential remembered. A busy memo (another call of the
+    /// connection holding it) is simply not used.
+    fn recall(
+        &self,
+        candidate: &[u8],
+        generation: Option<u64>,
+        now: crate::domain::model::Timestamp,
+    ) -> Option<Memoed> {
+        let held = self.0.try_lock().ok()?;
+        let memo = held.as_ref()?;
+        if !constant_time_eq::constant_time_eq(
+            memo.credential.expose_secret().as_bytes(),
+            candidate,
+        ) {
+            return None;
+        }
+        Some(match (generation, &memo.verdict) {
+            (Some(generation), Some(verdict)) if verdict.holds(generation, now) => {
+                Memoed::Verdict(verdict.outcome.clone())
+            }
+            _ => Memoed::Key(memo.key),
+        })
+    }
+
+    /// The digest of `candidate`, if it is the credential remembered.
+    #[cfg(test)]
     fn digest_of(&self, candidate: &[u8]) -> Option<Digest> {
         let held = self.0.try_lock().ok()?;
-        let (credential, key) = held.as_ref()?;
-        constant_time_eq::constant_time_eq(credential.expose_secret().as_bytes(), candidate)
-            .then_some(*key)
+        let memo = held.as_ref()?;
+        constant_time_eq::constant_time_eq(memo.credential.expose_secret().as_bytes(), candidate)
+            .then_some(memo.key)
     }
 
     fn remember(&self, candidate: &str, key: Digest) {
         if let Ok(mut held) = self.0.try_lock() {
-            *held = Some((SecretString::from(candidate), key));
+            *held = Some(Memo {
+                credential: SecretString::from(candidate),
+                key,
+                verdict: None,
+                noted_ms: i64::MIN,
+            });
         }
+    }
+
+    /// Keeps `verdict` as the one of the credential whose digest is `key`, if that is still
+    /// the credential remembered.
+    fn keep(&self, key: &Digest, verdict: &Remembered) {
+        if let Ok(mut held) = self.0.try_lock()
+            && let Some(memo) = held.as_mut()
+            && memo.key == *key
+        {
+            memo.verdict = Some(verdict.clone());
+        }
+    }
+
+    /// Whether the use of `active`, the verdict remembered, was noted from this connection
+    /// within the minute before `now`; if not, it is taken as noted now.
+    fn noted_recently(
+        &self,
+        active: &Arc<ActiveToken>,
+        now: crate::domain::model::Timestamp,
+    ) -> bool {
+        let Ok(mut held) = self.0.try_lock() else {
+            return false;
+        };
+        let Some(memo) = held.as_mut() else {
+            return false;
+        };
+        let Some(Remembered {
+            outcome: Outcome::Active(remembered),
+            ..
+        }) = &memo.verdict
+        else {
+            return false;
+        };
+        if !Arc::ptr_eq(remembered, active) {
+            return false;
+        }
+        let millis = now.timestamp_millis();
+        if (0..last_used::RESOLUTION.num_milliseconds())
+            .contains(&millis.saturating_sub(memo.noted_ms))
+        {
+            return true;
+        }
+        memo.noted_ms = millis;
+        false
     }
 }
 
@@ -405,24 +497,31 @@ impl Introspector {
         memo: Option<&CredentialMemo>,
         now: crate::domain::model::Timestamp,
     ) -> Recall<'a> {
-        let (key, parsed) = match memo.and_then(|memo| memo.digest_of(candidate.bytes())) {
-            Some(key) => (key, None),
-            None => {
-                // Malformed strings stop here: no cache, no query, no hash.
-                let Some((text, parsed)) = self.parse(candidate) else {
-                    return Recall::Known(Outcome::Inactive(InactiveReason::Malformed));
-                };
-                let key = token_digest(&parsed);
-                if let Some(memo) = memo {
-                    memo.remember(text, key);
-                }
-                (key, Some(parsed))
-            }
-        };
         // Read before any state: an invalidation after this point voids what we compute.
         let trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
         let observed = self.live.as_ref().map(|live| live.generation());
         let generation = observed.filter(|_| trusted);
+        let (key, parsed) =
+            match memo.and_then(|memo| memo.recall(candidate.bytes(), generation, now)) {
+                Some(Memoed::Verdict(outcome)) => {
+                    if let Outcome::Active(active) = &outcome {
+                        self.last_used.touch(active, now);
+                    }
+                    return Recall::Known(outcome);
+                }
+                Some(Memoed::Key(key)) => (key, None),
+                None => {
+                    // Malformed strings stop here: no cache, no query, no hash.
+                    let Some((text, parsed)) = self.parse(candidate) else {
+                        return Recall::Known(Outcome::Inactive(InactiveReason::Malformed));
+                    };
+                    let key = token_digest(&parsed);
+                    if let Some(memo) = memo {
+                        memo.remember(text, key);
+                    }
+                    (key, Some(parsed))
+                }
+            };
         let known = self.answers.get(&key);
         if let Some(generation) = generation
             && let Some(known) = &known
@@ -430,6 +529,9 @@ impl Introspector {
         {
             if let Outcome::Active(active) = &known.outcome {
                 self.last_used.touch(active, now);
+            }
+            if let Some(memo) = memo {
+                memo.keep(&key, known);
             }
             return Recall::Known(known.outcome.clone());
         }
@@ -546,6 +648,21 @@ impl Introspector {
         now: crate::domain::model::Timestamp,
     ) {
         self.last_used.note_site(active, client_ip, service, now);
+    }
+
+    /// [`note_use`](Self::note_use) of a credential of a call to tokend, presented on a
+    /// connection with `memo`: at most once a minute per connection.
+    pub fn note_credential_use(
+        &self,
+        active: &Arc<ActiveToken>,
+        peer: Option<std::net::IpAddr>,
+        memo: Option<&CredentialMemo>,
+        now: crate::domain::model::Timestamp,
+    ) {
+        if memo.is_some_and(|memo| memo.noted_recently(active, now)) {
+            return;
+        }
+        self.last_used.note_site(active, peer, None, now);
     }
 
     /// The time of a call, for [`introspect`](Self::introspect) and
@@ -711,6 +828,108 @@ mod tests {
             "one credential at a time"
         );
         assert_eq!(memo.digest_of(b"tkd_key_xyz"), Some([2; 16]));
+    }
+
+    fn active() -> Arc<ActiveToken> {
+        use crate::domain::model::{LiveGrant, PermissionSet, SecretHash, Token};
+        use crate::domain::names::{RoleName, TenantId, TokenName};
+        Arc::new(ActiveToken {
+            token: Arc::new(Token {
+                display_id: "tkd_key_AAAAAAAAAAAA".into(),
+                tenant_id: TenantId::parse("t", "acme").unwrap(),
+                kind: TokenKind::ApiKey,
+                name: TokenName::parse("n", "robot").unwrap(),
+                owner_user_id: None,
+                role: Some(RoleName::parse("r", "reader").unwrap()),
+                scopes: None,
+                secret_hash: SecretHash("h".into()),
+                created_at: chrono::DateTime::UNIX_EPOCH,
+                created_by: "x".into(),
+                expires_at: None,
+                last_used_at: None,
+                revocation: None,
+            }),
+            grant: LiveGrant {
+                permissions: Arc::new(PermissionSet::new()),
+                groups: Arc::default(),
+                builtins: Default::default(),
+            },
+            last_noted: AtomicI64::new(0),
+            last_site: AtomicU64::new(0),
+            last_site_ms: AtomicI64::new(0),
+        })
+    }
+
+    fn recalled(
+        memo: &CredentialMemo,
+        generation: Option<u64>,
+        at: crate::domain::model::Timestamp,
+    ) -> &'static str {
+        match memo.recall(b"tkd_pat_abc", generation, at) {
+            Some(Memoed::Verdict(Outcome::Active(_))) => "active",
+            Some(Memoed::Verdict(Outcome::Inactive(_))) => "inactive",
+            Some(Memoed::Key(key)) if key == [1; 16] => "key",
+            Some(Memoed::Key(_)) => "another key",
+            None => "nothing",
+        }
+    }
+
+    #[test]
+    fn a_connection_memo_serves_its_credentials_verdict_only_while_the_shared_cache_would() {
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let memo = CredentialMemo::default();
+        memo.remember("tkd_pat_abc", [1; 16]);
+        let verdict = Remembered::new(7, at, Outcome::Active(active()));
+        memo.keep(&[2; 16], &verdict);
+        assert_eq!(
+            recalled(&memo, Some(7), at),
+            "key",
+            "another credential's verdict"
+        );
+        memo.keep(&[1; 16], &verdict);
+        assert_eq!(
+            recalled(&memo, Some(7), at + TimeDelta::seconds(1)),
+            "active"
+        );
+        // An invalidation since, a cache not trusted, an aged verdict: only the digest, and
+        // the shared cache decides.
+        assert_eq!(recalled(&memo, Some(8), at), "key");
+        assert_eq!(recalled(&memo, None, at), "key");
+        assert_eq!(recalled(&memo, Some(7), at + MAX_VERDICT_AGE), "key");
+        assert!(memo.recall(b"tkd_pat_abd", Some(7), at).is_none());
+        // Another credential on the connection, then the first again: its verdict is gone.
+        memo.remember("tkd_key_xyz", [2; 16]);
+        memo.remember("tkd_pat_abc", [1; 16]);
+        assert_eq!(recalled(&memo, Some(7), at), "key");
+    }
+
+    #[test]
+    fn a_connection_notes_its_credentials_use_once_a_minute() {
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+        let memo = CredentialMemo::default();
+        let token = active();
+        assert!(!memo.noted_recently(&token, at), "nothing remembered");
+        memo.remember("tkd_pat_abc", [1; 16]);
+        memo.keep(
+            &[1; 16],
+            &Remembered::new(7, at, Outcome::Active(Arc::clone(&token))),
+        );
+        assert!(!memo.noted_recently(&token, at));
+        assert!(memo.noted_recently(&token, at + TimeDelta::seconds(59)));
+        assert!(!memo.noted_recently(&token, at + last_used::RESOLUTION));
+        assert!(
+            !memo.noted_recently(&active(), at + TimeDelta::seconds(61)),
+            "another verdict"
+        );
+        // A clock stepped back notes again.
+        assert!(!memo.noted_recently(&token, at + TimeDelta::seconds(30)));
+        // Another credential on the connection starts afresh.
+        memo.remember("tkd_key_xyz", [2; 16]);
+        memo.keep(
+            &[2; 16],
+            &Remembered::new(7, at, Outcome::Active(Arc::clone(&token))),
+        );
+        assert!(!memo.noted_recently(&token, at + TimeDelta::seconds(31)));
     }
 
     fn remembered(generation: u64, at: crate::domain::model::Timestamp) -> Remembered {

@@ -56,6 +56,9 @@ pub struct Caller {
     /// The chain the connection presented over mutual TLS, leaf first. Read only when an
     /// audit record is written, so an authenticated call parses no certificate.
     client_certificates: Option<ClientCertificates>,
+    /// The call's time: when its caller became known. Read once and shared by the call's
+    /// work (Introspect judges the token it is asked about at this time too).
+    at: crate::domain::model::Timestamp,
 }
 
 /// What a client certificate says about its holder.
@@ -160,6 +163,11 @@ impl Caller {
             subject: cap(subject),
             uri: uri.map(cap),
         })
+    }
+
+    /// The call's time (see the field).
+    pub fn at(&self) -> crate::domain::model::Timestamp {
+        self.at
     }
 
     /// The credential's token id.
@@ -307,7 +315,10 @@ impl Tokend {
             .introspector
             .introspect_remembering(Presented::Header(token), memo, now)
             .await?;
-        self.caller_of(outcome, peer, now)
+        let mut caller = self.caller_of(outcome, peer, memo, now)?;
+        // Deciding may have waited on the database or argon2: the call's time is after.
+        caller.at = self.introspector.now();
+        Ok(caller)
     }
 
     /// [`authenticate`](Self::authenticate) if it needs no wait: the header is refused, or
@@ -326,21 +337,24 @@ impl Tokend {
         let outcome = self
             .introspector
             .recall_at_once(Presented::Header(token), memo, now)?;
-        Some(self.caller_of(outcome, peer, now))
+        Some(self.caller_of(outcome, peer, memo, now))
     }
 
     fn caller_of(
         &self,
         outcome: Outcome,
         peer: Option<std::net::IpAddr>,
+        memo: Option<&CredentialMemo>,
         now: crate::domain::model::Timestamp,
     ) -> Result<Caller> {
         match outcome {
             Outcome::Active(active) => {
-                self.introspector.note_use(&active, peer, None, now);
+                self.introspector
+                    .note_credential_use(&active, peer, memo, now);
                 Ok(Caller {
                     active,
                     client_certificates: None,
+                    at: now,
                 })
             }
             Outcome::Inactive(reason) => {

@@ -770,7 +770,7 @@ impl Tokend {
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<IntrospectAnswer> {
         caller.require(rules::INTROSPECT)?;
-        let now = self.introspector.now();
+        let now = caller.at();
         let outcome = self.introspector.introspect(token, now).await?;
         let (allowed, reason) = match &outcome {
             Outcome::Active(active) => {
