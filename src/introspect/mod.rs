@@ -498,30 +498,46 @@ impl Introspector {
         now: crate::domain::model::Timestamp,
     ) -> Recall<'a> {
         // Read before any state: an invalidation after this point voids what we compute.
-        let trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
-        let observed = self.live.as_ref().map(|live| live.generation());
-        let generation = observed.filter(|_| trusted);
-        let (key, parsed) =
-            match memo.and_then(|memo| memo.recall(candidate.bytes(), generation, now)) {
-                Some(Memoed::Verdict(outcome)) => {
-                    if let Outcome::Active(active) = &outcome {
-                        self.last_used.touch(active, now);
+        let read_live = || {
+            let trusted = self.live.as_ref().is_some_and(|live| live.is_trusted());
+            (trusted, self.live.as_ref().map(|live| live.generation()))
+        };
+        // Malformed strings stop at the parse: no cache, no query, no hash. Without a memo
+        // that could know the string, nothing is read before it.
+        let parse = || {
+            let (text, parsed) = self.parse(candidate)?;
+            Some((text, token_digest(&parsed), parsed))
+        };
+        let malformed = || Recall::Known(Outcome::Inactive(InactiveReason::Malformed));
+        let (key, parsed, (trusted, observed)) = match memo {
+            Some(memo) => {
+                let live = read_live();
+                let generation = live.1.filter(|_| live.0);
+                match memo.recall(candidate.bytes(), generation, now) {
+                    Some(Memoed::Verdict(outcome)) => {
+                        if let Outcome::Active(active) = &outcome {
+                            self.last_used.touch(active, now);
+                        }
+                        return Recall::Known(outcome);
                     }
-                    return Recall::Known(outcome);
-                }
-                Some(Memoed::Key(key)) => (key, None),
-                None => {
-                    // Malformed strings stop here: no cache, no query, no hash.
-                    let Some((text, parsed)) = self.parse(candidate) else {
-                        return Recall::Known(Outcome::Inactive(InactiveReason::Malformed));
-                    };
-                    let key = token_digest(&parsed);
-                    if let Some(memo) = memo {
+                    Some(Memoed::Key(key)) => (key, None, live),
+                    None => {
+                        let Some((text, key, parsed)) = parse() else {
+                            return malformed();
+                        };
                         memo.remember(text, key);
+                        (key, Some(parsed), live)
                     }
-                    (key, Some(parsed))
                 }
-            };
+            }
+            None => {
+                let Some((_, key, parsed)) = parse() else {
+                    return malformed();
+                };
+                (key, Some(parsed), read_live())
+            }
+        };
+        let generation = observed.filter(|_| trusted);
         let known = self.answers.get(&key);
         if let Some(generation) = generation
             && let Some(known) = &known
