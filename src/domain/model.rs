@@ -190,6 +190,26 @@ pub enum TokenStatus {
 }
 
 impl Token {
+    /// An active API key of tenant `acme` with role `reader`, public id `id`: for tests.
+    #[cfg(test)]
+    pub(crate) fn sample(id: &str) -> Self {
+        Self {
+            display_id: format!("tkd_key_{id}"),
+            tenant_id: TenantId::parse("t", "acme").unwrap(),
+            kind: TokenKind::ApiKey,
+            name: TokenName::parse("n", "robot").unwrap(),
+            owner_user_id: None,
+            role: Some(RoleName::parse("r", "reader").unwrap()),
+            scopes: None,
+            secret_hash: SecretHash("h".into()),
+            created_at: chrono::DateTime::UNIX_EPOCH,
+            created_by: "x".into(),
+            expires_at: None,
+            last_used_at: None,
+            revocation: None,
+        }
+    }
+
     /// The public id: the display id's last part (neither prefix nor id contain `_`).
     pub fn id(&self) -> &str {
         // The id is the display id's fixed-length tail; read off without a search, as a

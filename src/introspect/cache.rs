@@ -790,26 +790,10 @@ impl Store for CachingStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::model::SecretHash;
-    use crate::domain::names::TokenName;
 
     fn state(id: &str) -> TokenState {
         TokenState {
-            token: Arc::new(Token {
-                display_id: format!("tkd_key_{id}"),
-                tenant_id: TenantId::parse("t", "acme").unwrap(),
-                kind: TokenKind::ApiKey,
-                name: TokenName::parse("n", "robot").unwrap(),
-                owner_user_id: None,
-                role: Some(RoleName::parse("r", "reader").unwrap()),
-                scopes: None,
-                secret_hash: SecretHash("h".into()),
-                created_at: chrono::DateTime::UNIX_EPOCH,
-                created_by: "x".into(),
-                expires_at: None,
-                last_used_at: None,
-                revocation: None,
-            }),
+            token: Arc::new(Token::sample(id)),
             tenant_status: TenantStatus::Active,
             owner_status: None,
             membership: None,

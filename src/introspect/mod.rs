@@ -847,24 +847,9 @@ mod tests {
     }
 
     fn active() -> Arc<ActiveToken> {
-        use crate::domain::model::{LiveGrant, PermissionSet, SecretHash, Token};
-        use crate::domain::names::{RoleName, TenantId, TokenName};
+        use crate::domain::model::{LiveGrant, PermissionSet, Token};
         Arc::new(ActiveToken {
-            token: Arc::new(Token {
-                display_id: "tkd_key_AAAAAAAAAAAA".into(),
-                tenant_id: TenantId::parse("t", "acme").unwrap(),
-                kind: TokenKind::ApiKey,
-                name: TokenName::parse("n", "robot").unwrap(),
-                owner_user_id: None,
-                role: Some(RoleName::parse("r", "reader").unwrap()),
-                scopes: None,
-                secret_hash: SecretHash("h".into()),
-                created_at: chrono::DateTime::UNIX_EPOCH,
-                created_by: "x".into(),
-                expires_at: None,
-                last_used_at: None,
-                revocation: None,
-            }),
+            token: Arc::new(Token::sample("AAAAAAAAAAAA")),
             grant: LiveGrant {
                 permissions: Arc::new(PermissionSet::new()),
                 groups: Arc::default(),
