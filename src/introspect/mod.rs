@@ -177,6 +177,10 @@ impl CredentialMemo {
 
     fn remember(&self, candidate: &str, key: Digest) {
         if let Ok(mut held) = self.0.try_lock() {
+            // Already held (its recall found the memo busy): keep its verdict.
+            if held.as_ref().is_some_and(|memo| memo.key == key) {
+                return;
+            }
             *held = Some(Memo {
                 credential: SecretString::from(candidate),
                 key,
@@ -244,12 +248,19 @@ fn still_valid(outcome: &Outcome, now: crate::domain::model::Timestamp) -> bool 
 /// header's bytes. Those are checked as text only when the connection's memo does not
 /// hold them: the remembered credential was text when it was remembered, so bytes equal to
 /// it need no check of their own (about 130 instructions a call).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy)]
 pub enum Presented<'a> {
     /// A string field.
     Text(&'a str),
     /// A header value, past `Bearer `.
     Header(&'a [u8]),
+}
+
+/// Says nothing of the token.
+impl std::fmt::Debug for Presented<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Presented").finish_non_exhaustive()
+    }
 }
 
 impl<'a> Presented<'a> {
@@ -892,6 +903,9 @@ mod tests {
             recalled(&memo, Some(7), at + TimeDelta::seconds(1)),
             "active"
         );
+        // Remembered again (a call that found the memo busy): the verdict stays.
+        memo.remember("tkd_pat_abc", [1; 16]);
+        assert_eq!(recalled(&memo, Some(7), at), "active");
         // An invalidation since, a cache not trusted, an aged verdict: only the digest, and
         // the shared cache decides.
         assert_eq!(recalled(&memo, Some(8), at), "key");

@@ -56,9 +56,6 @@ pub struct Caller {
     /// The chain the connection presented over mutual TLS, leaf first. Read only when an
     /// audit record is written, so an authenticated call parses no certificate.
     client_certificates: Option<ClientCertificates>,
-    /// The call's time: when its caller became known. Read once and shared by the call's
-    /// work (Introspect judges the token it is asked about at this time too).
-    at: crate::domain::model::Timestamp,
 }
 
 /// What a client certificate says about its holder.
@@ -163,11 +160,6 @@ impl Caller {
             subject: cap(subject),
             uri: uri.map(cap),
         })
-    }
-
-    /// The call's time (see the field).
-    pub fn at(&self) -> crate::domain::model::Timestamp {
-        self.at
     }
 
     /// The credential's token id.
@@ -315,10 +307,7 @@ impl Tokend {
             .introspector
             .introspect_remembering(Presented::Header(token), memo, now)
             .await?;
-        let mut caller = self.caller_of(outcome, peer, memo, now)?;
-        // Deciding may have waited on the database or argon2: the call's time is after.
-        caller.at = self.introspector.now();
-        Ok(caller)
+        self.caller_of(outcome, peer, memo, now)
     }
 
     /// [`authenticate`](Self::authenticate) if it needs no wait: the header is refused, or
@@ -354,7 +343,6 @@ impl Tokend {
                 Ok(Caller {
                     active,
                     client_certificates: None,
-                    at: now,
                 })
             }
             Outcome::Inactive(reason) => {

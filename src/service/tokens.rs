@@ -770,7 +770,9 @@ impl Tokend {
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<IntrospectAnswer> {
         caller.require(rules::INTROSPECT)?;
-        let now = caller.at();
+        // Read here, not when the caller was authenticated: the request's body (the token)
+        // may arrive long after its headers, and expiry is judged at the time of the answer.
+        let now = self.introspector.now();
         let outcome = self.introspector.introspect(token, now).await?;
         let (allowed, reason) = match &outcome {
             Outcome::Active(active) => {

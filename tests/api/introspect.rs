@@ -17,6 +17,7 @@ crate::both_backends!(
     an_api_key_survives_its_creators_removal,
     deleting_its_role_makes_an_api_key_inactive,
     expired_tokens_are_inactive,
+    an_expiry_is_judged_when_the_token_arrives_not_when_the_call_began,
     revoked_tokens_are_inactive_at_once,
     garbage_and_bad_checksum_strings_are_inactive_without_a_database_query,
     a_wrong_secret_for_a_real_token_id_is_inactive,
@@ -259,6 +260,71 @@ async fn expired_tokens_are_inactive(app: TestApp) {
 
     let listed = app.list_as("acme", "alice").await;
     assert_eq!(listed[0].status, pb::TokenStatus::Expired as i32);
+}
+
+/// A call's headers (and its caller's credential) can come long before its body, the token
+/// asked about: expiry is judged at the time of the answer, not of the authentication.
+async fn an_expiry_is_judged_when_the_token_arrives_not_when_the_call_began(app: TestApp) {
+    use prost::Message as _;
+    acme(&app).await;
+    let issued = app
+        .tokens(&app.root)
+        .issue_token(pb::IssueTokenRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            kind: pb::TokenKind::Personal.into(),
+            name: "short-lived".into(),
+            ttl: Some(prost_types::Duration {
+                seconds: 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(app.introspect(&issued.secret).await.active);
+
+    let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = http::Request::post(format!(
+        "http://{}/tokend.v1.TokenService/Introspect",
+        app.addr
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("authorization", format!("Bearer {}", app.root))
+    .body(())
+    .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    // Time for the server to take the headers and authenticate the caller. Were it to take
+    // longer, the test would pass whatever the code does, never fail for nothing.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    app.advance(TimeDelta::seconds(3600));
+    let message = pb::IntrospectRequest {
+        token: issued.secret.clone(),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let mut frame = vec![0];
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    body.send_data(bytes::Bytes::from(frame), true).unwrap();
+
+    let mut received = response.await.unwrap().into_body();
+    let mut data = Vec::new();
+    while let Some(chunk) = received.data().await {
+        let chunk = chunk.unwrap();
+        let _ = received.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = received.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers["grpc-status"], "0", "{trailers:?}");
+    let answer = pb::IntrospectResponse::decode(&data[5..]).unwrap();
+    assert!(!answer.active, "judged at the time the call began");
+    assert_eq!(answer.reason, pb::InactiveReason::Expired as i32);
 }
 
 async fn revoked_tokens_are_inactive_at_once(app: TestApp) {
