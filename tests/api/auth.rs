@@ -17,6 +17,7 @@ crate::both_backends!(
     a_token_can_always_list_revoke_and_delete_its_owners_tokens_itself_included,
     health_and_reflection_need_no_credential,
     credentials_taking_turns_on_one_connection_each_act_as_themselves,
+    a_connections_remembered_verdict_yields_to_changes_made_elsewhere,
 );
 
 async fn acme(app: &TestApp) {
@@ -453,4 +454,44 @@ async fn credentials_taking_turns_on_one_connection_each_act_as_themselves(app: 
         Code::Unauthenticated,
         "a credential revoked since its last call on this connection"
     );
+}
+
+/// A connection keeps its credential's verdict; a revocation or a role downgrade made
+/// through another connection holds on its very next call.
+async fn a_connections_remembered_verdict_yields_to_changes_made_elsewhere(app: TestApp) {
+    acme(&app).await;
+    let (alice, _) = app.pat("acme", "alice", "laptop", &[]).await;
+    let (bob, bob_info) = app.pat("acme", "bob", "laptop", &[]).await;
+    let mut as_alice = app.tokens_on_a_connection_of_its_own(&alice).await;
+    let mut as_bob = app.tokens_on_a_connection_of_its_own(&bob).await;
+    // The first call decides, the second keeps the shared verdict, the third is answered
+    // from the connection's copy.
+    for _ in 0..3 {
+        for client in [&mut as_alice, &mut as_bob] {
+            client
+                .list_tokens(pb::ListTokensRequest::default())
+                .await
+                .unwrap();
+        }
+    }
+
+    app.revoke_as("acme", "bob", &bob_info.id).await;
+    let result = as_bob.list_tokens(pb::ListTokensRequest::default()).await;
+    assert_status(result, Code::Unauthenticated, "not an active token");
+
+    as_alice
+        .issue_token(pat_request("acme", "alice", "before", &[]))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        as_alice
+            .list_tokens(pb::ListTokensRequest::default())
+            .await
+            .unwrap();
+    }
+    app.member("acme", "alice", "viewer", &[]).await;
+    let result = as_alice
+        .issue_token(pat_request("acme", "alice", "after", &[]))
+        .await;
+    assert_status(result, Code::PermissionDenied, "tokend.tokens.issue");
 }

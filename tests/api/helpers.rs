@@ -296,6 +296,17 @@ impl TestApp {
         TokenServiceClient::with_interceptor(self.channel.clone(), bearer(Some(credential)))
     }
 
+    /// A client on a connection of its own, which remembers `credential` (and its verdict)
+    /// undisturbed by the test's other calls.
+    pub async fn tokens_on_a_connection_of_its_own(&self, credential: &str) -> Tokens {
+        let channel = Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect to tokend");
+        TokenServiceClient::with_interceptor(channel, bearer(Some(credential)))
+    }
+
     pub fn tokens_anonymous(&self) -> Tokens {
         TokenServiceClient::with_interceptor(self.channel.clone(), bearer(None))
     }

@@ -229,10 +229,9 @@ async fn deleting_its_role_makes_an_api_key_inactive(app: TestApp) {
     assert_eq!(answer.reason, pb::InactiveReason::RoleDeleted as i32);
 }
 
-async fn expired_tokens_are_inactive(app: TestApp) {
-    acme(&app).await;
-    let issued = app
-        .tokens(&app.root)
+/// alice's personal token, expiring in an hour.
+async fn short_lived(app: &TestApp) -> pb::IssueTokenResponse {
+    app.tokens(&app.root)
         .issue_token(pb::IssueTokenRequest {
             tenant_id: "acme".into(),
             actor_user_id: "alice".into(),
@@ -246,7 +245,12 @@ async fn expired_tokens_are_inactive(app: TestApp) {
         })
         .await
         .unwrap()
-        .into_inner();
+        .into_inner()
+}
+
+async fn expired_tokens_are_inactive(app: TestApp) {
+    acme(&app).await;
+    let issued = short_lived(&app).await;
     let answer = app.introspect(&issued.secret).await;
     assert!(answer.active);
     assert!(answer.expires_at.is_some());
@@ -267,22 +271,7 @@ async fn expired_tokens_are_inactive(app: TestApp) {
 async fn an_expiry_is_judged_when_the_token_arrives_not_when_the_call_began(app: TestApp) {
     use prost::Message as _;
     acme(&app).await;
-    let issued = app
-        .tokens(&app.root)
-        .issue_token(pb::IssueTokenRequest {
-            tenant_id: "acme".into(),
-            actor_user_id: "alice".into(),
-            kind: pb::TokenKind::Personal.into(),
-            name: "short-lived".into(),
-            ttl: Some(prost_types::Duration {
-                seconds: 3600,
-                nanos: 0,
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let issued = short_lived(&app).await;
     assert!(app.introspect(&issued.secret).await.active);
 
     let tcp = tokio::net::TcpStream::connect(app.addr).await.unwrap();
