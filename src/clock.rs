@@ -20,10 +20,13 @@ impl Clock for SystemClock {
         // A clock before 1970 or beyond chrono's range takes chrono's own path (which
         // panics), never a made-up time: a clock stuck in the past would keep expired
         // tokens live.
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
+        // `clock_gettime` itself rather than `SystemTime::now().duration_since(UNIX_EPOCH)`,
+        // whose normalising subtraction cost more than the read: every call reads the clock.
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+        u64::try_from(now.tv_sec)
             .ok()
-            .and_then(|since| from_unix(since.as_secs(), since.subsec_micros()))
+            .zip(u32::try_from(now.tv_nsec / 1_000).ok())
+            .and_then(|(secs, micros)| from_unix(secs, micros))
             .unwrap_or_else(|| chrono::Utc::now().trunc_subsecs(6))
     }
 }
@@ -129,5 +132,14 @@ mod tests {
             now.trunc_subsecs(6),
             "microseconds, as the databases keep"
         );
+    }
+
+    #[test]
+    #[allow(clippy::disallowed_methods)] // the reference the system clock is checked against
+    fn the_system_clock_reads_the_wall_clock() {
+        let before = chrono::Utc::now().trunc_subsecs(6);
+        let now = SystemClock.now();
+        let after = chrono::Utc::now();
+        assert!(before <= now && now <= after, "{before} ≤ {now} ≤ {after}");
     }
 }

@@ -90,6 +90,10 @@ fn bounded<'a>(field: &str, list: &'a [String]) -> Result<&'a [String]> {
 }
 
 fn permissions(field: &str, list: &[String]) -> Result<PermissionSet> {
+    // Most Introspect calls ask for none: no iterator to build and collect.
+    if list.is_empty() {
+        return Ok(PermissionSet::new());
+    }
     bounded(field, list)?
         .iter()
         .enumerate()

@@ -99,10 +99,21 @@ impl TokenService for TokenApi {
         let caller = caller()?;
         let req = request.into_inner();
         let (required, client_ip) = convert::introspect_request(&req)?;
-        let answer = self
+        let answer = match self
             .core
-            .introspect(&caller, &req.token, &required, client_ip)
-            .await?;
+            .introspect_at_once(&caller, &req.token, &required, client_ip)
+        {
+            Some(answer) => answer?,
+            // Boxed: deciding may query the database and wait for argon2, and its state
+            // would otherwise be part of every call's future, answered at once or not.
+            None => {
+                Box::pin(
+                    self.core
+                        .introspect(&caller, &req.token, &required, client_ip),
+                )
+                .await?
+            }
+        };
         if let Outcome::Active(active) = &answer.outcome
             && crate::telemetry::call_details_wanted()
         {

@@ -280,6 +280,27 @@ impl<'a> Presented<'a> {
     }
 }
 
+/// A call's time, read from the clock the first time it is asked for: judging a malformed
+/// string needs no time, and every use within the call sees the same instant (the verdict's
+/// time is the time its use is noted at).
+pub struct CallTime<'c> {
+    clock: &'c dyn Clock,
+    at: Option<crate::domain::model::Timestamp>,
+}
+
+impl CallTime<'_> {
+    /// The call's time: the clock's, the first time.
+    pub fn get(&mut self) -> crate::domain::model::Timestamp {
+        *self.at.get_or_insert_with(|| self.clock.now())
+    }
+}
+
+impl std::fmt::Debug for CallTime<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallTime").field("at", &self.at).finish()
+    }
+}
+
 /// Answers "is this token string live, and with which rights?".
 #[derive(Debug)]
 pub struct Introspector {
@@ -467,7 +488,7 @@ impl Introspector {
         memo: Option<&CredentialMemo>,
         now: crate::domain::model::Timestamp,
     ) -> Result<Outcome> {
-        match self.recall(candidate, memo, now) {
+        match self.recall(candidate, memo, &mut self.time_at(now)) {
             Recall::Known(outcome) => Ok(outcome),
             // Boxed: a decision may query the database and wait for argon2, and its state
             // would otherwise be part of every call's future, hit or miss. Moving that much
@@ -478,12 +499,13 @@ impl Introspector {
     }
 
     /// The verdict on `candidate` if it needs no wait (see `recall`): what
-    /// [`introspect_remembering`](Self::introspect_remembering) would answer at once.
+    /// [`introspect_remembering`](Self::introspect_remembering) would answer at once, at the
+    /// call's time `now` (from [`call_time`](Self::call_time)).
     pub fn recall_at_once(
         &self,
         candidate: Presented<'_>,
         memo: Option<&CredentialMemo>,
-        now: crate::domain::model::Timestamp,
+        now: &mut CallTime<'_>,
     ) -> Option<Outcome> {
         match self.recall(candidate, memo, now) {
             Recall::Known(outcome) => Some(outcome),
@@ -506,7 +528,7 @@ impl Introspector {
         &self,
         candidate: Presented<'a>,
         memo: Option<&CredentialMemo>,
-        now: crate::domain::model::Timestamp,
+        now: &mut CallTime<'_>,
     ) -> Recall<'a> {
         // Read before any state: an invalidation after this point voids what we compute.
         let read_live = || {
@@ -524,6 +546,7 @@ impl Introspector {
             Some(memo) => {
                 let live = read_live();
                 let generation = live.1.filter(|_| live.0);
+                let now = now.get();
                 match memo.recall(candidate.bytes(), generation, now) {
                     Some(Memoed::Verdict(outcome)) => {
                         if let Outcome::Active(active) = &outcome {
@@ -549,6 +572,7 @@ impl Introspector {
             }
         };
         let generation = observed.filter(|_| trusted);
+        let now = now.get();
         let known = self.answers.get(&key);
         if let Some(generation) = generation
             && let Some(known) = &known
@@ -696,6 +720,22 @@ impl Introspector {
     /// [`note_use`](Self::note_use).
     pub fn now(&self) -> crate::domain::model::Timestamp {
         self.clock.now()
+    }
+
+    /// The time of a call, read when first needed: for [`recall_at_once`](Self::recall_at_once).
+    pub fn call_time(&self) -> CallTime<'_> {
+        CallTime {
+            clock: &*self.clock,
+            at: None,
+        }
+    }
+
+    /// A call's time already read.
+    fn time_at(&self, now: crate::domain::model::Timestamp) -> CallTime<'_> {
+        CallTime {
+            clock: &*self.clock,
+            at: Some(now),
+        }
     }
 
     /// The state of the token whose secret `parsed` holds, whatever that state is; `None`

@@ -322,11 +322,11 @@ impl Tokend {
             Ok(token) => token,
             Err(err) => return Some(Err(err)),
         };
-        let now = self.introspector.now();
+        let mut now = self.introspector.call_time();
         let outcome = self
             .introspector
-            .recall_at_once(Presented::Header(token), memo, now)?;
-        Some(self.caller_of(outcome, peer, memo, now))
+            .recall_at_once(Presented::Header(token), memo, &mut now)?;
+        Some(self.caller_of(outcome, peer, memo, now.get()))
     }
 
     fn caller_of(

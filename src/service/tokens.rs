@@ -14,8 +14,8 @@ use crate::domain::ports::TokenQuery;
 use crate::domain::rules::{self, ExpiryRequest, Visibility};
 use crate::domain::token_format::TokenKind;
 use crate::domain::{Error, Result};
-use crate::introspect::Outcome;
 use crate::introspect::last_used::{ANOTHER_TENANT, Service};
+use crate::introspect::{Outcome, Presented};
 
 use super::Tokend;
 use super::caller::{Actor, Caller, Subject};
@@ -774,6 +774,44 @@ impl Tokend {
         // may arrive long after its headers, and expiry is judged at the time of the answer.
         let now = self.introspector.now();
         let outcome = self.introspector.introspect(token, now).await?;
+        Ok(self.introspect_answer(caller, outcome, required, client_ip, || now))
+    }
+
+    /// [`introspect`](Self::introspect) if its answer needs no wait: the string is
+    /// malformed, or its verdict is remembered. `None` if it has to be decided.
+    pub fn introspect_at_once(
+        &self,
+        caller: &Caller,
+        token: &str,
+        required: &PermissionSet,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Option<Result<IntrospectAnswer>> {
+        if let Err(err) = caller.require(rules::INTROSPECT) {
+            return Some(Err(err));
+        }
+        // As in `introspect`, the time of the answer; not read at all for a malformed string.
+        let mut now = self.introspector.call_time();
+        let outcome = self
+            .introspector
+            .recall_at_once(Presented::Text(token), None, &mut now)?;
+        Some(Ok(self.introspect_answer(
+            caller,
+            outcome,
+            required,
+            client_ip,
+            || now.get(),
+        )))
+    }
+
+    /// The answer to `caller` on a verdict reached at `now`, noting a live token's use.
+    fn introspect_answer(
+        &self,
+        caller: &Caller,
+        outcome: Outcome,
+        required: &PermissionSet,
+        client_ip: Option<std::net::IpAddr>,
+        now: impl FnOnce() -> crate::domain::model::Timestamp,
+    ) -> IntrospectAnswer {
         let (allowed, reason) = match &outcome {
             Outcome::Active(active) => {
                 // The token's tenant sees its own and tokend's services by name; a caller
@@ -792,7 +830,7 @@ impl Tokend {
                         },
                         name: if known { caller.name() } else { "" },
                     }),
-                    now,
+                    now(),
                 );
                 (
                     rules::missing(required, &active.grant.permissions).is_empty(),
@@ -810,11 +848,11 @@ impl Tokend {
                 )
             }
         };
-        Ok(IntrospectAnswer {
+        IntrospectAnswer {
             outcome,
             allowed,
             reason,
-        })
+        }
     }
 }
 
