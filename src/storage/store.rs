@@ -1149,15 +1149,10 @@ async fn insert_token_in(
                 .add(tokens::Column::ExpiresAt.is_null())
                 .add(tokens::Column::ExpiresAt.gt(now)),
         )
-        // One row is enough to refuse. Not `count`, which wraps the query in a subquery
-        // and clones it: more work on the runtime's thread than the rest of the insert.
-        .select_only()
-        .column(tokens::Column::Id)
-        .into_tuple::<String>()
-        .one(txn)
+        .count(txn)
         .await
         .map_err(db_err)?;
-    if clashes.is_some() {
+    if clashes > 0 {
         return Err(Error::AlreadyExists(format!(
             "name: a live token of this kind named {:?} already exists for this owner",
             token.name.as_str()
