@@ -109,16 +109,9 @@ impl SeaStore {
             return None;
         }
         let pool = self.db.get_postgres_connection_pool();
-        // The feed's own few connections (listener, heartbeats and acknowledgements, poll):
-        // calls that read through to the database while the caches are untrusted could
-        // otherwise hold every pooled connection, so that the heartbeats that would restore
-        // trust, and the acknowledgements writers wait on, queue behind them.
-        let control = PgPoolOptions::new()
-            .max_connections(3)
-            .acquire_timeout(timing.timeout)
-            .connect_lazy_with((*pool.connect_options()).clone());
+        let connect = (*pool.connect_options()).clone();
         let fences = Arc::new(Fences::new(pool.clone(), timing.timeout));
-        let task = tokio::spawn(run(control, sink, Arc::clone(&fences), timing));
+        let task = tokio::spawn(run(connect, sink, Arc::clone(&fences), timing));
         Some(ChangeFeed {
             task,
             fence: fences,
@@ -127,13 +120,25 @@ impl SeaStore {
 }
 
 async fn run(
-    pool: PgPool,
+    connect: sqlx::postgres::PgConnectOptions,
     sink: Arc<dyn InvalidationSink>,
     fences: Arc<Fences>,
     timing: FeedTiming,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
+        // The feed's own few connections (listener, heartbeats and acknowledgements, poll):
+        // calls that read through to the database while the caches are untrusted could
+        // otherwise hold every pooled connection, so that the heartbeats that would restore
+        // trust, and the acknowledgements writers wait on, queue behind them.
+        //
+        // A new pool for each listening: a connection the lost one used may have lost
+        // bytes mid-stream (a TLS stream then never decrypts again), and heartbeats sent
+        // on it would never come back, so the caches would stay untrusted for good.
+        let pool = PgPoolOptions::new()
+            .max_connections(3)
+            .acquire_timeout(timing.timeout)
+            .connect_lazy_with(connect.clone());
         match listen_until_lost(&pool, &sink, &fences, timing).await {
             Ok(()) => backoff = Duration::from_millis(50),
             Err(err) => tracing::warn!(error = %err, "change feed: cannot listen"),
