@@ -75,13 +75,10 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        // The clone that was driven to readiness serves this request (tower's contract).
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let path = request.uri().path();
         if !PROTECTED_PREFIXES.iter().any(|p| path.starts_with(p)) {
             return Authenticating::Open {
-                call: inner.call(request),
+                call: self.inner.call(request),
             };
         }
         // A remembered verdict answers at once: the inner service's future is returned as
@@ -93,12 +90,16 @@ where
             .map(|result| result.map(|caller| credential.caller(caller)));
         match at_once {
             Some(Ok(caller)) => Authenticating::Authenticated {
-                call: crate::lent::lend(&CALLER, caller, inner.call(request)),
+                call: crate::lent::lend(&CALLER, caller, self.inner.call(request)),
             },
             Some(Err(err)) => Authenticating::Refused {
                 response: Some(to_status(err).into_http()),
             },
             None => {
+                // The service driven to readiness serves this request (tower's contract):
+                // it moves into the future, and a clone takes its place.
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
                 let core = Arc::clone(&self.core);
                 let tls = self.tls;
                 // Deciding may query the database and wait for argon2: boxed, as it is rare

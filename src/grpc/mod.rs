@@ -7,6 +7,7 @@ pub mod connection;
 pub mod convert;
 pub mod directory;
 pub mod ext_authz;
+pub mod hot;
 pub mod observe;
 pub mod status;
 pub mod token;
@@ -172,27 +173,27 @@ pub async fn serve(
         )
     });
     let (cut, cut_watch) = tokio::sync::watch::channel(false);
+    let tokens = TokenServiceServer::new(token::TokenApi::new(Arc::clone(&core), clock))
+        .max_decoding_message_size(MAX_TOKEN_MESSAGE_BYTES);
+    let check = envoy_types::ext_authz::v3::pb::AuthorizationServer::new(
+        ext_authz::ExtAuthzApi::new(Arc::clone(&core)),
+    )
+    // A Check carries the user's whole request head (cookies included): Envoy's
+    // own header limit is 60 KiB, and a refusal here would be a 503, not a decision.
+    .max_decoding_message_size(ext_authz::MAX_CHECK_BYTES);
     let serving = builder
         // Observe labels each call (method, request id, the caller's trace) with a span or
         // on the lines it logs, counts and times it.
         .layer(observe::ObserveLayer::new(cut_watch))
         // Authentication wraps every service; it lets health and reflection through.
         .layer(auth::AuthLayer::new(Arc::clone(&core), tls))
+        // Introspect and Check skip the router, inside authentication.
+        .layer(hot::HotLayer::new(tokens.clone(), check.clone()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            TokenServiceServer::new(token::TokenApi::new(Arc::clone(&core), clock))
-                .max_decoding_message_size(MAX_TOKEN_MESSAGE_BYTES),
-        )
-        .add_service(
-            envoy_types::ext_authz::v3::pb::AuthorizationServer::new(ext_authz::ExtAuthzApi::new(
-                Arc::clone(&core),
-            ))
-            // A Check carries the user's whole request head (cookies included): Envoy's
-            // own header limit is 60 KiB, and a refusal here would be a 503, not a decision.
-            .max_decoding_message_size(ext_authz::MAX_CHECK_BYTES),
-        )
+        .add_service(tokens)
+        .add_service(check)
         .add_service(
             DirectoryServiceServer::new(directory::DirectoryApi::new(Arc::clone(&core)))
                 .max_decoding_message_size(MAX_MESSAGE_BYTES),

@@ -66,10 +66,7 @@ struct Methods {
 
 /// The methods called at gateway rates, once per request of every service: comparing a
 /// path with these costs a fifth of hashing it.
-const HOT: [&str; 2] = [
-    "/tokend.v1.TokenService/Introspect",
-    "/envoy.service.auth.v3.Authorization/Check",
-];
+const HOT: [&str; 2] = [super::hot::INTROSPECT, super::hot::CHECK];
 
 impl Methods {
     fn get() -> &'static Methods {

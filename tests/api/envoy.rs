@@ -416,4 +416,19 @@ async fn a_bad_route_setting_is_named_and_a_large_request_head_is_decided(app: T
         .unwrap()
         .into_inner();
     assert_eq!(answer.status.unwrap().code, 0, "allowed");
+    // Check has a route of its own, past tonic's router, with the limit still applied:
+    // tonic's default would take four times as much.
+    let mut huge = bearer.clone();
+    huge.push((
+        "cookie",
+        "c".repeat(tokend::grpc::ext_authz::MAX_CHECK_BYTES),
+    ));
+    assert_eq!(
+        client
+            .check(check_request(&huge, &[]))
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::OutOfRange
+    );
 }

@@ -540,4 +540,16 @@ async fn bad_introspect_input_is_named(app: TestApp) {
         })
         .await;
     assert_status(result, Code::InvalidArgument, "client_ip");
+    // Introspect skips tonic's router (its own route, for speed), but not TokenService's
+    // message limit: past it the call is refused before it is parsed, where without the
+    // limit it would be answered (inactive, malformed).
+    let result = app
+        .tokens(&app.root)
+        .introspect(pb::IntrospectRequest {
+            token: "x".repeat(tokend::grpc::MAX_TOKEN_MESSAGE_BYTES + 1),
+            required_permissions: vec![],
+            client_ip: String::new(),
+        })
+        .await;
+    assert_eq!(result.unwrap_err().code(), Code::OutOfRange);
 }
