@@ -1122,6 +1122,34 @@ fn grace_until_after(at: Timestamp) -> Condition {
         .add(tokens::Column::RevokedAt.gt(micros(at)))
 }
 
+/// Holds, until `txn` ends, the right to check and take `token`'s name among its owner's
+/// tokens of its kind. Without it two transactions issuing one name at once on PostgreSQL
+/// (read committed, several connections) would both find no live token of that name and
+/// both insert one. A transaction-scoped advisory lock on a 64-bit hash of the name's key
+/// (its parts joined by the unit separator: PostgreSQL's text holds no NUL): two keys
+/// sharing a hash only wait for each other. SQLite needs none: its one connection
+/// runs one transaction at a time.
+async fn lock_name(txn: &DatabaseTransaction, token: &Token) -> Result<()> {
+    if txn.get_database_backend() != DbBackend::Postgres {
+        return Ok(());
+    }
+    let key = format!(
+        "tokend.token-name\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+        token.tenant_id.as_str(),
+        token.owner_user_id.as_ref().map_or("", UserId::as_str),
+        token.kind.marker(),
+        token.name.key()
+    );
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        [key.into()],
+    ))
+    .await
+    .map_err(db_err)?;
+    Ok(())
+}
+
 /// Stores `token` unless its owner has another live token of the same kind and name than
 /// `predecessor` (the token it replaces, which keeps its name through a rotation's grace).
 async fn insert_token_in(
@@ -1129,6 +1157,7 @@ async fn insert_token_in(
     token: &Token,
     predecessor: Option<&str>,
 ) -> Result<()> {
+    lock_name(txn, token).await?;
     let now = micros(token.created_at);
     let mut clashing = tokens::Entity::find()
         .filter(tokens::Column::TenantId.eq(token.tenant_id.as_str()))

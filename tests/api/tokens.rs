@@ -15,6 +15,7 @@ crate::both_backends!(
     an_api_key_needs_the_manage_permission_and_a_role_within_the_creators,
     a_narrowed_token_cannot_mint_a_broader_one,
     names_are_unique_among_an_owners_live_tokens,
+    a_name_issued_many_times_at_once_is_issued_once,
     lists_are_newest_first_filtered_by_name_and_paged_by_keyset,
     revoked_tokens_are_listed_only_when_asked_for,
     revoke_is_idempotent_and_keeps_the_record,
@@ -251,6 +252,43 @@ async fn a_narrowed_token_cannot_mint_a_broader_one(app: TestApp) {
         .unwrap()
         .into_inner();
     assert_eq!(minted.token.unwrap().owner_user_id, "alice");
+}
+
+/// Concurrent issues of one name: each transaction checks for a live token of that name,
+/// then inserts. Two of them side by side on PostgreSQL (several connections) must not
+/// both find none: exactly one is issued, the rest are told the name is taken.
+async fn a_name_issued_many_times_at_once_is_issued_once(app: TestApp) {
+    acme(&app).await;
+    for round in 0..12 {
+        let name = format!("racer-{round}");
+        let calls = (0..8).map(|_| {
+            let mut tokens = app.tokens(&app.root);
+            let request = as_user("acme", "alice", issue(&name));
+            async move { tokens.issue_token(request).await }
+        });
+        let results = futures::future::join_all(calls).await;
+        let issued = results.iter().filter(|result| result.is_ok()).count();
+        assert_eq!(
+            issued, 1,
+            "{name}: {issued} live tokens issued with one name"
+        );
+        for result in results.into_iter().filter_map(Result::err) {
+            assert_eq!(result.code(), Code::AlreadyExists, "{name}: {result:?}");
+        }
+    }
+    let listed = app
+        .tokens(&app.root)
+        .list_tokens(pb::ListTokensRequest {
+            tenant_id: "acme".into(),
+            actor_user_id: "alice".into(),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens;
+    assert_eq!(listed.len(), 12);
 }
 
 async fn names_are_unique_among_an_owners_live_tokens(app: TestApp) {
