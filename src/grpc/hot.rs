@@ -131,37 +131,13 @@ where
 
 #[cfg(test)]
 mod tests {
-    use prost::Message as _;
-
     use super::*;
-
-    /// Every method the served descriptors name, as a gRPC path.
-    fn served_paths() -> Vec<String> {
-        [
-            crate::proto::FILE_DESCRIPTOR_SET,
-            crate::proto::ENVOY_FILE_DESCRIPTOR_SET,
-        ]
-        .into_iter()
-        .map(|bytes| prost_types::FileDescriptorSet::decode(bytes).unwrap())
-        .flat_map(|set| set.file)
-        .flat_map(|file| {
-            let package = file.package().to_owned();
-            file.service.into_iter().flat_map(move |service| {
-                let prefix = format!("/{package}.{}/", service.name());
-                service
-                    .method
-                    .into_iter()
-                    .map(move |method| format!("{prefix}{}", method.name()))
-            })
-        })
-        .collect()
-    }
 
     // A renamed method would leave its calls on the router: still answered, but slower,
     // and nothing else would notice.
     #[test]
     fn the_hot_paths_are_served_methods() {
-        let served = served_paths();
+        let served = crate::proto::served_paths();
         for path in [INTROSPECT, CHECK] {
             assert!(served.iter().any(|p| p == path), "{path} is not served");
         }

@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use futures::future::BoxFuture;
 use metrics::{Counter, Histogram};
-use prost::Message as _;
 use tower::{Layer, Service};
 use tracing::Instrument as _;
 
@@ -72,25 +71,7 @@ impl Methods {
     fn get() -> &'static Methods {
         static METHODS: OnceLock<Methods> = OnceLock::new();
         METHODS.get_or_init(|| {
-            let mut paths: Vec<String> = [
-                crate::proto::FILE_DESCRIPTOR_SET,
-                crate::proto::ENVOY_FILE_DESCRIPTOR_SET,
-                tonic_health::pb::FILE_DESCRIPTOR_SET,
-            ]
-            .into_iter()
-            .filter_map(|bytes| prost_types::FileDescriptorSet::decode(bytes).ok())
-            .flat_map(|set| set.file)
-            .flat_map(|file| {
-                let package = file.package().to_owned();
-                file.service.into_iter().flat_map(move |service| {
-                    let prefix = format!("/{package}.{}/", service.name());
-                    service
-                        .method
-                        .into_iter()
-                        .map(move |method| format!("{prefix}{}", method.name()))
-                })
-            })
-            .collect();
+            let mut paths = crate::proto::served_paths();
             paths.sort();
             paths.dedup();
             // Labels live as long as the process: one small string per served method.

@@ -276,18 +276,17 @@ async fn a_name_issued_many_times_at_once_is_issued_once(app: TestApp) {
             assert_eq!(result.code(), Code::AlreadyExists, "{name}: {result:?}");
         }
     }
-    let listed = app
-        .tokens(&app.root)
-        .list_tokens(pb::ListTokensRequest {
+    let listed = list(
+        &app,
+        &app.root,
+        pb::ListTokensRequest {
             tenant_id: "acme".into(),
             actor_user_id: "alice".into(),
             page_size: 100,
             ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens;
+        },
+    )
+    .await;
     assert_eq!(listed.len(), 12);
 }
 
