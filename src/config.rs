@@ -72,6 +72,10 @@ pub struct DatabaseSettings {
     /// How long Introspect waits for its read of a token's live state before answering
     /// UNAVAILABLE.
     pub state_read_timeout_ms: u64,
+    /// SQLite: whether IssueToken waits for the disk (`fsync`) before it answers. Off by
+    /// default: an issue lost to a power cut or kernel crash only denies a token never
+    /// used before; every write that takes access away always waits for the disk.
+    pub sqlite_durable_issue: bool,
 }
 
 impl Default for DatabaseSettings {
@@ -81,6 +85,7 @@ impl Default for DatabaseSettings {
             max_connections: defaults.max_connections,
             acquire_timeout_ms: defaults.acquire_timeout.as_millis() as u64,
             state_read_timeout_ms: defaults.state_read_timeout.as_millis() as u64,
+            sqlite_durable_issue: defaults.sqlite_durable_issue,
         }
     }
 }
@@ -92,6 +97,7 @@ impl DatabaseSettings {
             max_connections: self.max_connections.max(1),
             acquire_timeout: Duration::from_millis(self.acquire_timeout_ms),
             state_read_timeout: Duration::from_millis(self.state_read_timeout_ms.max(1)),
+            sqlite_durable_issue: self.sqlite_durable_issue,
         }
     }
 }

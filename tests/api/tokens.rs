@@ -16,6 +16,7 @@ crate::both_backends!(
     a_narrowed_token_cannot_mint_a_broader_one,
     names_are_unique_among_an_owners_live_tokens,
     a_name_issued_many_times_at_once_is_issued_once,
+    an_issue_writes_all_or_nothing_and_leaves_the_database_durable,
     lists_are_newest_first_filtered_by_name_and_paged_by_keyset,
     revoked_tokens_are_listed_only_when_asked_for,
     revoke_is_idempotent_and_keeps_the_record,
@@ -257,6 +258,122 @@ async fn a_narrowed_token_cannot_mint_a_broader_one(app: TestApp) {
 /// Concurrent issues of one name: each transaction checks for a live token of that name,
 /// then inserts. Two of them side by side on PostgreSQL (several connections) must not
 /// both find none: exactly one is issued, the rest are told the name is taken.
+/// The store's IssueToken write (on SQLite one batch of statements that relaxes
+/// `synchronous` for its own commit only): a token and its audit event, or neither; and
+/// whatever happened, the connection is left out of any transaction and back at FULL, so
+/// that the next revocation waits for the disk.
+async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: TestApp) {
+    use tokend::clock::Clock as _;
+    use tokend::domain::model::{AuditRecord, SecretHash, Token};
+    use tokend::domain::names::{TenantId, TokenName, UserId};
+    use tokend::domain::ports::{AuditQuery, Store as _};
+    use tokend::domain::token_format::{TokenFormat, TokenKind};
+
+    acme(&app).await;
+    let format = TokenFormat::new("tkd").unwrap();
+    let store = tokend::storage::SeaStore::connect(
+        &app.database_url,
+        &tokend::storage::DatabaseOptions {
+            max_connections: 1,
+            ..Default::default()
+        },
+        format.clone(),
+    )
+    .await
+    .unwrap();
+    let acme_id = TenantId::from_trusted("acme".into());
+    let now = app.clock.now();
+    let token = |name: &str| Token {
+        display_id: format.generate(TokenKind::Personal).display_id,
+        tenant_id: acme_id.clone(),
+        kind: TokenKind::Personal,
+        name: TokenName::parse("name", name).unwrap(),
+        owner_user_id: Some(UserId::from_trusted("alice".into())),
+        role: None,
+        scopes: None,
+        secret_hash: SecretHash("$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$aGFzaA".into()),
+        created_at: now,
+        created_by: "alice".into(),
+        expires_at: None,
+        last_used_at: None,
+        revocation: None,
+    };
+    let audit = |token: &Token| AuditRecord {
+        at: now,
+        tenant_id: acme_id.clone(),
+        actor: "alice".into(),
+        caller: "test".into(),
+        action: "token.issued".into(),
+        token_id: Some(token.id().to_owned()),
+        detail: Default::default(),
+    };
+    let events = |token: &Token| {
+        let query = AuditQuery {
+            tenant_id: Some(acme_id.clone()),
+            token_id: Some(token.id().to_owned()),
+            before_id: None,
+            limit: 10,
+        };
+        let store = &store;
+        async move { store.list_audit(&query).await.unwrap().len() }
+    };
+    let durable = async || {
+        if app.backend == crate::helpers::Backend::Sqlite {
+            assert_eq!(
+                store.sqlite_synchronous().await.unwrap(),
+                Some(2),
+                "synchronous"
+            );
+        }
+    };
+
+    let first = token("batch");
+    store.insert_token(&first, &audit(&first)).await.unwrap();
+    assert_eq!(events(&first).await, 1);
+    durable().await;
+
+    // The name taken: neither the token nor its event.
+    let clash = token("batch");
+    let err = store
+        .insert_token(&clash, &audit(&clash))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("name"), "{err}");
+    assert!(
+        store
+            .get_token(&acme_id, clash.id())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(events(&clash).await, 0);
+    durable().await;
+
+    // A statement failing inside the transaction (the id taken): nothing of it stays.
+    let mut collision = token("another name");
+    collision.display_id = first.display_id.clone();
+    let err = store
+        .insert_token(&collision, &audit(&collision))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("id collision"), "{err}");
+    assert_eq!(events(&first).await, 1);
+    durable().await;
+
+    // And the connection is not left inside a transaction: the next issue commits.
+    let next = token("after");
+    store.insert_token(&next, &audit(&next)).await.unwrap();
+    assert!(
+        store
+            .get_token(&acme_id, next.id())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(events(&next).await, 1);
+    durable().await;
+}
+
 async fn a_name_issued_many_times_at_once_is_issued_once(app: TestApp) {
     acme(&app).await;
     for round in 0..12 {
