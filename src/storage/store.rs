@@ -1318,24 +1318,40 @@ async fn issue_in_one_batch(
     // batch between its BEGIN and its COMMIT: sqlx stops a command whose receiver is gone,
     // and the connection would go back to the pool inside an open transaction.
     let pool = pool.clone();
+    let id = token.id().to_owned();
+    let name_key = token.name.key();
+    let hash = token.secret_hash.0.to_string();
     let run = tokio::spawn(async move {
-        let mut conn = pool.acquire().await?;
+        let mut conn = CloseOnPanic(pool.acquire().await?);
         let values = sea_query_sqlx::SqlxValues(values);
         let done = sqlx::query_with(sqlx::AssertSqlSafe(batch), values)
-            .fetch_all(&mut *conn)
+            .fetch_all(&mut *conn.0)
             .await;
-        if done.is_err() {
-            // The batch stopped part-way, perhaps inside its transaction or before its
-            // last PRAGMA: end the one and restore the other here, and close a connection
-            // that cannot rather than pool it with either left behind.
-            let reset = sqlx::raw_sql("ROLLBACK; PRAGMA synchronous = FULL")
-                .execute(&mut *conn)
-                .await;
-            if reset.is_err() {
-                conn.close_on_drop();
-            }
+        let err = match done {
+            Ok(rows) => return Ok(!rows.is_empty()),
+            Err(err) => err,
+        };
+        // The batch stopped part-way, perhaps inside its transaction, perhaps after its
+        // COMMIT and before its last PRAGMA: end the one and restore the other here, and
+        // close a connection that cannot rather than pool it with either left behind.
+        let reset = sqlx::raw_sql("ROLLBACK; PRAGMA synchronous = FULL")
+            .execute(&mut *conn.0)
+            .await;
+        if reset.is_err() {
+            conn.0.close_on_drop();
         }
-        done.map(|rows| !rows.is_empty())
+        // Committed after all? Its id, name and hash (whose salt is its own) say so.
+        let committed =
+            sqlx::query("SELECT 1 FROM tokens WHERE id = ? AND name_key = ? AND secret_hash = ?")
+                .bind(id)
+                .bind(name_key)
+                .bind(hash)
+                .fetch_optional(&mut *conn.0)
+                .await;
+        match committed {
+            Ok(Some(_)) => Ok(true),
+            _ => Err(err),
+        }
     });
     let inserted = run
         .await
@@ -1343,6 +1359,18 @@ async fn issue_in_one_batch(
         .map_err(|e| insert_err(DbErr::Exec(RuntimeErr::SqlxError(Arc::new(e)))))?;
     crash_point("issue.committed");
     Ok(inserted)
+}
+
+/// A pooled SQLite connection that is closed, not pooled, when a panic drops it: it may
+/// be inside a transaction or at `synchronous = NORMAL` (see `issue_in_one_batch`).
+struct CloseOnPanic(sqlx::pool::PoolConnection<sqlx::Sqlite>);
+
+impl Drop for CloseOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.close_on_drop();
+        }
+    }
 }
 
 async fn require_tenant(txn: &DatabaseTransaction, tenant: &TenantId) -> Result<()> {

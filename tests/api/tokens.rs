@@ -255,39 +255,50 @@ async fn a_narrowed_token_cannot_mint_a_broader_one(app: TestApp) {
     assert_eq!(minted.token.unwrap().owner_user_id, "alice");
 }
 
-/// Concurrent issues of one name: each transaction checks for a live token of that name,
-/// then inserts. Two of them side by side on PostgreSQL (several connections) must not
-/// both find none: exactly one is issued, the rest are told the name is taken.
 /// The store's IssueToken write (on SQLite one batch of statements that relaxes
 /// `synchronous` for its own commit only): a token and its audit event, or neither; and
 /// whatever happened, the connection is left out of any transaction and back at FULL, so
 /// that the next revocation waits for the disk.
 async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: TestApp) {
+    use tokend::domain::token_format::TokenFormat;
+
+    acme(&app).await;
+    let format = TokenFormat::new("tkd").unwrap();
+    for durable in [false, true] {
+        let store = tokend::storage::SeaStore::connect(
+            &app.database_url,
+            &tokend::storage::DatabaseOptions {
+                max_connections: 1,
+                sqlite_durable_issue: durable,
+                ..Default::default()
+            },
+            format.clone(),
+        )
+        .await
+        .unwrap();
+        issue_all_or_nothing(&app, &store, &format, &format!("durable-{durable}")).await;
+    }
+}
+
+async fn issue_all_or_nothing(
+    app: &TestApp,
+    store: &tokend::storage::SeaStore,
+    format: &tokend::domain::token_format::TokenFormat,
+    prefix: &str,
+) {
     use tokend::clock::Clock as _;
     use tokend::domain::model::{AuditRecord, SecretHash, Token};
     use tokend::domain::names::{TenantId, TokenName, UserId};
     use tokend::domain::ports::{AuditQuery, Store as _};
-    use tokend::domain::token_format::{TokenFormat, TokenKind};
+    use tokend::domain::token_format::TokenKind;
 
-    acme(&app).await;
-    let format = TokenFormat::new("tkd").unwrap();
-    let store = tokend::storage::SeaStore::connect(
-        &app.database_url,
-        &tokend::storage::DatabaseOptions {
-            max_connections: 1,
-            ..Default::default()
-        },
-        format.clone(),
-    )
-    .await
-    .unwrap();
     let acme_id = TenantId::from_trusted("acme".into());
     let now = app.clock.now();
     let token = |name: &str| Token {
         display_id: format.generate(TokenKind::Personal).display_id,
         tenant_id: acme_id.clone(),
         kind: TokenKind::Personal,
-        name: TokenName::parse("name", name).unwrap(),
+        name: TokenName::parse("name", &format!("{prefix} {name}")).unwrap(),
         owner_user_id: Some(UserId::from_trusted("alice".into())),
         role: None,
         scopes: None,
@@ -305,7 +316,7 @@ async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: Tes
         caller: "test".into(),
         action: "token.issued".into(),
         token_id: Some(token.id().to_owned()),
-        detail: Default::default(),
+        detail: [("name".to_owned(), token.name.as_str().to_owned())].into(),
     };
     let events = |token: &Token| {
         let query = AuditQuery {
@@ -314,8 +325,7 @@ async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: Tes
             before_id: None,
             limit: 10,
         };
-        let store = &store;
-        async move { store.list_audit(&query).await.unwrap().len() }
+        async move { store.list_audit(&query).await.unwrap() }
     };
     let durable = async || {
         if app.backend == crate::helpers::Backend::Sqlite {
@@ -327,9 +337,39 @@ async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: Tes
         }
     };
 
+    // Each value in its column: the batch binds its parameters across two statements.
     let first = token("batch");
     store.insert_token(&first, &audit(&first)).await.unwrap();
-    assert_eq!(events(&first).await, 1);
+    let stored = store
+        .get_token(&acme_id, first.id())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            &stored.display_id,
+            stored.name.as_str(),
+            &stored.owner_user_id
+        ),
+        (&first.display_id, first.name.as_str(), &first.owner_user_id)
+    );
+    assert_eq!(
+        (stored.created_by.as_str(), &*stored.secret_hash.0),
+        ("alice", &*first.secret_hash.0)
+    );
+    let logged = events(&first).await;
+    assert_eq!(logged.len(), 1, "{logged:?}");
+    assert_eq!(
+        (
+            logged[0].record.action.as_str(),
+            logged[0].record.caller.as_str()
+        ),
+        ("token.issued", "test")
+    );
+    assert_eq!(
+        logged[0].record.detail.get("name"),
+        Some(&first.name.as_str().to_owned())
+    );
     durable().await;
 
     // The name taken: neither the token nor its event.
@@ -346,7 +386,7 @@ async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: Tes
             .unwrap()
             .is_none()
     );
-    assert_eq!(events(&clash).await, 0);
+    assert!(events(&clash).await.is_empty());
     durable().await;
 
     // A statement failing inside the transaction (the id taken): nothing of it stays.
@@ -357,7 +397,7 @@ async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: Tes
         .await
         .unwrap_err();
     assert!(err.to_string().contains("id collision"), "{err}");
-    assert_eq!(events(&first).await, 1);
+    assert_eq!(events(&first).await.len(), 1);
     durable().await;
 
     // And the connection is not left inside a transaction: the next issue commits.
@@ -370,7 +410,7 @@ async fn an_issue_writes_all_or_nothing_and_leaves_the_database_durable(app: Tes
             .unwrap()
             .is_some()
     );
-    assert_eq!(events(&next).await, 1);
+    assert_eq!(events(&next).await.len(), 1);
     durable().await;
 }
 
